@@ -1,0 +1,339 @@
+"""The GPT decoder (Radford et al. 2019) in Flax linen.
+
+Why linen rather than NNX: a linen model is a pure function `apply(params, tokens)` over a plain pytree of arrays, which
+is exactly what `jax.jit`, `jax.vmap` over K models, `jax.sharding` and orbax checkpoints want, with no module state to
+split and merge. nanodo makes the same choice.
+
+Shape legend (nanodo style):
+  B batch, L sequence length (queries), S key length (= L, or the KV-cache length when decoding),
+  D d_model, H heads, K head dim (D / H), F feed-forward width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+POS_ENCODINGS = ("learned", "sinusoidal", "rotary", "none")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: Optional[int] = None  # None -> 4 * d_model (Radford et al. 2018)
+    vocab_size: int = 4096
+    seq_len: int = 256
+    pos_encoding: str = "learned"
+    tie_embeddings: bool = True
+    use_bias: bool = True  # biases of every Dense and LayerNorm, as in GPT-2
+    dropout: float = 0.0
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    attention: str = "auto"  # "auto"/"xla"/"cudnn": jax.nn.dot_product_attention; "einsum": the reference path
+    rope_base: float = 10000.0
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"model.{name}={value!r} is invalid: it must be a positive integer.")
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff <= 0):
+            raise ValueError(f"model.d_ff={self.d_ff!r} is invalid: give a positive integer, or null for 4*d_model.")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}: "
+                f"pick n_heads among the divisors of d_model (e.g. {_nearest_divisor(self.d_model, self.n_heads)})."
+            )
+        if self.pos_encoding not in POS_ENCODINGS:
+            raise ValueError(f"model.pos_encoding={self.pos_encoding!r} is unknown: use one of {POS_ENCODINGS}.")
+        if self.pos_encoding == "rotary" and self.head_dim % 2:
+            raise ValueError(
+                f"model.pos_encoding=rotary needs an even head dim, but d_model/n_heads = {self.head_dim}: "
+                "change d_model or n_heads so that d_model/n_heads is even."
+            )
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is unknown: use one of {tuple(DTYPES)}.")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r} is unknown: use one of {REMAT_POLICIES}.")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"model.attention={self.attention!r} is unknown: use one of {ATTENTION_IMPLS}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout={self.dropout!r} is invalid: it must be in [0, 1).")
+
+    @property
+    def ff_dim(self) -> int:
+        return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def build(self) -> "Transformer":
+        return Transformer(self)
+
+
+def _nearest_divisor(n: int, target: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: abs(d - target))
+
+
+# GPT-2 initialisation: N(0, 0.02) everywhere; residual output projections scaled by 1/sqrt(2 n_layers) so the
+# residual stream's variance does not grow with depth (Radford et al. 2019, Section 2.3).
+_INIT_STD = 0.02
+
+
+def sinusoidal_table(seq_len: int, d_model: int) -> jnp.ndarray:
+    """PE(p, 2i) = sin(p / 10000^(2i/D)), PE(p, 2i+1) = cos(p / 10000^(2i/D)) (Vaswani et al. 2017, Section 3.5)."""
+    pos_Lx1 = jnp.arange(seq_len, dtype=jnp.float32)[:, None]
+    two_i = jnp.arange(0, d_model, 2, dtype=jnp.float32)
+    angle_LxD2 = pos_Lx1 / jnp.power(10000.0, two_i / d_model)
+    pe_LxD = jnp.zeros((seq_len, d_model), jnp.float32)
+    pe_LxD = pe_LxD.at[:, 0::2].set(jnp.sin(angle_LxD2))
+    return pe_LxD.at[:, 1::2].set(jnp.cos(angle_LxD2[:, : d_model // 2]))
+
+
+def apply_rotary(x_BxLxHxK: jnp.ndarray, positions_L: jnp.ndarray, base: float) -> jnp.ndarray:
+    """Rotary position embedding (Su et al. 2021, RoFormer, Eq. 34), rotate-half layout as in GPT-NeoX.
+
+    Pairs (x_j, x_{j+K/2}) are rotated by angle p * base^(-2j/K), so q.k depends on positions only through their
+    difference.
+    """
+    K = x_BxLxHxK.shape[-1]
+    inv_freq_K2 = 1.0 / (base ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K))
+    angle_LxK2 = positions_L.astype(jnp.float32)[:, None] * inv_freq_K2[None, :]
+    cos_1xLx1xK2 = jnp.cos(angle_LxK2)[None, :, None, :]
+    sin_1xLx1xK2 = jnp.sin(angle_LxK2)[None, :, None, :]
+    x = x_BxLxHxK.astype(jnp.float32)
+    x1, x2 = x[..., : K // 2], x[..., K // 2 :]
+    out = jnp.concatenate([x1 * cos_1xLx1xK2 - x2 * sin_1xLx1xK2, x2 * cos_1xLx1xK2 + x1 * sin_1xLx1xK2], axis=-1)
+    return out.astype(x_BxLxHxK.dtype)
+
+
+def einsum_attention(
+    q_BxLxHxK: jnp.ndarray, k_BxSxHxK: jnp.ndarray, v_BxSxHxK: jnp.ndarray, mask_LxS: jnp.ndarray
+) -> jnp.ndarray:
+    """Scaled dot-product attention (Vaswani et al. 2017, Eq. 1), softmax in float32: the reference path."""
+    scale = 1.0 / math.sqrt(q_BxLxHxK.shape[-1])
+    att_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=jnp.float32) * scale
+    att_BxHxLxS = jnp.where(mask_LxS[None, None], att_BxHxLxS, jnp.finfo(jnp.float32).min)
+    att_BxHxLxS = jax.nn.softmax(att_BxHxLxS, axis=-1).astype(v_BxSxHxK.dtype)
+    return jnp.einsum("bhls,bshk->blhk", att_BxHxLxS, v_BxSxHxK)
+
+
+class CausalSelfAttention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jnp.ndarray, positions_L: jnp.ndarray, decode: bool) -> jnp.ndarray:
+        cfg = self.cfg
+        B, L, D = x_BxLxD.shape
+        H, K = cfg.n_heads, cfg.head_dim
+        dense = _dense_factory(cfg)
+        qkv_BxLx3D = dense(3 * D, name="qkv")(x_BxLxD)
+        q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = (t.reshape(B, L, H, K) for t in jnp.split(qkv_BxLx3D, 3, axis=-1))
+        if cfg.pos_encoding == "rotary":
+            q_BxLxHxK = apply_rotary(q_BxLxHxK, positions_L, cfg.rope_base)
+            k_BxLxHxK = apply_rotary(k_BxLxHxK, positions_L, cfg.rope_base)
+
+        if decode:
+            k_BxSxHxK, v_BxSxHxK = self._update_cache(k_BxLxHxK, v_BxLxHxK)
+            # Key j is visible to the query at absolute position p iff j <= p; empty cache slots lie beyond p.
+            mask_LxS = jnp.arange(k_BxSxHxK.shape[1])[None, :] <= positions_L[:, None]
+        else:
+            k_BxSxHxK, v_BxSxHxK = k_BxLxHxK, v_BxLxHxK
+            mask_LxS = jnp.tril(jnp.ones((L, L), bool))
+
+        if cfg.attention == "einsum":
+            y_BxLxHxK = einsum_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_LxS)
+        else:
+            impl = None if cfg.attention == "auto" else cfg.attention
+            # is_causal lets cuDNN use its causal kernel; the explicit mask is only needed against a KV cache.
+            y_BxLxHxK = jax.nn.dot_product_attention(
+                q_BxLxHxK,
+                k_BxSxHxK,
+                v_BxSxHxK,
+                mask=mask_LxS[None, None] if decode else None,
+                is_causal=not decode,
+                implementation=impl,
+            )
+        y_BxLxD = y_BxLxHxK.reshape(B, L, D)
+        return dense(D, name="proj", residual=True)(y_BxLxD)
+
+    def _update_cache(self, k_BxLxHxK, v_BxLxHxK):
+        """Writes this call's keys/values at cache_index (prefill writes L at once, decoding writes 1)."""
+        initialized = self.has_variable("cache", "k")
+        k_cache = self.variable("cache", "k", jnp.zeros, k_BxLxHxK.shape, k_BxLxHxK.dtype)
+        v_cache = self.variable("cache", "v", jnp.zeros, v_BxLxHxK.shape, v_BxLxHxK.dtype)
+        index = self.variable("cache", "index", lambda: jnp.array(0, jnp.int32))
+        if not initialized:  # model.init(decode=True) only allocates: the cache length is the init input's length
+            return k_BxLxHxK, v_BxLxHxK
+        start = (0, index.value, 0, 0)
+        k_cache.value = jax.lax.dynamic_update_slice(k_cache.value, k_BxLxHxK, start)
+        v_cache.value = jax.lax.dynamic_update_slice(v_cache.value, v_BxLxHxK, start)
+        index.value = index.value + k_BxLxHxK.shape[1]
+        return k_cache.value, v_cache.value
+
+
+def _dense_factory(cfg: ModelConfig):
+    def make(features: int, name: str, residual: bool = False) -> nn.Dense:
+        std = _INIT_STD / math.sqrt(2 * cfg.n_layers) if residual else _INIT_STD
+        return nn.Dense(
+            features,
+            use_bias=cfg.use_bias,
+            dtype=DTYPES[cfg.compute_dtype],
+            param_dtype=DTYPES[cfg.param_dtype],
+            kernel_init=nn.initializers.normal(std),
+            name=name,
+        )
+
+    return make
+
+
+def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
+    # Flax computes LayerNorm statistics in float32 even for bf16 inputs.
+    return nn.LayerNorm(
+        epsilon=1e-5,
+        use_bias=cfg.use_bias,
+        dtype=DTYPES[cfg.compute_dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        name=name,
+    )
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: jnp.ndarray) -> jnp.ndarray:
+        dense = _dense_factory(self.cfg)
+        h_BxLxF = nn.gelu(dense(self.cfg.ff_dim, name="fc")(x_BxLxD), approximate=True)  # GPT-2's tanh GELU
+        return dense(self.cfg.d_model, name="proj", residual=True)(h_BxLxF)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm residual block (Radford et al. 2019, Section 2.3): x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_L, decode: bool, deterministic: bool):
+        drop = nn.Dropout(self.cfg.dropout)
+        y = CausalSelfAttention(self.cfg, name="attn")(_layer_norm(self.cfg, "ln_1")(x_BxLxD), positions_L, decode)
+        x_BxLxD = x_BxLxD + drop(y, deterministic=deterministic)
+        y = MLP(self.cfg, name="mlp")(_layer_norm(self.cfg, "ln_2")(x_BxLxD))
+        return x_BxLxD + drop(y, deterministic=deterministic)
+
+
+_REMAT_POLICY = {
+    "full": None,  # save nothing, recompute the block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BxL: jnp.ndarray,
+        positions_L: Optional[jnp.ndarray] = None,
+        *,
+        decode: bool = False,
+        deterministic: bool = True,
+    ) -> jnp.ndarray:
+        """Returns logits_BxLxV in float32. `positions_L` (absolute positions) is only needed when decoding."""
+        cfg = self.cfg
+        B, L = tokens_BxL.shape
+        if positions_L is None:
+            positions_L = jnp.arange(L)
+        wte = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=nn.initializers.normal(_INIT_STD),
+            dtype=DTYPES[cfg.compute_dtype],
+            param_dtype=DTYPES[cfg.param_dtype],
+            name="wte",
+        )
+        x_BxLxD = wte(tokens_BxL)
+        if cfg.pos_encoding == "learned":
+            wpe = nn.Embed(
+                cfg.seq_len,
+                cfg.d_model,
+                embedding_init=nn.initializers.normal(_INIT_STD),
+                dtype=DTYPES[cfg.compute_dtype],
+                param_dtype=DTYPES[cfg.param_dtype],
+                name="wpe",
+            )
+            x_BxLxD = x_BxLxD + wpe(positions_L)[None]
+        elif cfg.pos_encoding == "sinusoidal":
+            pe_LxD = jnp.take(sinusoidal_table(cfg.seq_len, cfg.d_model), positions_L, axis=0)
+            x_BxLxD = x_BxLxD + pe_LxD.astype(x_BxLxD.dtype)[None]
+        x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], static_argnums=(3, 4))
+        for i in range(cfg.n_layers):
+            x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, positions_L, decode, deterministic)
+        x_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
+
+        if cfg.tie_embeddings:
+            logits_BxLxV = wte.attend(x_BxLxD)
+        else:
+            logits_BxLxV = nn.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=DTYPES[cfg.compute_dtype],
+                param_dtype=DTYPES[cfg.param_dtype],
+                kernel_init=nn.initializers.normal(_INIT_STD),
+                name="head",
+            )(x_BxLxD)
+        return logits_BxLxV.astype(jnp.float32)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
+    tokens_1xL = jnp.zeros((1, cfg.seq_len), jnp.int32)
+    return cfg.build().init(rng, tokens_1xL)["params"]
+
+
+def cross_entropy(
+    logits_BxLxV: jnp.ndarray, targets_BxL: jnp.ndarray, mask_BxL: Optional[jnp.ndarray] = None
+) -> jnp.ndarray:
+    """Mean next-token cross-entropy in nats per (unmasked) token, always in float32."""
+    nll_BxL = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV.astype(jnp.float32), targets_BxL)
+    if mask_BxL is None:
+        return jnp.mean(nll_BxL)
+    mask_BxL = mask_BxL.astype(jnp.float32)
+    return jnp.sum(nll_BxL * mask_BxL) / jnp.maximum(jnp.sum(mask_BxL), 1.0)
+
+
+def loss_fn(
+    params: dict,
+    cfg: ModelConfig,
+    batch_BxLp1: jnp.ndarray,
+    dropout_rng: Optional[jax.Array] = None,
+) -> jnp.ndarray:
+    """Loss of a [B, L+1] token batch: inputs are tokens[:, :-1], targets tokens[:, 1:]."""
+    inputs_BxL, targets_BxL = batch_BxLp1[:, :-1], batch_BxLp1[:, 1:]
+    deterministic = dropout_rng is None or cfg.dropout == 0.0
+    rngs = None if deterministic else {"dropout": dropout_rng}
+    logits_BxLxV = cfg.build().apply({"params": params}, inputs_BxL, deterministic=deterministic, rngs=rngs)
+    return cross_entropy(logits_BxLxV, targets_BxL)
