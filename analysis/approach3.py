@@ -1,0 +1,183 @@
+"""Chinchilla Approach 3 (Hoffmann et al. 2022 sec. 3.3): the parametric loss L(N, D) = E + A/N^alpha + B/D^beta.
+
+Two fitters: the paper's (Huber on log loss, log-sum-exp parameters, L-BFGS from a grid, appendix D.2) and a
+variable-projection least-squares form (closed-form E, A, B >= 0 for each (alpha, beta)), fast enough to bootstrap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Sequence
+
+import numpy as np
+from scipy import optimize, special
+
+from analysis.fits import FLOPS_PER_TOKEN
+from analysis.validate import check_min_points, check_positive_finite
+
+
+@dataclasses.dataclass(frozen=True)
+class Approach3Fit:
+    """L(N, D) = E + A / N^alpha + B / D^beta (Hoffmann et al. 2022 eq. 2)."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    n_points: int
+    objective: float
+    method: str
+    flops_per_token: float = FLOPS_PER_TOKEN
+
+    def __call__(self, N, D):
+        N, D = np.asarray(N, float), np.asarray(D, float)
+        return self.E + self.A / N ** self.alpha + self.B / D ** self.beta
+
+    # Hoffmann et al. 2022 eq. 4: minimising L under C = k N D gives N_opt = G (C/k)^a, D_opt = G^-1 (C/k)^b,
+    # G = (alpha A / (beta B))^(1/(alpha+beta)), a = beta/(alpha+beta), b = alpha/(alpha+beta).
+    @property
+    def a(self) -> float:
+        return self.beta / (self.alpha + self.beta)
+
+    @property
+    def b(self) -> float:
+        return self.alpha / (self.alpha + self.beta)
+
+    @property
+    def G(self) -> float:
+        return (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+
+    def N_opt(self, C):
+        return self.G * (np.asarray(C, float) / self.flops_per_token) ** self.a
+
+    def D_opt(self, C):
+        return (np.asarray(C, float) / self.flops_per_token) ** self.b / self.G
+
+    def L_opt(self, C):
+        return self(self.N_opt(C), self.D_opt(C))
+
+    def as_dict(self, C: float | None = None) -> dict:
+        out = {k: getattr(self, k) for k in ("E", "A", "B", "alpha", "beta", "a", "b", "G")}
+        out.update(n_points=self.n_points, objective=self.objective, method=self.method)
+        if C is not None:
+            out.update(C=float(C), N_opt=float(self.N_opt(C)), D_opt=float(self.D_opt(C)), L_opt=float(self.L_opt(C)))
+        return out
+
+
+def _huber_lse_objective(p, logN, logD, logL, delta):
+    """Sum over points of Huber_delta(LSE(a - alpha log N, b - beta log D, e) - log L), and its gradient.
+
+    p = (a, b, e, alpha, beta) with A = e^a, B = e^b, E = e^e (Hoffmann et al. 2022 eq. 9 / appendix D.2).
+    Summed, not averaged: with a mean the objective and gradient are ~1/n smaller, and L-BFGS's absolute
+    tolerances then stop it early (Besiroglu et al. 2024, "Chinchilla scaling: a replication attempt").
+    """
+    a, b, e, alpha, beta = p
+    z_Px3 = np.stack([a - alpha * logN, b - beta * logD, np.full_like(logN, e)], axis=1)
+    lse_P = special.logsumexp(z_Px3, axis=1)
+    r_P = lse_P - logL
+    absr = np.abs(r_P)
+    loss = np.where(absr <= delta, 0.5 * r_P ** 2, delta * (absr - 0.5 * delta)).sum()
+    dr_P = np.clip(r_P, -delta, delta)  # Huber derivative
+    soft_Px3 = np.exp(z_Px3 - lse_P[:, None])
+    g = dr_P[:, None] * soft_Px3
+    grad = np.array([g[:, 0].sum(), g[:, 1].sum(), g[:, 2].sum(), -(g[:, 0] * logN).sum(), -(g[:, 1] * logD).sum()])
+    return loss, grad
+
+
+def _huber_lse_batch(p_Sx5, logN, logD, logL, delta) -> np.ndarray:
+    """The same objective for S parameter vectors at once (grid screening), shape (S,)."""
+    a, b, e, alpha, beta = (p_Sx5[:, i:i + 1] for i in range(5))
+    z_SxPx3 = np.stack([a - alpha * logN, b - beta * logD, np.broadcast_to(e, (len(p_Sx5), len(logN)))], axis=2)
+    r_SxP = np.abs(special.logsumexp(z_SxPx3, axis=2) - logL)
+    return np.where(r_SxP <= delta, 0.5 * r_SxP ** 2, delta * (r_SxP - 0.5 * delta)).sum(axis=1)
+
+
+# Hoffmann et al. 2022 appendix D.2 initialisation grid.
+PAPER_GRID = {"alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5),
+              "e": np.arange(-1.0, 1.01, 0.5), "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0)}
+
+
+def _check_ND_loss(N, D, loss, what: str):
+    N = check_positive_finite(N, "N")
+    D = check_positive_finite(D, "D")
+    loss = check_positive_finite(loss, "loss")
+    if not len(N) == len(D) == len(loss):
+        raise ValueError(f"{what}: N, D and loss have lengths {len(N)}, {len(D)}, {len(loss)}; they must match")
+    check_min_points(len(N), 6, what + " (5 parameters)")
+    return N, D, loss
+
+
+def fit_approach3(N, D, loss, *, delta: float = 1e-3, n_starts: int | None = 64, init: Sequence[float] | None = None,
+                  flops_per_token: float = FLOPS_PER_TOKEN) -> Approach3Fit:
+    """Hoffmann et al. 2022 appendix D.2: minimise the summed Huber (delta 1e-3) of log-loss residuals over the
+    log-sum-exp parameterisation with L-BFGS from the paper's grid of initialisations, keep the best.
+
+    `n_starts`: run L-BFGS from the `n_starts` grid points with the lowest objective (None = all 4500, as the
+    paper); `init` = (E, A, B, alpha, beta) adds one start (used to warm-start bootstrap refits).
+    """
+    N, D, loss = _check_ND_loss(N, D, loss, "approach 3")
+    if init is None and n_starts is not None and n_starts < 1:
+        raise ValueError(f"n_starts={n_starts} with no init leaves nothing to start from; give n_starts >= 1 or init")
+    logN, logD, logL = np.log(N), np.log(D), np.log(loss)
+    grid_Sx5 = np.array([[a, b, e, al, be] for al, be, e, a, b in itertools.product(
+        PAPER_GRID["alpha"], PAPER_GRID["beta"], PAPER_GRID["e"], PAPER_GRID["a"], PAPER_GRID["b"])])
+    if n_starts is not None and n_starts < len(grid_Sx5):
+        # Screen the grid by objective value (cheap, vectorised per start) and refine the most promising starts.
+        grid_Sx5 = grid_Sx5[np.argsort(_huber_lse_batch(grid_Sx5, logN, logD, logL, delta))[:n_starts]]
+    if init is not None:
+        E0, A0, B0, al0, be0 = init
+        grid_Sx5 = np.vstack([[np.log(A0), np.log(B0), np.log(E0), al0, be0], grid_Sx5])
+    best = None
+    for p0 in grid_Sx5:
+        r = optimize.minimize(_huber_lse_objective, p0, args=(logN, logD, logL, delta), jac=True, method="L-BFGS-B",
+                              options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-10})
+        if np.all(np.isfinite(r.x)) and (best is None or r.fun < best.fun):
+            best = r
+    a, b, e, alpha, beta = best.x
+    return Approach3Fit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
+                        beta=float(beta), n_points=len(N), objective=float(best.fun), method="huber-lbfgs",
+                        flops_per_token=flops_per_token)
+
+
+def _vp_inner(alpha, beta, N, D, loss):
+    """For fixed exponents the model is linear in (E, A, B) >= 0: nonnegative least squares."""
+    X_Px3 = np.stack([np.ones_like(N), N ** -alpha, D ** -beta], axis=1)
+    scale = X_Px3.max(axis=0)  # column scaling for conditioning; undone below
+    coef, rnorm = optimize.nnls(X_Px3 / scale, loss)
+    return coef / scale, rnorm ** 2
+
+
+def fit_approach3_vpnls(N, D, loss, *, flops_per_token: float = FLOPS_PER_TOKEN,
+                        grid: int = 16, init: Sequence[float] | None = None) -> Approach3Fit:
+    """Variable projection (Golub & Pereyra 1973) of Hoffmann et al. 2022 eq. 2: solve (E, A, B) by nonnegative
+    least squares for each (alpha, beta), and minimise the remaining squared error over (alpha, beta) from a coarse
+    grid with Nelder-Mead. Squared error on loss (not Huber on log loss): fast and smooth, used for the bootstrap."""
+    N, D, loss = _check_ND_loss(N, D, loss, "approach 3 (VPNLS)")
+    # Rescale N, D so N^-alpha stays well inside float range for any alpha in the search box.
+    sN, sD = np.exp(np.mean(np.log(N))), np.exp(np.mean(np.log(D)))
+    n, d = N / sN, D / sD
+
+    def sse(p):
+        al, be = p
+        if not (0.01 <= al <= 3 and 0.01 <= be <= 3):
+            return 1e30
+        return _vp_inner(al, be, n, d, loss)[1]
+
+    if init is not None:
+        starts = [np.array(init[3:5], float)]
+    else:
+        g = np.linspace(0.05, 1.5, grid)
+        vals = [(sse((al, be)), al, be) for al in g for be in g]
+        starts = [np.array(v[1:]) for v in sorted(vals)[:3]]
+    best = None
+    for p0 in starts:
+        r = optimize.minimize(sse, p0, method="Nelder-Mead", options={"xatol": 1e-7, "fatol": 1e-14, "maxiter": 4000})
+        if best is None or r.fun < best.fun:
+            best = r
+    al, be = best.x
+    (E, An, Bd), res = _vp_inner(al, be, n, d, loss)
+    # Undo the rescaling: A / N^alpha = An / (N/sN)^alpha, so A = An sN^alpha.
+    return Approach3Fit(E=float(E), A=float(An * sN ** al), B=float(Bd * sD ** be), alpha=float(al), beta=float(be),
+                        n_points=len(N), objective=float(res), method="vpnls", flops_per_token=flops_per_token)
