@@ -1,5 +1,8 @@
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -200,3 +203,30 @@ def test_bad_meta_and_step_rejected_before_writing(ckdir):
             ck.save(-1, make_state(0), {})
         assert ck.all_steps() == []
     assert [p for p in ckdir.iterdir() if p.is_dir()] == []
+
+
+SHARDED_SCRIPT = r"""
+import sys, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scaling.checkpoint import CheckpointConfig, Checkpointer
+mesh = Mesh(np.array(jax.devices()), ("data",))
+row, rep = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P())
+state = {"kernel": jax.device_put(jnp.arange(32.0).reshape(8, 4), row), "count": jax.device_put(jnp.int32(7), rep)}
+with Checkpointer(sys.argv[1], CheckpointConfig(every=1)) as ck:
+    ck.save(1, state, {})
+template = {"kernel": jax.device_put(jnp.zeros((8, 4)), row), "count": jax.device_put(jnp.int32(0), rep)}
+with Checkpointer(sys.argv[1], CheckpointConfig(every=1)) as ck:
+    step, got, _ = ck.restore_latest(template)
+assert step == 1 and got["kernel"].sharding == row and got["count"].sharding == rep, got
+assert len(got["kernel"].addressable_shards) == 2
+np.testing.assert_array_equal(np.asarray(got["kernel"]), np.arange(32.0).reshape(8, 4))
+print("SHARDED_OK", got["kernel"].sharding.spec)
+"""
+
+
+def test_restore_keeps_template_sharding_across_devices(ckdir):
+    # Two host-platform devices need XLA_FLAGS before jax starts, hence a subprocess.
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT, str(ckdir)], env=env, capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and "SHARDED_OK" in out.stdout, out.stderr[-3000:]
