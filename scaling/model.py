@@ -27,7 +27,8 @@ REMAT_POLICIES = ("none", "full", "dots_saveable")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
 
 
-@dataclass(frozen=True)
+# unsafe_hash: hashable (a static jit argument) yet not frozen, which OmegaConf would make read-only.
+@dataclass(unsafe_hash=True)
 class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
