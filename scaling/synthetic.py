@@ -91,7 +91,8 @@ class MarkovChain:
     def loss_floor(self, seq_len: int) -> float:
         """Exact minimum mean loss over a window of seq_len targets, target j seeing j earlier tokens (j = 1..L).
         Equals entropy_rate for order 1."""
-        return float(np.mean([self.conditional_entropy(j) for j in range(1, seq_len + 1)]))
+        partial = [self.conditional_entropy(j) for j in range(1, min(self.k, seq_len + 1))]
+        return (sum(partial) + (seq_len - len(partial)) * self.entropy_rate) / seq_len
 
     def sample(self, n: int, seed: Iterable[int]) -> np.ndarray:
         """n tokens of the stationary chain (the first k are a draw from pi). A plain loop: a Markov chain is
