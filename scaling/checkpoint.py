@@ -132,8 +132,11 @@ class Checkpointer:
         if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"checkpoint step={step!r} is invalid: use a non-negative integer")
         step = int(step)
+        # Cheap checks first: the trainer calls save() every step.
+        if not (force or self._mgr.should_save(step)) or step in self._mgr.all_steps():
+            return False
         try:
-            meta_json = json.loads(json.dumps(meta, allow_nan=False))
+            meta_json = json.loads(json.dumps(meta))  # NaN/inf allowed (a diverged loss is worth keeping)
         except (TypeError, ValueError) as e:
             raise ValueError(
                 f"checkpoint meta={meta!r} is not JSON-serializable ({e}): pass plain str/int/float/list/dict "
@@ -141,10 +144,6 @@ class Checkpointer:
             ) from None
         if not isinstance(meta_json, dict):
             raise ValueError(f"checkpoint meta={meta!r} is invalid: pass a dict")
-        if step in self._mgr.all_steps():
-            return False
-        if not (force or self._mgr.should_save(step)):
-            return False
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave(meta_json),

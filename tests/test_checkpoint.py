@@ -54,7 +54,7 @@ def ckdir(tmp_path: Path) -> Path:
 
 def test_round_trip_bit_identical_with_template_structure(ckdir):
     state = make_state(0)
-    meta = {"tokens_seen": 12345, "seed": 7, "wandb_id": "abc123"}
+    meta = {"tokens_seen": 12345, "seed": 7, "wandb_id": "abc123", "best_loss": float("inf")}
     with Checkpointer(ckdir, CheckpointConfig(every=5)) as ck:
         assert ck.save(5, state, meta)
     template = make_state(1)  # different values, same structure
@@ -201,6 +201,8 @@ def test_bad_meta_and_step_rejected_before_writing(ckdir):
             ck.save(1, make_state(0), {"x": object()})
         with pytest.raises(ValueError, match="step=-1"):
             ck.save(-1, make_state(0), {})
+        with pytest.raises(ValueError, match="not JSON-serializable"):  # also off-interval when forced
+            ck.save(7, make_state(0), {"x": {1, 2}}, force=True)
         assert ck.all_steps() == []
     assert [p for p in ckdir.iterdir() if p.is_dir()] == []
 
