@@ -211,13 +211,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hf-config", default=None)
     p.add_argument("--hf-split", default="train")
     p.add_argument("--hf-streaming", action="store_true")
+    p.add_argument("--synthetic-vocab", type=int, default=SyntheticConfig.vocab_size)
+    p.add_argument("--synthetic-order", type=int, default=SyntheticConfig.order)
+    p.add_argument("--synthetic-tokens", type=int, default=SyntheticConfig.n_tokens)
     a = p.parse_args(argv)
     try:
         cfg = DataConfig(source=a.source, path=a.path, text_field=a.text_field, hf_name=a.hf_name,
                          hf_config=a.hf_config, hf_split=a.hf_split, hf_streaming=a.hf_streaming,
                          max_bytes=a.max_bytes, val_fraction=a.val_fraction, cache_dir=a.cache_dir,
                          tokenizer=TokenizerConfig(kind=a.tokenizer, name=a.name, vocab_size=a.vocab_size,
-                                                   train_bytes=a.train_bytes))
+                                                   train_bytes=a.train_bytes),
+                         synthetic=SyntheticConfig(vocab_size=a.synthetic_vocab, order=a.synthetic_order,
+                                                   n_tokens=a.synthetic_tokens))
         t0 = time.perf_counter()
         data = load_tokens(cfg)
     except ValueError as e:

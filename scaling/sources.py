@@ -217,8 +217,12 @@ def hf_source(name: str, config: str | None, split: str, text_field: str, stream
     columns = ds.column_names
     if columns is not None and text_field not in columns:
         raise ValueError(f"HF dataset {name!r}: no column {text_field!r} (columns: {columns}); set data.text_field")
-    # non-streaming datasets carry a content fingerprint; a stream is identified by what was asked for
-    fingerprint = getattr(ds, "_fingerprint", None) or f"{name}/{config}/{split}/{data_files}"
+    # non-streaming datasets carry a fingerprint; a hub stream is identified by what was asked for; local
+    # data_files are also hashed by content, since datasets' fingerprint of a local file follows its path and mtime
+    fingerprint = getattr(ds, "_fingerprint", None) or f"{name}/{config}/{split}"
+    if data_files:
+        files = "|".join(_sha256_file(p) for p in expand_paths(data_files))
+        fingerprint += ":" + hashlib.sha256(files.encode()).hexdigest()[:16]
     identity = f"hf:{fingerprint}:field={text_field}:max={max_bytes}"
 
     def documents() -> Iterator[str]:

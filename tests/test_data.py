@@ -166,6 +166,9 @@ def test_hf_datasets_loader_on_local_file(tmp_path):
                                 cache_dir=str(tmp_path / "cache")))
     local = load_tokens(cfg_for(path, tmp_path, val_fraction=0.2))
     assert np.array_equal(hf.train, local.train) and np.array_equal(hf.val, local.val)
+    streamed = load_tokens(DataConfig(source="hf", hf_name="json", path=str(path), val_fraction=0.2, tokenizer=BYTES,
+                                      hf_streaming=True, cache_dir=str(tmp_path / "cache")))
+    assert np.array_equal(streamed.train, local.train) and streamed.folder != hf.folder
     with pytest.raises(ValueError, match="no column 'content'"):
         load_tokens(DataConfig(source="hf", hf_name="json", path=str(path), text_field="content", tokenizer=BYTES,
                                cache_dir=str(tmp_path / "cache")))
