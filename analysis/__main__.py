@@ -1,0 +1,172 @@
+"""CLI: `python -m analysis {fit,report,bench}` (see the README's analysis section)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from analysis.load import load_csv, load_curves, load_sweep, load_wandb_offline, usable
+
+EPILOG = """examples:
+  python -m analysis fit --csv runs.csv --N params --D tokens --loss loss --C budget --approach 2,3 --json fit.json
+  python -m analysis fit --sweep outputs/sweep --approach 1,2,3 --bootstrap 200 --plots figs/
+  python -m analysis report outputs/sweep --at-C 1e21
+  python -m analysis bench"""
+
+
+def _approaches(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(sorted({int(t) for t in text.split(",") if t.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--approach {text!r}: give a comma list of 1, 2, 3 (e.g. 2,3)") from None
+    if not out or not set(out) <= {1, 2, 3}:
+        raise argparse.ArgumentTypeError(f"--approach {text!r}: give a comma list of 1, 2, 3 (e.g. 2,3)")
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    f = sub.add_parser("fit", help="fit scaling laws to a CSV, a sweep directory or offline wandb runs")
+    src = f.add_mutually_exclusive_group(required=True)
+    src.add_argument("--csv", type=Path, help="CSV with one row per run")
+    src.add_argument("--sweep", type=Path, help="sweep directory of run records (record.json + metrics.jsonl)")
+    src.add_argument("--wandb", type=Path, help="folder of offline wandb runs (wandb.init(dir=...))")
+    f.add_argument("--N", default="N", help="column (CSV) or summary key (wandb) holding N [N]")
+    f.add_argument("--D", default="D", help="column/key holding D, tokens [D]")
+    f.add_argument("--loss", default="loss", help="column/key holding the final loss [loss]")
+    f.add_argument("--C", default=None, help="column/key holding the IsoFLOP budget C (default: C = 6ND)")
+    f.add_argument("--name", default=None, help="CSV column naming runs (bootstrap resamples runs by it)")
+    f.add_argument("--dropna", action="store_true", help="drop CSV rows with empty values instead of failing")
+    _common(f)
+    f.add_argument("--approach", type=_approaches, default=(2, 3), help="comma list of 1,2,3 [2,3]; 1 needs --sweep")
+    f.add_argument("--json", type=Path, help="write results (paper symbols, ci95 intervals) here")
+    f.add_argument("--plots", type=Path, help="write figures (PNG + SVG) into this folder")
+
+    r = sub.add_parser("report", help="all fits, figures and a Markdown report for a sweep directory")
+    r.add_argument("sweep_dir", type=Path)
+    r.add_argument("--out", type=Path, help="output folder [SWEEP_DIR/report]")
+    _common(r)
+
+    b = sub.add_parser("bench", help="time the Approach 3 bootstrap (200 resamples of 250 points by default)")
+    b.add_argument("--resamples", type=int, default=200)
+    b.add_argument("--points", type=int, default=250)
+    b.add_argument("--method", default="vpnls,huber", help="comma list of vpnls, huber")
+    b.add_argument("--jobs", type=int, default=2)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-convention", default="non_embedding", choices=["non_embedding", "total"],
+                   help="which N from run records [non_embedding, as Kaplan et al. 2020]")
+    p.add_argument("--c-convention", default="6ND", choices=["6ND", "6N", "kaplan", "chinchilla", "record"],
+                   help="which C from run records: 6ND recomputes 6*N*D with the chosen N [6ND]")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over runs, 0 = none [200]")
+    p.add_argument("--at-C", type=float, default=None, dest="at_C",
+                   help="report N_opt, D_opt, L at this C [10x the largest run]")
+    p.add_argument("--isoflop-method", default="parabola", choices=["parabola", "akima"],
+                   help="Approach 2 minimum: Hoffmann parabola or Porian et al. 2024 Akima interpolation")
+    p.add_argument("--backtest-below", type=float, default=None, help="also backtest: fit budgets below this C")
+    p.add_argument("--jobs", type=int, default=2, help="worker processes for the bootstrap [2]")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _summary(res: dict) -> str:
+    lines = [f"runs: {res['n_runs']} ({res['n_used']} used, {len(res['excluded'])} excluded); "
+             f"N={res['conventions']['N']}, C={res['conventions']['C']}"]
+    for e in res["excluded"]:
+        lines.append(f"  excluded {e['name']}: {e['reason']}")
+    for key, syms in (("approach1", "a b"), ("approach2", "a b"), ("approach3", "E A B alpha beta a b"),):
+        d = res.get(key)
+        if d is None:
+            continue
+        if "error" in d:
+            lines.append(f"{key}: not fitted: {d['error']}")
+            continue
+        parts = []
+        for s in syms.split() + ["N_opt", "D_opt", "L_opt"]:
+            if s in d:
+                ci = d.get("ci95", {}).get(s)
+                parts.append(f"{s}={d[s]:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""))
+        lines.append(f"{key}: " + ", ".join(parts))
+    if "N_opt" in res.get("approach3", {}):
+        lines.append(f"(N_opt, D_opt, L_opt at C={res['C_query']:.3g}; intervals: 95% bootstrap over runs)")
+    return "\n".join(lines)
+
+
+def cmd_fit(a) -> int:
+    from analysis.report import _atomic_write, fit_all, make_plots
+
+    curves = None
+    if a.csv:
+        df = load_csv(a.csv, N=a.N, D=a.D, loss=a.loss, C=a.C, name=a.name, dropna=a.dropna)
+    elif a.sweep:
+        df = load_sweep(a.sweep, n=a.n_convention, c=a.c_convention)
+        curves = load_curves(a.sweep, n=a.n_convention, c=a.c_convention) if 1 in a.approach else None
+    else:
+        df = load_wandb_offline(a.wandb, N=a.N, D=a.D, loss=a.loss, C=a.C, budget=a.C)
+    if 1 in a.approach and curves is None:
+        raise ValueError("--approach 1 needs training curves: use --sweep (metrics.jsonl), not --csv/--wandb")
+    res, fitted = fit_all(df, approaches=a.approach, C=a.at_C, n_bootstrap=a.bootstrap, curves=curves,
+                          n_jobs=a.jobs, seed=a.seed, isoflop_method=a.isoflop_method)
+    if a.backtest_below is not None:
+        from analysis.uncertainty import backtest
+
+        res["backtest"] = backtest(usable(df), a.backtest_below).summary()
+    print(_summary(res))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(a.json, json.dumps(res, indent=1))
+        print(f"wrote {a.json}")
+    if a.plots:
+        paths = make_plots(usable(df), fitted, res, a.plots, curves)
+        print(f"wrote {len(paths)} figures to {a.plots}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    from analysis.report import write_report
+
+    path = write_report(a.sweep_dir, a.out, n=a.n_convention, c=a.c_convention, C=a.at_C, n_bootstrap=a.bootstrap,
+                        backtest_below=a.backtest_below, n_jobs=a.jobs, seed=a.seed)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    import numpy as np
+
+    from analysis.synthetic import isoflop_runs
+    from analysis.uncertainty import Approach3Stat, bootstrap
+
+    per = max(a.points // 10, 6)
+    runs = isoflop_runs(budgets=np.logspace(17, 20, a.points // per), n_per_budget=per, noise=0.01)
+    print(f"Approach 3 bootstrap: {a.resamples} resamples of {len(runs)} points, {a.jobs} worker(s)")
+    for method in a.method.split(","):
+        full = Approach3Stat(method=method, n_starts=64).fit(runs)
+        stat = Approach3Stat(C=1e21, method=method, init=(full.E, full.A, full.B, full.alpha, full.beta))
+        t = time.perf_counter()
+        b = bootstrap(runs, stat, n_resamples=a.resamples, n_jobs=a.jobs)
+        dt = time.perf_counter() - t
+        ci = b.ci
+        print(f"  {method:6s} {dt:6.1f} s  alpha={b.estimate['alpha']:.3f} {np.round(ci['alpha'], 3).tolist()}  "
+              f"beta={b.estimate['beta']:.3f} {np.round(ci['beta'], 3).tolist()}  failed={b.n_failed}")
+    return 0
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        return {"fit": cmd_fit, "report": cmd_report, "bench": cmd_bench}[a.cmd](a)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

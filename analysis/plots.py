@@ -1,0 +1,164 @@
+"""Publication-quality figures (matplotlib, Agg): each function draws one figure and saves it as PNG and SVG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")  # files only, no display: works on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from analysis.approach3 import Approach3Fit  # noqa: E402
+from analysis.fits import Approach2Fit, KaplanFit, PowerLaw, lower_envelope  # noqa: E402
+
+STYLE = {"figure.dpi": 110, "savefig.dpi": 200, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3,
+         "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False}
+
+# Reference lines (exponents only, through the fitted line's middle point): Kaplan et al. 2020 eq. 6.1 N_opt ~ C^0.73
+# and Hoffmann et al. 2022 table 2 (approach 2) N_opt ~ C^0.49, D_opt ~ C^0.51.
+REFERENCE_A = {"Kaplan 2020 (a=0.73)": 0.73, "Chinchilla 2022 (a=0.49)": 0.49}
+REFERENCE_B = {"Kaplan 2020 (b=0.27)": 0.27, "Chinchilla 2022 (b=0.51)": 0.51}
+
+
+def _save(fig, out_dir: Path, name: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.svg"]
+    for p in paths:
+        tmp = p.with_name(f".{p.stem}.tmp{p.suffix}")  # keep the suffix: matplotlib picks the format from it
+        fig.savefig(tmp, bbox_inches="tight")
+        tmp.replace(p)
+    plt.close(fig)
+    return paths
+
+
+def _budget_colors(budgets) -> dict:
+    budgets = sorted(set(budgets))
+    cmap = plt.get_cmap("viridis")
+    return {b: cmap(i / max(len(budgets) - 1, 1) * 0.9) for i, b in enumerate(budgets)}
+
+
+def _plain_log_y(ax) -> None:
+    """Log y axis with plain tick labels (losses span < 1 decade, where 4x10^0 labels read badly)."""
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
+
+
+def plot_loss_vs_compute(df: pd.DataFrame, out_dir: Path, kaplan_C: KaplanFit | None = None,
+                         curves: pd.DataFrame | None = None) -> list[Path]:
+    """Final losses (or whole training curves) against C, the compute-efficient frontier and the fitted L(C_min)
+    (Kaplan et al. 2020 fig. 1). With curves, the frontier is their lower envelope, else that of final losses."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        norm = matplotlib.colors.Normalize(np.log10(df["N"].min()), np.log10(df["N"].max()))
+        cmap = plt.get_cmap("viridis")
+        if curves is not None:
+            for _, g in curves.groupby("run"):
+                ax.plot(g["C"], g["loss"], color=cmap(norm(np.log10(g["N"].iloc[0]))), lw=0.7, alpha=0.6)
+            fx, fy = lower_envelope(curves["C"], curves["loss"])
+        else:
+            fx, fy = lower_envelope(df["C"], df["loss"])
+        ax.scatter(df["C"], df["loss"], c=np.log10(df["N"]), cmap=cmap, norm=norm, s=18, alpha=0.9, lw=0, zorder=3)
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), ax=ax, label=r"$\log_{10} N$")
+        ax.plot(fx, fy, color="k", lw=1.2, label="frontier (lower envelope)")
+        if kaplan_C is not None:
+            c = np.geomspace(fx.min(), fx.max(), 100)
+            ax.plot(c, kaplan_C(c), "--", color="tab:red",
+                    label=rf"$L=(C_c/C)^{{{kaplan_C.alpha:.3f}}}$" + (f" + {kaplan_C.E:.2f}" if kaplan_C.E else ""))
+        ax.set(xscale="log", yscale="log", xlabel="training compute C [FLOPs]", ylabel="loss [nats/token]",
+               title="Loss vs compute")
+        _plain_log_y(ax)
+        ax.legend(fontsize=8)
+        return _save(fig, out_dir, "loss_vs_compute")
+
+
+def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path) -> list[Path]:
+    """IsoFLOP curves: loss vs N per budget, fitted parabolas in log N and their minima (Hoffmann fig. 3 left)."""
+    key = "budget" if df["budget"].notna().all() else "C"
+    colors = _budget_colors(df[key])
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for C, g in df.groupby(key):
+            ax.scatter(g["N"], g["loss"], color=colors[C], s=16, zorder=3)
+        for row in a2.minima.itertuples():
+            g = df[df[key] == row.C]
+            if row.parabola_N is not None:
+                x = np.linspace(np.log(g["N"].min()), np.log(g["N"].max()), 100)
+                ax.plot(np.exp(x), row.parabola_N(x), color=colors[row.C], lw=1.2, label=f"C={row.C:.1e}")
+            ax.plot(row.N_opt, row.loss_opt, marker="*", color="k", ms=9, zorder=4)
+        ax.plot([], [], "k*", label="minimum")
+        ax.set(xscale="log", xlabel="parameters N", ylabel="final loss [nats/token]", title="IsoFLOP curves")
+        ax.legend(fontsize=7, ncol=2)
+        return _save(fig, out_dir, "isoflops")
+
+
+def _band(ax, C, samples: pd.DataFrame | None, coef: str, expo: str, color):
+    if samples is None or coef not in samples or expo not in samples:
+        return
+    curves = samples[coef].to_numpy()[:, None] * C[None, :] ** samples[expo].to_numpy()[:, None]
+    lo, hi = np.nanpercentile(curves, [2.5, 97.5], axis=0)
+    ax.fill_between(C, lo, hi, color=color, alpha=0.2, lw=0, label="95% bootstrap band")
+
+
+def plot_optimal_allocation(minima: pd.DataFrame, N_opt: PowerLaw, D_opt: PowerLaw, out_dir: Path,
+                            samples: pd.DataFrame | None = None, extend_to: float | None = None) -> list[Path]:
+    """N_opt(C) and D_opt(C): per-budget minima, the fitted power law with its bootstrap band, and the Kaplan and
+    Chinchilla exponents for reference (Hoffmann et al. 2022 fig. 3, centre and right)."""
+    C = np.geomspace(minima["C"].min(), max(minima["C"].max(), extend_to or 0), 100)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, law, col, sym, coef, refs in ((axes[0], N_opt, "N_opt", "N", "k_N", REFERENCE_A),
+                                              (axes[1], D_opt, "D_opt", "D", "k_D", REFERENCE_B)):
+            ax.scatter(minima["C"], minima[col], color="k", s=20, zorder=3, label="IsoFLOP minima")
+            ax.plot(C, law(C), color="tab:blue", label=rf"fit ${sym}_{{opt}}\propto C^{{{law.a:.3f}}}$")
+            _band(ax, C, samples, coef, "a" if sym == "N" else "b", "tab:blue")
+            mid = np.sqrt(C[0] * C[-1])
+            for (label, expo), style in zip(refs.items(), (":", "--")):
+                ax.plot(C, law(mid) * (C / mid) ** expo, style, color="0.45", lw=1, label=label)
+            ax.set(xscale="log", yscale="log", xlabel="compute C [FLOPs]", ylabel=rf"${sym}_{{opt}}$",
+                   title=rf"Compute-optimal ${sym}$")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        return _save(fig, out_dir, "optimal_allocation")
+
+
+def plot_residuals(df: pd.DataFrame, a3: Approach3Fit, out_dir: Path) -> list[Path]:
+    """log(observed) - log(predicted) of Approach 3 against N and against D."""
+    r = np.log(df["loss"]) - np.log(a3(df["N"], df["D"]))
+    key = "budget" if df["budget"].notna().all() else "C"
+    colors = _budget_colors(df[key])
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
+        for ax, col in zip(axes, ("N", "D")):
+            for b, g in df.groupby(key):
+                ax.scatter(g[col], r[g.index], color=colors[b], s=14, label=f"C={b:.1e}")
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set(xscale="log", xlabel=col, title=f"Approach 3 residuals vs {col}")
+        axes[0].set_ylabel("log L observed - log L fitted")
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        fig.tight_layout()
+        return _save(fig, out_dir, "residuals")
+
+
+def plot_contours(df: pd.DataFrame, a3: Approach3Fit, out_dir: Path) -> list[Path]:
+    """Contours of the fitted L(N, D), the runs, IsoFLOP lines and the compute-optimal path (Hoffmann fig. 4)."""
+    n = np.geomspace(df["N"].min() / 3, df["N"].max() * 3, 200)
+    d = np.geomspace(df["D"].min() / 3, df["D"].max() * 3, 200)
+    NN, DD = np.meshgrid(n, d)
+    with plt.rc_context(STYLE | {"axes.grid": False}):
+        fig, ax = plt.subplots(figsize=(5.5, 4.5))
+        cs = ax.contourf(NN, DD, a3(NN, DD), levels=20, cmap="viridis_r")
+        fig.colorbar(cs, ax=ax, label="fitted loss L(N, D)")
+        k = a3.flops_per_token
+        for i, C in enumerate(np.geomspace(df["C"].min(), df["C"].max(), 4)):
+            ax.plot(n, C / (k * n), color="w", lw=0.6, alpha=0.7, label="IsoFLOP lines" if i == 0 else None)
+        C = np.geomspace(k * n[0] * d[0], k * n[-1] * d[-1], 200)
+        ax.plot(a3.N_opt(C), a3.D_opt(C), color="tab:red", lw=2, label=rf"compute-optimal ($a$={a3.a:.2f})")
+        ax.scatter(df["N"], df["D"], s=8, color="k", label="runs")
+        ax.set(xscale="log", yscale="log", xlim=(n[0], n[-1]), ylim=(d[0], d[-1]), xlabel="parameters N",
+               ylabel="tokens D", title="Approach 3: L(N, D)")
+        ax.legend(fontsize=8, loc="lower right")
+        return _save(fig, out_dir, "contours")

@@ -1,0 +1,229 @@
+"""Run every fit on a run table (with bootstrap intervals), and write the Markdown report and figures."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots
+from analysis.approach3 import Approach3Fit
+from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, lower_envelope
+from analysis.load import excluded, load_curves, load_sweep, usable
+from analysis.uncertainty import (Approach1Stat, Approach2Stat, Approach3Stat, KaplanStat, backtest, bootstrap)
+
+APPROACHES = (1, 2, 3)
+
+
+def _clean(x):
+    """JSON-safe: numpy scalars to floats, NaN/inf to None."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, n_bootstrap: int = 200,
+            curves: pd.DataFrame | None = None, seed: int = 0, n_jobs: int = 2, isoflop_method: str = "parabola",
+            approach3_method: str = "huber") -> tuple[dict, dict]:
+    """Fit the requested approaches on the usable runs of `df`. Returns (results for JSON, fitted objects for
+    plots). A fit that cannot run on this data is reported with its reason instead of failing the others."""
+    runs = usable(df)
+    if runs.empty:
+        raise ValueError("no usable runs: every run is excluded (see the excluded list); nothing to fit")
+    bad = sorted(set(approaches) - set(APPROACHES))
+    if bad:
+        raise ValueError(f"approach {bad} is unknown; choose from 1, 2, 3 (e.g. --approach 2,3)")
+    fpt = float(np.median(runs["flops_per_token"]))
+    C = C if C is not None else float(runs["C"].max()) * 10  # default: one decade beyond the largest run
+    res = {"conventions": {"N": str(df["N_convention"].iloc[0]), "C": str(df["C_convention"].iloc[0]),
+                           "flops_per_token": fpt},
+           "n_runs": int(len(df)), "n_used": int(len(runs)), "C_query": C,
+           "excluded": excluded(df)[["name", "status", "reason"]].to_dict("records")}
+    fitted: dict = {}
+
+    def attempt(key, fn):
+        try:
+            res[key] = fn()
+        except ValueError as exc:
+            res[key] = {"error": str(exc)}
+
+    boot = dict(n_resamples=n_bootstrap, seed=seed, n_jobs=n_jobs)
+
+    def kaplan():
+        out = {}
+        for var in ("N", "D"):
+            best = runs.groupby(var)["loss"].min()
+            if len(best) >= 3:
+                fitted[f"kaplan_{var}"] = fit_kaplan(best.index, best.to_numpy(), variable=var)
+                out[f"L({var})"] = fitted[f"kaplan_{var}"].as_dict()
+        # Kaplan et al. 2020 fit L(C_min) on the compute-efficient frontier of training curves when we have them.
+        fx, fy = lower_envelope(*((curves["C"], curves["loss"]) if curves is not None else (runs["C"], runs["loss"])))
+        fitted["kaplan_C"] = fit_kaplan(fx, fy, variable="C")
+        out["L(C)"] = fitted["kaplan_C"].as_dict()
+        return out
+
+    def approach1():
+        if curves is None:
+            raise ValueError("approach 1 needs training curves (metrics.jsonl); give a sweep directory")
+        fitted["a1"] = fit_approach1(curves)
+        stat = Approach1Stat(C=C)
+        return _with_ci(stat, curves, boot, group="run")
+
+    def approach2():
+        fitted["a2"] = fit_approach2(runs, method=isoflop_method)
+        stat = Approach2Stat(C=C, method=isoflop_method)
+        key = "budget" if runs["budget"].notna().all() else "C"
+        out = _with_ci(stat, runs, boot, strata=key)
+        fitted["a2_samples"] = out.pop("_samples", None)
+        out["minima"] = fitted["a2"].minima[["C", "N_opt", "D_opt", "loss_opt", "n_runs"]].to_dict("records")
+        out["skipped_budgets"] = fitted["a2"].skipped.to_dict("records")
+        return out
+
+    def approach3():
+        full = Approach3Stat(method=approach3_method, n_starts=64, flops_per_token=fpt).fit(runs)
+        fitted["a3"] = full
+        stat = Approach3Stat(C=C, method=approach3_method, flops_per_token=fpt,
+                             init=(full.E, full.A, full.B, full.alpha, full.beta))
+        out = _with_ci(stat, runs, boot)
+        out.pop("_samples", None)
+        out.update({k: v for k, v in full.as_dict(C).items() if not isinstance(v, float) or k not in out})
+        return out
+
+    attempt("kaplan", kaplan)
+    for k, fn in ((1, approach1), (2, approach2), (3, approach3)):
+        if k in approaches:
+            attempt(f"approach{k}", fn)
+    for v in res.values():
+        if isinstance(v, dict):
+            v.pop("_samples", None)
+    return _clean(res), fitted
+
+
+def _with_ci(stat, table, boot, **kw) -> dict:
+    if boot["n_resamples"] <= 0:
+        return stat(table)
+    b = bootstrap(table, stat, **boot, **kw)
+    return b.as_dict() | {"_samples": b.samples}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Markdown
+# --------------------------------------------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _table(d: dict, keys) -> list[str]:
+    ci = d.get("ci95", {})
+    lines = ["| symbol | estimate | 95% interval |", "|---|---|---|"]
+    for k in keys:
+        if k in d:
+            lo_hi = ci.get(k)
+            lines.append(f"| {k} | {_fmt(d[k])} | {'[' + _fmt(lo_hi[0]) + ', ' + _fmt(lo_hi[1]) + ']' if lo_hi else '-'} |")
+    return lines
+
+
+def markdown(res: dict, figures: list[str], title: str) -> str:
+    conv = res["conventions"]
+    L = [f"# Scaling-law report: {title}", "",
+         f"Runs: {res['n_runs']} in the table, {res['n_used']} used in fits, {len(res['excluded'])} excluded.", "",
+         "## Conventions", "",
+         f"- N: {conv['N']} parameters; C: {conv['C']} (flops per token k = C/(N D) = {conv['flops_per_token']:.4g})",
+         "- loss: final validation loss in nats/token; intervals: 95% percentile bootstrap over runs", ""]
+    L += ["## Excluded runs", ""]
+    if res["excluded"]:
+        L += ["| run | status | reason |", "|---|---|---|"] + [
+            f"| {e['name']} | {e['status']} | {e['reason']} |" for e in res["excluded"]]
+    else:
+        L.append("None.")
+    sections = [("kaplan", "Kaplan et al. 2020 power laws", None),
+                ("approach1", "Chinchilla Approach 1 (training-curve envelope)", ["a", "b", "k_N", "k_D", "N_opt", "D_opt"]),
+                ("approach2", "Chinchilla Approach 2 (IsoFLOP parabolas)", ["a", "b", "k_N", "k_D", "N_opt", "D_opt"]),
+                ("approach3", "Chinchilla Approach 3 (parametric L(N, D) = E + A/N^alpha + B/D^beta)",
+                 ["E", "A", "B", "alpha", "beta", "a", "b", "N_opt", "D_opt", "L_opt"])]
+    for key, name, keys in sections:
+        if key not in res:
+            continue
+        L += ["", f"## {name}", ""]
+        d = res[key]
+        if "error" in d:
+            L.append(f"Not fitted: {d['error']}")
+            continue
+        if key == "kaplan":
+            for law, f in d.items():
+                L.append(f"- {law}: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in f.items()))
+            continue
+        if "N_opt" in d:
+            L.append(f"N_opt, D_opt{', L_opt' if 'L_opt' in d else ''} at C = {res['C_query']:.3g} FLOPs.")
+            L.append("")
+        L += _table(d, keys)
+        if d.get("n_resamples") is not None:
+            L += ["", f"{d['n_resamples']} bootstrap resamples, {d['n_failed']} failed fits (left out)."]
+        if d.get("skipped_budgets"):
+            L += ["", "Budgets left out of Approach 2:"] + [f"- C={s['C']:.3g}: {s['reason']}"
+                                                            for s in d["skipped_budgets"]]
+    if "backtest" in res:
+        L += ["", "## Backtest", "", "| quantity | value |", "|---|---|"] + [
+            f"| {k} | {_fmt(v)} |" for k, v in res["backtest"].items()]
+    L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(L) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def make_plots(runs: pd.DataFrame, fitted: dict, res: dict, out_dir: Path,
+               curves: pd.DataFrame | None = None) -> list[Path]:
+    paths = plots.plot_loss_vs_compute(runs, out_dir, fitted.get("kaplan_C"), curves)
+    a2, a3 = fitted.get("a2"), fitted.get("a3")
+    if a2 is not None:
+        paths += plots.plot_isoflops(runs, a2, out_dir)
+        paths += plots.plot_optimal_allocation(a2.minima, a2.N_opt, a2.D_opt, out_dir, fitted.get("a2_samples"),
+                                               extend_to=res.get("C_query"))
+    if isinstance(a3, Approach3Fit):
+        paths += plots.plot_residuals(runs, a3, out_dir)
+        paths += plots.plot_contours(runs, a3, out_dir)
+    return paths
+
+
+def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, n: str = "non_embedding",
+                 c: str = "6ND", C: float | None = None, n_bootstrap: int = 200, backtest_below: float | None = None,
+                 n_jobs: int = 2, seed: int = 0) -> Path:
+    """Load a sweep directory, fit everything, and write report.md, results.json and figures/ into `out_dir`
+    (default SWEEP_DIR/report). Returns the report path."""
+    df = load_sweep(sweep_dir, n=n, c=c)
+    try:
+        curves = load_curves(sweep_dir, n=n, c=c)
+    except ValueError:
+        curves = None
+    res, fitted = fit_all(df, C=C, n_bootstrap=n_bootstrap, curves=curves, n_jobs=n_jobs, seed=seed)
+    runs = usable(df)
+    if backtest_below is not None:
+        try:
+            res["backtest"] = _clean(backtest(runs, backtest_below).summary())
+        except ValueError as exc:
+            res["backtest"] = {"error": str(exc)}
+    out = Path(out_dir) if out_dir else Path(sweep_dir) / "report"
+    figs = make_plots(runs, fitted, res, out / "figures", curves)
+    rel = [str(p.relative_to(out)) for p in figs if p.suffix == ".png"]
+    _atomic_write(out / "results.json", json.dumps(res, indent=1))
+    report = out / "report.md"
+    _atomic_write(report, markdown(res, rel, Path(sweep_dir).name))
+    return report
