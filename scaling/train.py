@@ -65,7 +65,7 @@ def make_train_step(model: ModelConfig, optimizer: optax.GradientTransformation,
             loss = jnp.mean(losses)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = TrainState(params=optax.apply_updates(params, updates), opt_state=opt_state)
-        return new_state, {"train_loss": loss, "grad_norm": optax.global_norm(grads)}
+        return new_state, {"train_loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
 
     return jax.jit(step_fn, donate_argnums=(0,))
 

@@ -1,0 +1,134 @@
+"""Generation from a trained run: `python -m scaling.sample RUN_DIR --prompt "..." [--prompt-file FEWSHOT.txt]`.
+
+Decoding uses the model's KV cache: the prompt is prefilled in one call, then each new token costs one position,
+not a recompute of the whole prefix. Sampling: temperature (0 = greedy) and top-k (Fan et al. 2018).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from omegaconf import OmegaConf
+
+from scaling.checkpoint import Checkpointer
+from scaling.config import Config, resolve_budget
+from scaling.model import ModelConfig, init_params
+
+
+def load_run(run_dir: Path) -> tuple[Config, dict]:
+    """The run's config and its newest intact parameters."""
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: {run_dir} is not a run directory (run scaling.train first).")
+    saved = json.loads(config_path.read_text())
+    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
+    params = init_params(cfg.model, jax.random.key(0))
+    optimizer = cfg.optim.build(resolve_budget(cfg.model, cfg.train).steps)
+    template = {"params": params, "opt_state": optimizer.init(params)}
+    restored = Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint).restore_latest(template)
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the run saved none yet.")
+    return cfg, restored[1]["params"]
+
+
+def _pick(logits_BxV: jnp.ndarray, rng: jax.Array, temperature: float, top_k: Optional[int]) -> jnp.ndarray:
+    if temperature == 0.0:
+        return jnp.argmax(logits_BxV, axis=-1)
+    logits_BxV = logits_BxV / temperature
+    if top_k:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    return jax.random.categorical(rng, logits_BxV, axis=-1)
+
+
+def generate(
+    cfg: ModelConfig,
+    params: dict,
+    prompt: list[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    seed: int = 0,
+    use_cache: bool = True,
+) -> list[int]:
+    """Continues `prompt` by `max_new_tokens` tokens; `use_cache=False` recomputes the prefix (the reference)."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} is invalid: use 0 (greedy) or a positive value.")
+    if top_k is not None and not 0 < top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k={top_k} is invalid: use 1..{cfg.vocab_size} or omit it.")
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token (text, or a few-shot file).")
+    if max_new_tokens >= cfg.seq_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be below the model's seq_len={cfg.seq_len}.")
+    prompt = prompt[-(cfg.seq_len - max_new_tokens) :]  # the model attends over at most seq_len positions
+    model = cfg.build()
+    rng = jax.random.key(seed)
+    out = list(prompt)
+    if not use_cache:
+        forward = jax.jit(lambda p, t: model.apply({"params": p}, t)[:, -1])
+        for i in range(max_new_tokens):
+            logits_1xV = forward(params, jnp.asarray([out]))
+            out.append(int(_pick(logits_1xV, jax.random.fold_in(rng, i), temperature, top_k)[0]))
+        return out[len(prompt) :]
+
+    cache = model.init(jax.random.key(0), jnp.zeros((1, cfg.seq_len), jnp.int32), decode=True)["cache"]
+
+    @jax.jit
+    def step(params, cache, tokens_1xL, positions_L):
+        logits_1xLxV, mutated = model.apply(
+            {"params": params, "cache": cache}, tokens_1xL, positions_L, decode=True, mutable=["cache"]
+        )
+        return logits_1xLxV[:, -1], mutated["cache"]
+
+    logits_1xV, cache = step(params, cache, jnp.asarray([prompt]), jnp.arange(len(prompt)))
+    for i in range(max_new_tokens):
+        token = int(_pick(logits_1xV, jax.random.fold_in(rng, i), temperature, top_k)[0])
+        out.append(token)
+        if i + 1 < max_new_tokens:
+            position = len(out) - 1
+            logits_1xV, cache = step(params, cache, jnp.asarray([[token]]), jnp.asarray([position]))
+    return out[len(prompt) :]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m scaling.sample", description=__doc__)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--prompt", default="", help="text to continue (appended after --prompt-file)")
+    parser.add_argument("--prompt-file", type=Path, help="a few-shot prompt: examples, then the query")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        from scaling.data import load_tokens
+
+        cfg, params = load_run(args.run_dir)
+        record = json.loads((args.run_dir / "record.json").read_text()) if (args.run_dir / "record.json").exists() else {}
+        tokenizer = load_tokens(cfg.data).tokenizer
+        trained_with = record.get("tokenizer", {}).get("identity")
+        if trained_with and trained_with != tokenizer.identity:
+            raise ValueError(
+                f"tokenizer mismatch: the run was trained with {trained_with} but {tokenizer.identity} was rebuilt "
+                "from its data config; the token cache or corpus changed since training."
+            )
+        text = (args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else "") + args.prompt
+        prompt = tokenizer.encode(text) if text else [tokenizer.eot]
+        for n in range(args.num_samples):
+            ids = generate(cfg.model, params, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed + n)
+            print(f"--- sample {n} ---\n{text}{tokenizer.decode(ids)}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

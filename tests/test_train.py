@@ -1,0 +1,224 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from scaling.accounting import count_params, flops_per_token
+from scaling.checkpoint import CheckpointConfig, Checkpointer
+from scaling.config import Config, TrainConfig, resolve_budget
+from scaling.data import DataConfig
+from scaling.model import ModelConfig, init_params, loss_fn
+from scaling.optim import OptimConfig
+from scaling.synthetic import SyntheticConfig
+from scaling.tracking import LoggingConfig, read_metrics
+from scaling.train import make_train_step, train
+
+REPO = Path(__file__).resolve().parent.parent
+V = 32  # synthetic symbols; the tokenizer adds an end-of-text id
+
+
+def tiny_config(tmp_path: Path, **train_kw) -> Config:
+    train_kw = {"steps": 12, "batch_size": 8, "eval_every": 6, "eval_tokens": 2048, **train_kw}
+    train_kw.setdefault("checkpoint", CheckpointConfig(every=4, keep=2))
+    return Config(
+        name="tiny",
+        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=V + 1, seq_len=16),
+        data=DataConfig(
+            source="synthetic",
+            cache_dir=str(tmp_path / "cache"),
+            synthetic=SyntheticConfig(vocab_size=V, n_tokens=50_000, seed=0),
+        ),
+        optim=OptimConfig(lr=1e-2, warmup_steps=2),
+        train=TrainConfig(**train_kw),
+        logging=LoggingConfig(backend="jsonl", log_every=2, progress="none"),
+    )
+
+
+def test_record_fields_equal_accounting(tmp_path):
+    cfg = tiny_config(tmp_path)
+    record = train(cfg, tmp_path / "run")
+    counts = count_params(cfg.model)
+    assert record["status"] == "completed"
+    assert (record["N"], record["N_total"], record["N_embedding"]) == (counts.non_embedding, counts.total, counts.embedding)
+    assert record["D"] == 12 * 8 * 16
+    for conv in ("6N", "kaplan", "chinchilla"):
+        assert record[f"C_{conv}"] == flops_per_token(cfg.model, conv) * record["D"]
+    assert record["C"] == record["C_chinchilla"]
+    on_disk = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert on_disk["loss"] == pytest.approx(record["loss"]) and np.isfinite(on_disk["loss"])
+    assert on_disk["data"]["entropy_rate"] > 0
+    metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [6, 12]
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+
+
+def test_completed_run_is_not_retrained(tmp_path):
+    cfg = tiny_config(tmp_path)
+    first = train(cfg, tmp_path / "run")
+    mtime = (tmp_path / "run" / "record.json").stat().st_mtime_ns
+    again = train(cfg, tmp_path / "run")
+    assert again == json.loads((tmp_path / "run" / "record.json").read_text())
+    assert (tmp_path / "run" / "record.json").stat().st_mtime_ns == mtime
+    assert again["loss"] == first["loss"]
+
+
+def test_other_config_in_same_run_dir_is_refused(tmp_path):
+    train(tiny_config(tmp_path, steps=4), tmp_path / "run")
+    (tmp_path / "run" / "record.json").unlink()  # even an unfinished run keeps its config
+    with pytest.raises(ValueError, match=r"another config \(differs in: train.steps\)"):
+        train(tiny_config(tmp_path, steps=6), tmp_path / "run")
+
+
+def test_budget_by_flops_gives_the_right_steps(tmp_path):
+    cfg = tiny_config(tmp_path, steps=None, flops=3e9, flops_convention="6N")
+    budget = resolve_budget(cfg.model, cfg.train)
+    tokens = 3e9 / flops_per_token(cfg.model, "6N")
+    assert budget.steps == round(tokens / (8 * 16))
+    assert abs(budget.C["6N"] - 3e9) <= flops_per_token(cfg.model, "6N") * 8 * 16 / 2  # within half a step
+    by_tokens = resolve_budget(cfg.model, TrainConfig(tokens=1000, batch_size=8))
+    assert by_tokens.steps == 8 and by_tokens.D == 1024  # rounded up: never fewer tokens than asked
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(steps=None), "give exactly one budget .* \\(got none\\)"),
+        (dict(steps=5, flops=1e9), "got \\['steps', 'flops'\\]\\): set the others to null"),
+    ],
+)
+def test_budget_errors(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_budget(ModelConfig(), TrainConfig(**kw))
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(steps=-3), "train.steps=-3 is invalid"),
+        (dict(steps=3, batch_size=6, grad_accum=4), "train.batch_size=6 is not divisible by train.grad_accum=4"),
+        (dict(steps=3, flops_convention="6ND"), "train.flops_convention='6ND' is unknown"),
+        (dict(steps=3, divergence_factor=0.5), "train.divergence_factor=0.5 is invalid"),
+    ],
+)
+def test_train_config_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kw)
+
+
+def test_gradient_accumulation_equals_big_batch():
+    model = ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=64, seq_len=16)
+    # Plain SGD, so the update is the gradient itself: Adam's first step g/(|g|+eps) would amplify float noise in
+    # near-zero gradient entries into sign flips.
+    opt = optax.sgd(0.5)
+    params = init_params(model, jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(1), (8, 17), 0, 64)
+    results = []
+    for accum in (1, 4):
+        state = {"params": params, "opt_state": opt.init(params)}
+        state = jax.tree_util.tree_map(jnp.array, state)  # fresh buffers: the step donates its input
+        step = make_train_step(model, opt, accum, seed=0)
+        new_state, metrics = step(state, batch.reshape(accum, 8 // accum, 17), jnp.asarray(0))
+        results.append((new_state["params"], float(metrics["train_loss"])))
+    (p1, l1), (p4, l4) = results
+    assert l1 == pytest.approx(l4, rel=1e-6)
+    # float32 sums in another order: differences at the 1e-8 level.
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), p1, p4)
+    assert float(loss_fn(p1, model, batch)) < float(loss_fn(params, model, batch))
+
+
+def test_forced_nan_gives_diverged_record(tmp_path):
+    cfg = tiny_config(tmp_path, steps=40)
+    cfg.optim = OptimConfig(lr=1e4, warmup_steps=0, grad_clip=None, schedule="constant")
+    record = train(cfg, tmp_path / "run")
+    assert record["status"] == "diverged"
+    assert record["diverged_step"] is not None and record["diverged_step"] <= 40
+    on_disk = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert on_disk["status"] == "diverged" and on_disk["loss"] is None
+    assert read_metrics(tmp_path / "run" / "metrics.jsonl")  # the metrics written before are kept
+
+
+def test_exception_writes_failed_record(tmp_path):
+    cfg = tiny_config(tmp_path)
+    cfg.model = cfg.model.replace(vocab_size=8)  # smaller than the tokenizer's vocabulary
+    with pytest.raises(ValueError, match="vocab"):
+        train(cfg, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "failed" and "vocab" in record["error"]
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_run_completes(tmp_path):
+    cfg = tiny_config(tmp_path)
+    reference = train(cfg, tmp_path / "ref")
+    cfg_short = tiny_config(tmp_path)
+    run = tmp_path / "run"
+    # Simulate a crash after step 8: train 12 steps, then corrupt checkpoint 12 and drop the record.
+    train(cfg_short, run)
+    (run / "record.json").unlink()
+    for f in (run / "checkpoints" / "12").rglob("*"):
+        if f.is_file() and f.stat().st_size > 64 and "state" in str(f):
+            f.write_bytes(b"\0" * f.stat().st_size)
+    with pytest.warns(RuntimeWarning, match="step 12"):
+        record = train(cfg, run)
+    assert record["status"] == "completed"
+    assert record["loss"] == reference["loss"]
+
+
+def _run_cli(run_dir: Path, cache: Path, steps: int, env_extra=None) -> subprocess.Popen:
+    args = [
+        sys.executable, "-m", "scaling.train", "model=tiny", "data=synthetic", "logging=none", "train=steps",
+        f"train.steps={steps}", "train.batch_size=8", "train.eval_every=1000", "train.eval_tokens=2048",
+        "train.checkpoint.every=5", "train.checkpoint.keep=10", "logging.log_every=1",
+        "data.synthetic.vocab_size=32", "data.synthetic.n_tokens=50000", "model.vocab_size=33",
+        f"data.cache_dir={cache}", f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _final_params(run_dir: Path):
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    from orbax.checkpoint import PyTreeCheckpointer
+
+    return PyTreeCheckpointer().restore(run_dir / "checkpoints" / str(steps[-1]) / "state")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_is_bit_identical(tmp_path):
+    cache = tmp_path / "cache"
+    steps = 60
+    ref = _run_cli(tmp_path / "ref", cache, steps)
+    assert ref.wait(timeout=300) == 0, ref.stdout.read()
+
+    victim = _run_cli(tmp_path / "run", cache, steps)
+    deadline = time.time() + 300
+    ckpts = tmp_path / "run" / "checkpoints"
+    while time.time() < deadline:
+        done = [p for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
+        if any(int(p.name) >= 20 for p in done):
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "run" / "record.json").exists(), "the run finished before it could be killed"
+    resumed = _run_cli(tmp_path / "run", cache, steps)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+
+    ref_record = json.loads((tmp_path / "ref" / "record.json").read_text())
+    run_record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert run_record["status"] == "completed"
+    assert run_record["loss"] == ref_record["loss"]  # to the last bit
+    losses = lambda d: [(m["step"], m["train_loss"]) for m in read_metrics(d / "metrics.jsonl")]  # noqa: E731
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+    ref_params, run_params = _final_params(tmp_path / "ref"), _final_params(tmp_path / "run")
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ref_params, run_params)
