@@ -21,6 +21,7 @@ from scaling.checkpoint import CheckpointConfig
 from scaling.data import DataConfig
 from scaling.model import ModelConfig
 from scaling.optim import OptimConfig
+from scaling.sharding import ShardingConfig
 from scaling.tracking import LoggingConfig
 
 
@@ -72,6 +73,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)  # mesh + multi-host; not part of a run's identity
     sweep: Optional[str] = None  # the sweep (wandb group) this run belongs to
 
 

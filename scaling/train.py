@@ -28,6 +28,7 @@ from scaling.checkpoint import Checkpointer
 from scaling.config import Budget, Config, resolve_budget, to_dict
 from scaling.data import TokenData, load_tokens
 from scaling.model import ModelConfig, init_params, loss_fn
+from scaling.sharding import check_batch, constrain, initialize_distributed, init_sharded, make_mesh, put_batch, state_shardings
 from scaling.tracking import Progress, build_tracker, write_json_atomic
 
 log = logging.getLogger("scaling.train")
@@ -35,18 +36,30 @@ log = logging.getLogger("scaling.train")
 RECORD = "record.json"
 CONFIG = "config.json"
 # Fields that may change between a run and its relaunch without making it another run.
-_RELAUNCH_FREE = ("logging", "sweep")
+_RELAUNCH_FREE = ("logging", "sweep", "sharding")  # orbax restores a checkpoint onto any mesh
 
 
 # {"params": ..., "opt_state": ...}: a plain dict, so a pytree for jit, orbax and the tests.
 TrainState = dict
 
-def make_train_step(model: ModelConfig, optimizer: optax.GradientTransformation, grad_accum: int, seed: int):
-    """A jit-compiled step; `grad_accum` microbatches are scanned and their mean gradient applied once.
+def make_train_step(
+    model: ModelConfig, optimizer: optax.GradientTransformation, grad_accum: int, seed: int, shardings: Any = None
+):
+    """A jit-compiled step that donates the old state's buffers (see `train_step_fn`)."""
+    return jax.jit(train_step_fn(model, optimizer, grad_accum, seed, shardings), donate_argnums=(0,))
+
+
+def train_step_fn(
+    model: ModelConfig, optimizer: optax.GradientTransformation, grad_accum: int, seed: int, shardings: Any = None
+):
+    """The pure step: `grad_accum` microbatches are scanned and their mean gradient applied once.
 
     The mean of microbatch means equals the big batch's mean loss (equal-size microbatches), so the update is the
-    big batch's up to float summation order (tested).
+    big batch's up to float summation order (tested). `shardings` (the state's, from scaling.sharding) pins the
+    gradients and the new state to the params' layout: under FSDP the gradient all-reduce becomes a reduce-scatter.
+    scaling.multi vmaps this same function over K models.
     """
+    param_shardings = None if shardings is None else shardings["params"]
 
     def step_fn(state: TrainState, batch_AxBxLp1: jnp.ndarray, step: jnp.ndarray):
         params = state["params"]
@@ -63,22 +76,26 @@ def make_train_step(model: ModelConfig, optimizer: optax.GradientTransformation,
             grads, losses = jax.lax.scan(micro, zeros, batch_AxBxLp1)
             grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grads)
             loss = jnp.mean(losses)
+        grads = constrain(grads, param_shardings)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         new_state = TrainState(params=optax.apply_updates(params, updates), opt_state=opt_state)
+        new_state = constrain(new_state, shardings)
         return new_state, {"train_loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
 
-    return jax.jit(step_fn, donate_argnums=(0,))
+    return step_fn
 
 
-def evaluate(eval_step, params, data: TokenData, cfg: Config) -> float:
-    losses = [float(eval_step(params, jnp.asarray(b))) for b in data.val_batches(cfg.train.eval_tokens, cfg.train.batch_size, cfg.model.seq_len)]
-    return float(np.mean(losses))
+def evaluate(eval_step, params, data: TokenData, cfg: Config, mesh=None) -> float:
+    batches = data.val_batches(cfg.train.eval_tokens, cfg.train.batch_size, cfg.model.seq_len)
+    put = jnp.asarray if mesh is None else (lambda b: put_batch(b, mesh, batch_axis=0))
+    return float(np.mean([float(eval_step(params, put(b))) for b in batches]))
 
 
 def train(cfg: Config, run_dir: Path) -> dict:
     """Trains (or resumes, or skips a completed) run in `run_dir`; returns its record."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    initialize_distributed(cfg.sharding)  # a no-op on one host
     existing = _read_json(run_dir / RECORD)
     if existing and existing.get("status") == "completed":
         log.info("run %s already completed (loss %.4f): nothing to train", run_dir, existing["loss"])
@@ -95,9 +112,16 @@ def train(cfg: Config, run_dir: Path) -> dict:
         record.update(tokenizer=_tokenizer_record(data), data=_data_record(data))
         record["epochs"] = data.epochs(budget.D)
 
+        mesh = make_mesh(cfg.sharding)  # one device or many: the same code below
+        check_batch(mesh, cfg.train.batch_size, cfg.train.grad_accum)
+        record["n_devices"] = mesh.size
         optimizer = cfg.optim.build(budget.steps)
-        params = init_params(cfg.model, jax.random.key(cfg.train.seed))
-        state = TrainState(params=params, opt_state=optimizer.init(params))
+
+        def init_state() -> TrainState:
+            params = init_params(cfg.model, jax.random.key(cfg.train.seed))
+            return TrainState(params=params, opt_state=optimizer.init(params))
+
+        state, shardings = init_sharded(init_state, lambda s: state_shardings(s, mesh, cfg.sharding))
         checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint)
         restored = checkpointer.restore_latest(state)
         start_step, first_loss = 0, None
@@ -109,19 +133,19 @@ def train(cfg: Config, run_dir: Path) -> dict:
         tracker.summary(_summary_fields(record))
 
         micro = cfg.train.batch_size // cfg.train.grad_accum
-        train_step = make_train_step(cfg.model, optimizer, cfg.train.grad_accum, cfg.train.seed)
+        train_step = make_train_step(cfg.model, optimizer, cfg.train.grad_accum, cfg.train.seed, shardings)
         eval_step = jax.jit(lambda params, batch_BxLp1: loss_fn(params, cfg.model, batch_BxLp1))
 
         def batch_at(step: int) -> jnp.ndarray:
             tokens_BxLp1 = data.train_batch(cfg.train.seed, step, cfg.train.batch_size, cfg.model.seq_len)
-            return jnp.asarray(tokens_BxLp1.reshape(cfg.train.grad_accum, micro, cfg.model.seq_len + 1))
+            return put_batch(tokens_BxLp1.reshape(cfg.train.grad_accum, micro, cfg.model.seq_len + 1), mesh, batch_axis=1)
 
         t0 = time.perf_counter()
         train_step = train_step.lower(state, batch_at(start_step), jnp.asarray(start_step)).compile()
         compile_s = time.perf_counter() - t0
         record["compile_s"] = compile_s
 
-        peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops) * jax.device_count()
+        peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops) * mesh.size
         fpt = flops_per_token(cfg.model, "chinchilla")
         conv_fpt = flops_per_token(cfg.model, cfg.train.flops_convention)
         log_every = cfg.logging.log_every
@@ -164,7 +188,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
                     log.error("run diverged at step %d: train loss %s (first %.4f)", done, train_loss, first_loss)
                     break
                 if done % cfg.train.eval_every == 0 or last:
-                    eval_loss = evaluate(eval_step, state["params"], data, cfg)
+                    eval_loss = evaluate(eval_step, state["params"], data, cfg, mesh)
                     row["eval_loss"] = eval_loss
                 tracker.log(row, done)
                 progress.update(done, train_loss, tokens_per_s)

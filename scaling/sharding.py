@@ -1,0 +1,178 @@
+"""Data-parallel and FSDP sharding over a 1-D `jax.sharding.Mesh`, and multi-host start-up.
+
+One code path for 1 and many devices: the train state and the batches are always placed on a mesh with one axis,
+"data". With one device every placement is trivial; with many, the batch is split along its batch dimension and
+  - mode "dp":   params and optimizer state are replicated; XLA all-reduces the gradients.
+  - mode "fsdp": every large param (and its Adam moments) is split along one dimension over the same axis
+                 (ZeRO-3 / FSDP, Rajbhandari et al. 2020; Zhao et al. 2023). XLA's SPMD partitioner all-gathers the
+                 weights where the forward/backward needs them and reduce-scatters the gradients, because the step
+                 constrains the gradients and the new state to the params' sharding.
+
+Multi-host: `initialize_distributed` calls `jax.distributed.initialize` from explicit coordinator flags, or from
+SLURM's environment (what submitit's srun sets; JAX's own SlurmCluster reads it). Each process computes the same
+global batch (the sampler is a pure function of (seed, step)) and places only the shards its devices own
+(`jax.make_array_from_callback`), so no process needs the others' data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+log = logging.getLogger(__name__)
+
+MODES = ("dp", "fsdp")
+AXIS = "data"
+PyTree = Any
+
+
+@dataclass
+class ShardingConfig:
+    mode: str = "dp"  # "dp": replicate params; "fsdp": shard params + optimizer state over the data axis
+    n_devices: Optional[int] = None  # devices on the mesh; None: every device of every process
+    fsdp_min_params: int = 4096  # FSDP leaves this small stay replicated (norm scales, biases): gathering costs more
+    # Multi-host (jax.distributed). coordinator "host:port" + num_processes + process_id, or all null: then SLURM's
+    # environment is used when present (SLURM_JOB_ID, SLURM_NTASKS, ...), else a single process.
+    coordinator: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"sharding.mode={self.mode!r} is unknown: use one of {MODES}.")
+        if self.n_devices is not None and (not isinstance(self.n_devices, int) or self.n_devices <= 0):
+            raise ValueError(f"sharding.n_devices={self.n_devices!r} is invalid: give a positive integer, or null for all.")
+        if not isinstance(self.fsdp_min_params, int) or self.fsdp_min_params < 0:
+            raise ValueError(f"sharding.fsdp_min_params={self.fsdp_min_params!r} is invalid: give an integer >= 0.")
+        explicit = (self.coordinator, self.num_processes, self.process_id)
+        if any(v is not None for v in explicit) and any(v is None for v in explicit):
+            raise ValueError(
+                f"sharding.coordinator={self.coordinator!r}, num_processes={self.num_processes!r}, "
+                f"process_id={self.process_id!r}: give all three for a multi-host run, or none (SLURM / single host)."
+            )
+        if self.coordinator is not None and ":" not in self.coordinator:
+            raise ValueError(f"sharding.coordinator={self.coordinator!r} is invalid: give host:port, e.g. 10.0.0.1:12345.")
+        if self.num_processes is not None and not 0 <= self.process_id < self.num_processes:
+            raise ValueError(
+                f"sharding.process_id={self.process_id!r} is invalid: it must be in [0, num_processes={self.num_processes})."
+            )
+
+
+def initialize_distributed(cfg: ShardingConfig, environ: Optional[dict] = None) -> bool:
+    """Joins the multi-host job if one is configured; returns True when jax.distributed was initialized.
+
+    Must run before anything touches a JAX backend (jax.devices(), any array op).
+    """
+    environ = os.environ if environ is None else environ
+    if jax.distributed.is_initialized():
+        return True
+    if cfg.coordinator is not None:
+        jax.distributed.initialize(cfg.coordinator, cfg.num_processes, cfg.process_id)
+    elif "SLURM_JOB_ID" in environ and int(environ.get("SLURM_NTASKS", "1")) > 1:
+        # JAX's SlurmCluster derives coordinator (first node of SLURM_STEP_NODELIST, port from the job id),
+        # process count and id from srun's environment, which is how submitit launches tasks.
+        jax.distributed.initialize()
+    else:
+        return False
+    log.info("process %d of %d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+             jax.local_device_count(), jax.device_count())
+    return True
+
+
+def make_mesh(cfg: ShardingConfig) -> Mesh:
+    devices = jax.devices()  # global: every process's devices, in the same order on every process
+    n = cfg.n_devices or len(devices)
+    if n > len(devices):
+        raise ValueError(
+            f"sharding.n_devices={n} exceeds the {len(devices)} devices available: lower it or set it to null. "
+            "(CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX starts gives N host devices.)"
+        )
+    return Mesh(np.asarray(devices[:n]), (AXIS,))
+
+
+def check_batch(mesh: Mesh, batch_size: int, grad_accum: int = 1) -> None:
+    micro = batch_size // grad_accum
+    n = mesh.size
+    if micro % n:
+        raise ValueError(
+            f"train.batch_size={batch_size} (microbatch {micro} with grad_accum={grad_accum}) does not split over "
+            f"{n} devices: make the microbatch a multiple of {n}, or set sharding.n_devices."
+        )
+
+
+def leaf_spec(shape: tuple[int, ...], mode: str, n: int, min_params: int) -> P:
+    """FSDP: shard the largest dimension divisible by the mesh size; small or indivisible leaves replicate."""
+    if mode == "dp" or n == 1 or int(np.prod(shape, dtype=np.int64)) < min_params:
+        return P()
+    dims = sorted((d for d in range(len(shape)) if shape[d] % n == 0), key=lambda d: -shape[d])
+    if not dims:
+        return P()
+    spec = [None] * len(shape)
+    spec[dims[0]] = AXIS
+    return P(*spec)
+
+
+def state_shardings(state: PyTree, mesh: Mesh, cfg: ShardingConfig, leading_axes: int = 0) -> PyTree:
+    """NamedSharding per leaf of `state` (arrays or ShapeDtypeStructs). `leading_axes` dims (e.g. the K models of a
+    vmapped state) are never sharded."""
+
+    def one(x) -> NamedSharding:
+        shape = tuple(x.shape)
+        spec = leaf_spec(shape[leading_axes:], cfg.mode, mesh.size, cfg.fsdp_min_params)
+        return NamedSharding(mesh, P(*([None] * leading_axes), *spec))
+
+    return jax.tree_util.tree_map(one, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int) -> NamedSharding:
+    spec = [None] * ndim
+    spec[batch_axis] = AXIS
+    return NamedSharding(mesh, P(*spec))
+
+
+def put_batch(batch: np.ndarray, mesh: Mesh, batch_axis: int) -> jax.Array:
+    """A global array split along `batch_axis`; every process holds the same numpy batch and places its own shards.
+
+    A batch that does not split evenly (a short eval batch) is replicated instead.
+    """
+    if batch.shape[batch_axis] % mesh.size:
+        sharding = NamedSharding(mesh, P())
+    else:
+        sharding = batch_sharding(mesh, batch.ndim, batch_axis)
+    return jax.make_array_from_callback(batch.shape, sharding, lambda index: batch[index])
+
+
+def init_sharded(init_fn, shardings_fn) -> tuple[PyTree, PyTree]:
+    """Runs `init_fn()` under jit straight into its shardings: no device ever holds the whole FSDP state."""
+    abstract = jax.eval_shape(init_fn)
+    shardings = shardings_fn(abstract)
+    return jax.jit(init_fn, out_shardings=shardings)(), shardings
+
+
+def constrain(tree: PyTree, shardings: Optional[PyTree]) -> PyTree:
+    return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+
+def describe(state: PyTree) -> dict:
+    """How much of the state each device holds: {"bytes_total", "bytes_per_device_max", "sharded_leaves", "leaves"}."""
+    leaves = jax.tree_util.tree_leaves(state)
+    total = sum(x.size * x.dtype.itemsize for x in leaves)
+    per_device: dict = {}
+    sharded = 0
+    for x in leaves:
+        shards = x.addressable_shards
+        if any(s.data.shape != x.shape for s in shards):
+            sharded += 1
+        for s in shards:
+            per_device[s.device] = per_device.get(s.device, 0) + s.data.size * s.data.dtype.itemsize
+    return {"bytes_total": int(total), "bytes_per_device_max": int(max(per_device.values())),
+            "sharded_leaves": sharded, "leaves": len(leaves)}
