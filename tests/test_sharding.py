@@ -1,0 +1,236 @@
+"""Data parallel / FSDP on 4 forced host devices, and a 2-process multi-host run on localhost.
+
+Several devices need XLA_FLAGS before JAX starts, so those checks run in subprocesses; the main pytest process has one.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scaling.sharding import ShardingConfig, check_batch, leaf_spec, make_mesh
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tolerance: the same maths summed in another order (per-device partial sums, then an all-reduce), through 8 Adam
+# steps on a tiny model: float32 differences stay below 1e-5 relative; we allow 1e-4.
+LOSS_RTOL = 1e-4
+
+FOUR_DEVICES = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import jax, numpy as np
+    sys.path.insert(0, "tests")
+    from test_train import tiny_config
+    from scaling.sharding import ShardingConfig, describe, init_sharded, make_mesh, state_shardings
+    from scaling.model import init_params
+    from scaling.train import train
+
+    assert jax.device_count() == 4, jax.devices()
+    tmp = Path(sys.argv[1])
+    out = {}
+    for label, sh in [("one", ShardingConfig(n_devices=1)), ("dp", ShardingConfig(mode="dp")),
+                      ("fsdp", ShardingConfig(mode="fsdp", fsdp_min_params=64))]:
+        cfg = tiny_config(tmp, steps=8)
+        cfg.sharding = sh
+        record = train(cfg, tmp / label)
+        out[label] = {"loss": record["loss"], "train_loss": record["train_loss"], "n_devices": record["n_devices"]}
+
+    # FSDP really shards: the state after init and after a step lives in pieces.
+    cfg = tiny_config(tmp)
+    mesh = make_mesh(ShardingConfig(mode="fsdp"))
+    optimizer = cfg.optim.build(10)
+    def init():
+        p = init_params(cfg.model, jax.random.key(0))
+        return {"params": p, "opt_state": optimizer.init(p)}
+    fsdp_cfg = ShardingConfig(mode="fsdp", fsdp_min_params=64)
+    state, shardings = init_sharded(init, lambda s: state_shardings(s, mesh, fsdp_cfg))
+    from scaling.train import make_train_step
+    from scaling.sharding import put_batch
+    step = make_train_step(cfg.model, optimizer, 1, 0, shardings)
+    batch = np.random.default_rng(0).integers(0, 33, (1, 8, 17)).astype(np.int32)
+    new_state, _ = step(state, put_batch(batch, mesh, 1), jax.numpy.asarray(0))
+    qkv = new_state["params"]["block_0"]["attn"]["qkv"]["kernel"]
+    out["fsdp_state"] = describe(new_state)
+    out["qkv_shard_shape"] = list(qkv.addressable_shards[0].data.shape)
+    out["qkv_shape"] = list(qkv.shape)
+    out["mu_spec"] = str(new_state["opt_state"][1][0].mu["block_0"]["attn"]["qkv"]["kernel"].sharding.spec)
+    print("RESULT" + json.dumps(out))
+    """
+)
+
+
+def _run(script: str, *args, env_extra=None, timeout=600) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):])
+
+
+@pytest.mark.slow
+def test_four_device_data_parallel_and_fsdp_match_one_device(tmp_path):
+    out = _run(FOUR_DEVICES, tmp_path, env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert [out[k]["n_devices"] for k in ("one", "dp", "fsdp")] == [1, 4, 4]
+    for mode in ("dp", "fsdp"):
+        for key in ("loss", "train_loss"):
+            assert out[mode][key] == pytest.approx(out["one"][key], rel=LOSS_RTOL), (mode, key)
+    # FSDP: the qkv kernel [32, 96] is split 4 ways along its largest dim, and so is its Adam moment.
+    assert out["qkv_shape"] == [32, 96] and out["qkv_shard_shape"] == [32, 24]
+    assert "data" in out["mu_spec"]
+    state = out["fsdp_state"]
+    assert state["sharded_leaves"] > 0
+    # Only the embedding-free small leaves (norms, biases < 64 values) are replicated: each device holds far less
+    # than the whole state.
+    assert state["bytes_per_device_max"] < 0.5 * state["bytes_total"]
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import jax, numpy as np
+    from scaling.sharding import ShardingConfig, initialize_distributed, make_mesh, put_batch, state_shardings, init_sharded
+    from scaling.model import ModelConfig, init_params
+    from scaling.optim import OptimConfig
+    from scaling.train import make_train_step
+
+    mode, coordinator, pid = sys.argv[1], sys.argv[2], sys.argv[3]
+    if coordinator == "slurm":
+        cfg = ShardingConfig(mode=mode, fsdp_min_params=64)
+    else:
+        cfg = ShardingConfig(mode=mode, fsdp_min_params=64, coordinator=coordinator, num_processes=2, process_id=int(pid))
+    assert initialize_distributed(cfg)
+    assert jax.process_count() == 2 and jax.device_count() == 2 and jax.local_device_count() == 1
+    model = ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=64, seq_len=16)
+    optimizer = OptimConfig(lr=1e-2, warmup_steps=0).build(10)
+    mesh = make_mesh(cfg)
+    def init():
+        p = init_params(model, jax.random.key(0))
+        return {"params": p, "opt_state": optimizer.init(p)}
+    state, shardings = init_sharded(init, lambda s: state_shardings(s, mesh, cfg))
+    step = make_train_step(model, optimizer, 1, 0, shardings)
+    losses = []
+    for s in range(3):
+        batch = np.random.default_rng(0).integers(0, 64, (1, 8, 17)).astype(np.int32)
+        state, m = step(state, put_batch(batch, mesh, 1), jax.numpy.asarray(s))
+        losses.append(float(m["train_loss"]))
+    print("RESULT" + json.dumps({"losses": losses, "process": jax.process_index()}))
+    jax.distributed.shutdown()
+    """
+)
+
+
+SLURM_PORT_BASE = 65535 - 2**12 + 1  # JAX's SlurmCluster: port = SLURM_JOB_ID % 4096 + this
+
+
+def _free_port(candidates=(0,)) -> int:
+    for candidate in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", int(candidate)))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    pytest.skip("no free port")
+
+
+def _single_process_losses() -> list[float]:
+    import jax
+
+    from scaling.model import ModelConfig, init_params
+    from scaling.optim import OptimConfig
+    from scaling.train import make_train_step
+
+    model = ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=64, seq_len=16)
+    optimizer = OptimConfig(lr=1e-2, warmup_steps=0).build(10)
+    params = init_params(model, jax.random.key(0))
+    state = {"params": params, "opt_state": optimizer.init(params)}
+    step = make_train_step(model, optimizer, 1, 0)
+    losses = []
+    for s in range(3):
+        batch = np.random.default_rng(0).integers(0, 64, (1, 8, 17)).astype(np.int32)
+        state, m = step(state, jax.numpy.asarray(batch), jax.numpy.asarray(s))
+        losses.append(float(m["train_loss"]))
+    return losses
+
+
+def _two_processes(mode: str, how: str) -> list[dict]:
+    rng = np.random.default_rng(os.getpid())
+    port = _free_port(SLURM_PORT_BASE + rng.permutation(2**12)[:50]) if how == "slurm" else _free_port()
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+        if how == "slurm":
+            # What srun (and so submitit) sets; JAX's SlurmCluster derives the port from the job id.
+            env.update(SLURM_JOB_ID=str(4096 * 7 + port - SLURM_PORT_BASE), SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                       SLURM_PROCID=str(pid), SLURM_LOCALID="0", SLURM_STEP_NUM_NODES="1")
+            coordinator = "slurm"
+        else:
+            coordinator = f"127.0.0.1:{port}"
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, mode, coordinator, str(pid)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-4000:]
+        results.append(json.loads(next(l for l in out.splitlines() if l.startswith("RESULT"))[len("RESULT"):]))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, how", [("dp", "flags"), ("fsdp", "slurm")])
+def test_two_process_multi_host_matches_single_process(mode, how):
+    results = _two_processes(mode, how)
+    assert sorted(r["process"] for r in results) == [0, 1]
+    reference = _single_process_losses()
+    for r in results:
+        np.testing.assert_allclose(r["losses"], reference, rtol=LOSS_RTOL)
+    assert reference[-1] < reference[0]
+
+
+def test_leaf_spec_rules():
+    from jax.sharding import PartitionSpec as P
+
+    assert leaf_spec((32, 96), "fsdp", 4, 64) == P(None, "data")  # the largest divisible dim
+    assert leaf_spec((96, 32), "fsdp", 4, 64) == P("data", None)
+    assert leaf_spec((30, 6), "fsdp", 4, 64) == P()  # nothing divisible by 4: replicated
+    assert leaf_spec((32,), "fsdp", 4, 64) == P()  # small: replicated
+    assert leaf_spec((32, 96), "dp", 4, 64) == P()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(mode="zero"), "sharding.mode='zero' is unknown"),
+        (dict(n_devices=0), "sharding.n_devices=0 is invalid"),
+        (dict(coordinator="h:1", num_processes=2), "give all three"),
+        (dict(coordinator="host", num_processes=2, process_id=0), "give host:port"),
+        (dict(coordinator="h:1", num_processes=2, process_id=2), "sharding.process_id=2 is invalid"),
+    ],
+)
+def test_config_errors(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ShardingConfig(**kw)
+
+
+def test_mesh_and_batch_errors():
+    import jax
+
+    with pytest.raises(ValueError, match=f"sharding.n_devices={jax.device_count() + 1} exceeds"):
+        make_mesh(ShardingConfig(n_devices=jax.device_count() + 1))
+    mesh = make_mesh(ShardingConfig())
+    check_batch(mesh, 8, 2)  # one device: anything splits
+
+    class FakeMesh:
+        size = 4
+
+    with pytest.raises(ValueError, match="train.batch_size=12 \\(microbatch 6 with grad_accum=2\\) does not split over 4"):
+        check_batch(FakeMesh(), 12, 2)
