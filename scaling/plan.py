@@ -1,0 +1,372 @@
+"""Budget -> runs: IsoFLOP grids (Chinchilla Approach 2) and size x tokens grids, from a family and a hyperparameter rule.
+
+A pure function of its inputs (no JAX, no files): `plan_sweep(spec, base_model, convention)` returns the runs, each with
+its Hydra overrides, its exact N, D and C (from `scaling.accounting` / `scaling.config.resolve_budget`, the one home of
+those facts) and how far it lands from its nominal budget. `scaling.sweep` and the Hydra sweeper launch what it returns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token
+from scaling.config import TrainConfig, resolve_budget
+from scaling.model import ModelConfig
+
+PLAN_KINDS = ("isoflop", "grid")
+
+
+@dataclass
+class FamilyRule:
+    """Target N -> a valid shape: width in steps of `d_model_multiple`, a fixed head size, depth from an aspect ratio.
+
+    Kaplan et al. 2020 (Sec. 3.1, Fig. 5) find loss depends weakly on shape at fixed N for d_model/n_layers in roughly
+    [20, 200], so one ratio per family keeps the sweep one-dimensional in N without costing loss.
+    """
+
+    head_dim: int = 16  # n_heads = d_model / head_dim
+    aspect_ratio: float = 32.0  # d_model / n_layers
+    d_model_multiple: int = 16  # widths are multiples of this (and of head_dim)
+    min_d_model: int = 32
+    max_d_model: int = 4096
+    min_layers: int = 1
+    max_layers: int = 64
+    ff_ratio: int = 4  # d_ff = ff_ratio * d_model (Radford et al. 2018)
+
+    def __post_init__(self) -> None:
+        for name in ("head_dim", "d_model_multiple", "min_d_model", "max_d_model", "min_layers", "max_layers", "ff_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"family.{name}={value!r} is invalid: it must be a positive integer.")
+        if self.d_model_multiple % self.head_dim:
+            raise ValueError(
+                f"family.d_model_multiple={self.d_model_multiple} is not a multiple of family.head_dim={self.head_dim}: "
+                "every width must split into whole heads, e.g. d_model_multiple=head_dim."
+            )
+        if not self.aspect_ratio > 0:
+            raise ValueError(f"family.aspect_ratio={self.aspect_ratio!r} is invalid: use a positive d_model/n_layers, e.g. 32.")
+        if self.max_d_model < max(self.min_d_model, self.d_model_multiple) or self.max_layers < self.min_layers:
+            raise ValueError(
+                f"family: the ranges d_model [{self.min_d_model}, {self.max_d_model}] / layers "
+                f"[{self.min_layers}, {self.max_layers}] are empty: make each max >= its min."
+            )
+
+    def shapes(self, base: ModelConfig) -> list[ModelConfig]:
+        """Every shape of the family, in increasing N (depth never decreases with width)."""
+        start = max(self.min_d_model, self.d_model_multiple)
+        start += -start % self.d_model_multiple
+        out = []
+        for d in range(start, self.max_d_model + 1, self.d_model_multiple):
+            layers = min(self.max_layers, max(self.min_layers, math.floor(d / self.aspect_ratio + 0.5)))
+            out.append(base.replace(d_model=d, n_layers=layers, n_heads=d // self.head_dim, d_ff=self.ff_ratio * d))
+        return out
+
+
+@dataclass
+class HyperRule:
+    """Batch size, learning rate and schedule as functions of the run's width and budget.
+
+    lr = base_lr * (base_d_model / d_model)^lr_width_exponent * (B / base_batch)^lr_batch_exponent:
+      width: Adam's hidden-layer lr scales as 1/width under muP (Yang et al. 2022, "Tensor Programs V", Table 3);
+      batch: the square-root rule for Adam (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+      Algorithms", Sec. 3: lr ~ sqrt(B)).
+    B = base_batch * (C / base_flops)^batch_flops_exponent, rounded to a power of two: the optimal batch grows with
+      compute, B_opt ~ C^0.3271 (Bi et al. 2024, DeepSeek LLM, Eq. 1); 0 keeps it fixed.
+    Warmup is a fraction of the run and the cosine decays to the run's last step: the cycle length should match the
+      run (Hoffmann et al. 2022, Appendix B, Fig. A1), so runs of every length are fairly trained.
+    """
+
+    base_lr: float = 3e-3
+    base_d_model: int = 128
+    lr_width_exponent: float = 1.0
+    base_batch: int = 32  # sequences
+    lr_batch_exponent: float = 0.5
+    base_flops: float = 1e12
+    batch_flops_exponent: float = 0.0
+    min_batch: int = 4
+    max_batch: int = 512
+    min_steps: int = 50  # the batch is halved (down to min_batch) until a run has this many steps
+    warmup_fraction: float = 0.05
+    schedule: str = "cosine"
+
+    def __post_init__(self) -> None:
+        for name in ("base_lr", "base_flops"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"hyper.{name}={getattr(self, name)!r} is invalid: it must be positive.")
+        for name in ("base_d_model", "base_batch", "min_batch", "max_batch", "min_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"hyper.{name}={value!r} is invalid: it must be a positive integer.")
+        if self.min_batch > self.max_batch:
+            raise ValueError(f"hyper.min_batch={self.min_batch} exceeds hyper.max_batch={self.max_batch}: swap or widen them.")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"hyper.warmup_fraction={self.warmup_fraction!r} is invalid: use a fraction in [0, 1), e.g. 0.05.")
+
+    def batch_size(self, C: float) -> int:
+        raw = self.base_batch * (C / self.base_flops) ** self.batch_flops_exponent
+        return int(min(self.max_batch, max(self.min_batch, 2 ** round(math.log2(raw)))))
+
+    def lr(self, d_model: int, batch_size: int) -> float:
+        return (
+            self.base_lr
+            * (self.base_d_model / d_model) ** self.lr_width_exponent
+            * (batch_size / self.base_batch) ** self.lr_batch_exponent
+        )
+
+
+@dataclass
+class SweepSpec:
+    """What to plan. isoflop: `budgets` (C in the sweep's FLOP convention); grid: `sizes` (target N) x `tokens` (D) or
+    x `tokens_per_param` (D = r N)."""
+
+    kind: str = "isoflop"
+    budgets: list[float] = field(default_factory=list)
+    n_sizes: int = 7  # IsoFLOP sizes per budget (Chinchilla Approach 2 used ~9)
+    size_step: float = 1.6  # ratio of neighbouring target N, i.e. even spacing in log N
+    tokens_per_param: float = 20.0  # the prior optimum D/N (Hoffmann et al. 2022, Table 3: ~20 tokens per parameter)
+    prior_fit: Optional[list[float]] = None  # [G, a]: N_opt = G * C^a from an earlier fit, instead of the ratio
+    sizes: list[float] = field(default_factory=list)  # grid: target N (non-embedding)
+    tokens: list[float] = field(default_factory=list)  # grid: D per size
+    grid_tokens_per_param: list[float] = field(default_factory=list)  # grid: D = r * N for each r
+    tolerance: float = 0.02  # max |achieved / nominal - 1| of C (isoflop) or D (grid)
+    prefix: Optional[str] = None  # run-name prefix; default: the kind
+    family: FamilyRule = field(default_factory=FamilyRule)
+    hyper: HyperRule = field(default_factory=HyperRule)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.family, dict):
+            self.family = FamilyRule(**self.family)
+        if isinstance(self.hyper, dict):
+            self.hyper = HyperRule(**self.hyper)
+        if self.kind not in PLAN_KINDS:
+            raise ValueError(f"plan.kind={self.kind!r} is unknown: use one of {PLAN_KINDS}.")
+        if self.kind == "isoflop":
+            if not self.budgets or any(not float(c) > 0 for c in self.budgets):
+                raise ValueError(f"plan.budgets={self.budgets!r} is invalid: give positive FLOP budgets, e.g. [1e11,3e11,1e12].")
+            if not 1 <= self.n_sizes <= 15:
+                raise ValueError(f"plan.n_sizes={self.n_sizes!r} is invalid: use 5-9 sizes per budget (1-15 allowed).")
+            if not self.size_step > 1:
+                raise ValueError(f"plan.size_step={self.size_step!r} is invalid: the ratio of neighbouring N must exceed 1, e.g. 1.6.")
+            if self.prior_fit is not None and (len(self.prior_fit) != 2 or not self.prior_fit[0] > 0):
+                raise ValueError(f"plan.prior_fit={self.prior_fit!r} is invalid: give [G, a] with N_opt = G * C^a, G > 0.")
+            if not self.tokens_per_param > 0:
+                raise ValueError(f"plan.tokens_per_param={self.tokens_per_param!r} is invalid: it must be positive, e.g. 20.")
+        else:
+            if not self.sizes or any(not float(n) > 0 for n in self.sizes):
+                raise ValueError(f"plan.sizes={self.sizes!r} is invalid: give positive target N, e.g. [1e5,4e5].")
+            if bool(self.tokens) == bool(self.grid_tokens_per_param):
+                raise ValueError(
+                    "plan: a grid needs exactly one of plan.tokens (D values) and plan.grid_tokens_per_param (D/N ratios), "
+                    f"got tokens={self.tokens!r}, grid_tokens_per_param={self.grid_tokens_per_param!r}."
+                )
+            if any(not float(x) > 0 for x in [*self.tokens, *self.grid_tokens_per_param]):
+                raise ValueError("plan.tokens / plan.grid_tokens_per_param must all be positive.")
+        if not 0 < self.tolerance < 1:
+            raise ValueError(f"plan.tolerance={self.tolerance!r} is invalid: use a fraction in (0, 1), e.g. 0.02.")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    kind: str  # "flops" or "tokens": how the trainer is told the budget
+    budget: Optional[float]  # the nominal C of the IsoFLOP slice (None for a grid run)
+    target_N: float
+    N: int  # non-embedding (Kaplan), as in the record
+    N_total: int
+    D: int
+    steps: int
+    batch_size: int
+    C: dict  # convention -> achieved training FLOPs
+    budget_error: float  # achieved / nominal - 1 (C for isoflop, D for grid)
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    lr: float
+    warmup_fraction: float
+    schedule: str
+    nominal: float  # what the trainer is asked for: C (kind flops) or D (kind tokens)
+
+    def overrides(self) -> list[str]:
+        """Hydra overrides that make the trainer run exactly this (its own resolve_budget gives the same steps)."""
+        budget = (
+            [f"train.flops={self.nominal!r}", "train.tokens=null"]
+            if self.kind == "flops"
+            else [f"train.tokens={self.nominal!r}", "train.flops=null"]
+        )
+        return [
+            f"name={self.name}",
+            f"model.d_model={self.d_model}",
+            f"model.n_layers={self.n_layers}",
+            f"model.n_heads={self.n_heads}",
+            f"model.d_ff={self.d_ff}",
+            f"train.batch_size={self.batch_size}",
+            "train.steps=null",
+            *budget,
+            f"optim.lr={self.lr:.6g}",
+            f"optim.schedule={self.schedule}",
+            f"optim.warmup_fraction={self.warmup_fraction}",
+            "optim.warmup_steps=null",
+        ]
+
+    def tags(self) -> list[str]:
+        size = f"N{fmt_sci(self.N)}"
+        return ([f"C{fmt_sci(self.budget)}"] if self.budget else [f"D{fmt_sci(self.D)}"]) + [size, f"d{self.d_model}-L{self.n_layers}"]
+
+    def manifest(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Plan:
+    runs: list[PlannedRun]
+    skipped: list[dict]  # {"target": ..., "reason": ...}: what the rule could not place within tolerance
+    spec: SweepSpec
+    convention: str
+    optimum: dict  # budget -> the prior N_opt the grid is centred on (isoflop)
+
+    def table(self) -> str:
+        head = f"{'name':<34} {'N':>9} {'D':>9} {'steps':>6} {'B':>4} {'lr':>8} {'C':>9} {'err':>7}"
+        rows = [
+            f"{r.name:<34} {r.N:>9.3g} {r.D:>9.3g} {r.steps:>6} {r.batch_size:>4} {r.lr:>8.2g} "
+            f"{r.C[self.convention]:>9.3g} {r.budget_error:>+7.2%}"
+            for r in self.runs
+        ]
+        rows += [f"  skipped {s['target']}: {s['reason']}" for s in self.skipped]
+        return "\n".join([head, *rows])
+
+
+def fmt_sci(x: float) -> str:
+    """1e13 -> '1e13', 3.2e11 -> '3.2e11', 250000 -> '2.5e5': compact, readable, stable run names."""
+    mantissa, exponent = f"{float(x):.1e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def plan_sweep(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla") -> Plan:
+    if convention not in FLOP_CONVENTIONS:
+        raise ValueError(f"convention={convention!r} is unknown: use one of {FLOP_CONVENTIONS}.")
+    if spec.kind == "isoflop":
+        return plan_isoflop(spec, base, convention)
+    return plan_grid(spec, base, convention)
+
+
+def _nearest_shapes(shapes: list[ModelConfig], targets: list[float]) -> list[ModelConfig]:
+    """Distinct family shapes nearest in log N to the targets, in increasing N.
+
+    Small families are coarse (neighbouring widths can differ 2x in N), so targets are served from the middle out and
+    each takes the nearest shape not yet taken: the grid keeps its size count and stays centred.
+    """
+    log_n = [math.log(count_params(s).non_embedding) for s in shapes]
+    mid = math.log(targets[len(targets) // 2])
+    taken: set[int] = set()
+    for target in sorted(targets, key=lambda t: abs(math.log(t) - mid)):
+        free = [i for i in range(len(shapes)) if i not in taken]
+        if not free:
+            break
+        taken.add(min(free, key=lambda i: abs(log_n[i] - math.log(target))))
+    return [shapes[i] for i in sorted(taken)]
+
+
+def _isoflop_optimum(C: float, shapes: list[ModelConfig], spec: SweepSpec, convention: str) -> float:
+    """N_opt from a prior fit, else the N where D/N = tokens_per_param with D = C / flops_per_token (interpolated in
+    log space over the family, since flops_per_token is not 6N for small models)."""
+    if spec.prior_fit is not None:
+        G, a = spec.prior_fit
+        return float(G) * C ** float(a)
+    log_n = [math.log(count_params(s).non_embedding) for s in shapes]
+    # log(D/N) decreases along the family; find where it crosses log(tokens_per_param).
+    log_ratio = [math.log(C / flops_per_token(s, convention)) - ln for s, ln in zip(shapes, log_n)]
+    want = math.log(spec.tokens_per_param)
+    if not log_ratio[-1] <= want <= log_ratio[0]:
+        raise ValueError(
+            f"budget C={C:.3g} puts the D/N={spec.tokens_per_param} optimum outside the family "
+            f"(N from {math.exp(log_n[0]):.3g} to {math.exp(log_n[-1]):.3g}): widen family.min_d_model/max_d_model "
+            "or choose budgets nearer the family."
+        )
+    for i in range(len(shapes) - 1):
+        if log_ratio[i] >= want >= log_ratio[i + 1]:
+            t = (log_ratio[i] - want) / max(log_ratio[i] - log_ratio[i + 1], 1e-12)
+            return math.exp(log_n[i] + t * (log_n[i + 1] - log_n[i]))
+    return math.exp(log_n[0])
+
+
+def _place(shape: ModelConfig, kind: str, nominal: float, budget: Optional[float], target_N: float, name: str,
+           spec: SweepSpec, convention: str, C_for_batch: float) -> tuple[Optional[PlannedRun], str]:
+    hyper = spec.hyper
+    B = hyper.batch_size(C_for_batch)
+    while True:  # halve the batch until the run has min_steps steps (shorter runs round C too coarsely)
+        train = TrainConfig(batch_size=B, flops_convention=convention, **{"flops" if kind == "flops" else "tokens": nominal})
+        b = resolve_budget(shape, train)
+        if b.steps >= hyper.min_steps or B // 2 < hyper.min_batch:
+            break
+        B //= 2
+    achieved = b.C[convention] if kind == "flops" else b.D
+    error = achieved / nominal - 1.0
+    if b.steps < hyper.min_steps:
+        return None, f"only {b.steps} steps at the minimum batch {B} (< hyper.min_steps={hyper.min_steps})"
+    if abs(error) > spec.tolerance:
+        return None, f"achieved/nominal - 1 = {error:+.2%} exceeds plan.tolerance={spec.tolerance}"
+    counts = count_params(shape)
+    run = PlannedRun(
+        name=f"{name}-B{B}", kind=kind, budget=budget, target_N=float(target_N), N=counts.non_embedding,
+        N_total=counts.total, D=b.D, steps=b.steps, batch_size=B, C=dict(b.C), budget_error=error,
+        d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, d_ff=shape.ff_dim,
+        lr=hyper.lr(shape.d_model, B), warmup_fraction=hyper.warmup_fraction, schedule=hyper.schedule,
+        nominal=float(nominal),
+    )
+    return run, ""
+
+
+def plan_isoflop(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla") -> Plan:
+    """Chinchilla Approach 2 (Hoffmann et al. 2022, Sec. 3.2): per budget C, n_sizes shapes evenly spaced in log N
+    around the prior optimum, each trained for D = C / flops_per_token tokens."""
+    shapes = spec.family.shapes(base)
+    prefix = spec.prefix or "isoflop"
+    runs, skipped, optimum = [], [], {}
+    for C in sorted(float(c) for c in spec.budgets):
+        n_opt = _isoflop_optimum(C, shapes, spec, convention)
+        optimum[fmt_sci(C)] = n_opt
+        half = (spec.n_sizes - 1) / 2
+        targets = [n_opt * spec.size_step ** (i - half) for i in range(spec.n_sizes)]
+        for shape in _nearest_shapes(shapes, targets):
+            N = count_params(shape).non_embedding
+            target = min(targets, key=lambda t: abs(math.log(t / N)))
+            name = f"{prefix}-C{fmt_sci(C)}-d{shape.d_model}-L{shape.n_layers}"
+            run, why = _place(shape, "flops", C, C, target, name, spec, convention, C)
+            if run:
+                runs.append(run)
+            else:
+                skipped.append({"target": name, "reason": why})
+    _check_unique(runs)
+    return Plan(runs, skipped, spec, convention, optimum)
+
+
+def plan_grid(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla") -> Plan:
+    """Sizes x token budgets (for Chinchilla Approaches 1 and 3 and Kaplan's L(N, D) fit, Kaplan et al. 2020 Eq. 1.5)."""
+    shapes = _nearest_shapes(spec.family.shapes(base), [float(n) for n in spec.sizes])
+    prefix = spec.prefix or "grid"
+    runs, skipped = [], []
+    for shape in shapes:
+        N = count_params(shape).non_embedding
+        token_list = [float(d) for d in spec.tokens] or [r * N for r in spec.grid_tokens_per_param]
+        for D in sorted(token_list):
+            name = f"{prefix}-d{shape.d_model}-L{shape.n_layers}-D{fmt_sci(D)}"
+            C = flops_per_token(shape, convention) * D
+            run, why = _place(shape, "tokens", round(D), None, N, name, spec, convention, C)
+            if run:
+                runs.append(run)
+            else:
+                skipped.append({"target": name, "reason": why})
+    _check_unique(runs)
+    return Plan(runs, skipped, spec, convention, {})
+
+
+def _check_unique(runs: list[PlannedRun]) -> None:
+    names = [r.name for r in runs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:  # e.g. two token budgets that print alike: the run directories would collide
+        raise ValueError(f"plan: run names collide ({', '.join(dupes)}): space the budgets further apart.")
