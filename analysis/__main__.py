@@ -148,7 +148,7 @@ def cmd_bench(a) -> int:
     runs = isoflop_runs(budgets=np.logspace(17, 20, a.points // per), n_per_budget=per, noise=0.01)
     print(f"Approach 3 bootstrap: {a.resamples} resamples of {len(runs)} points, {a.jobs} worker(s)")
     for method in a.method.split(","):
-        full = Approach3Stat(method=method, n_starts=64).fit(runs)
+        full = Approach3Stat(method=method, n_starts=32).fit(runs)
         stat = Approach3Stat(C=1e21, method=method, init=(full.E, full.A, full.B, full.alpha, full.beta))
         t = time.perf_counter()
         b = bootstrap(runs, stat, n_resamples=a.resamples, n_jobs=a.jobs)

@@ -90,7 +90,7 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
         return out
 
     def approach3():
-        full = Approach3Stat(method=approach3_method, n_starts=64, flops_per_token=fpt).fit(runs)
+        full = Approach3Stat(method=approach3_method, n_starts=32, flops_per_token=fpt).fit(runs)
         fitted["a3"] = full
         stat = Approach3Stat(C=C, method=approach3_method, flops_per_token=fpt,
                              init=(full.E, full.A, full.B, full.alpha, full.beta))

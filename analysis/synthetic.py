@@ -36,7 +36,7 @@ def isoflop_runs(budgets=(1e17, 3e17, 1e18, 3e18, 1e19), n_per_budget: int = 9, 
             rows.append({"name": f"isoflop-{C:.0e}-N{N:.3g}", "N": N, "D": D, "C": C, "budget": C, "loss": loss})
     df = pd.DataFrame(rows)
     df["status"], df["excluded"], df["reason"] = "completed", False, ""
-    df["flops_per_token"] = 6.0
+    df["flops_per_token"], df["N_convention"], df["C_convention"] = 6.0, "synthetic", "6ND"
     return df
 
 

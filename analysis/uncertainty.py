@@ -37,7 +37,7 @@ class Approach3Stat:
 
     def fit(self, df: pd.DataFrame) -> Approach3Fit:
         if self.method == "huber":
-            n_starts = self.n_starts if self.init is not None else max(self.n_starts, 64)
+            n_starts = self.n_starts if self.init is not None else max(self.n_starts, 32)
             return fit_approach3(df["N"], df["D"], df["loss"], n_starts=n_starts, init=self.init,
                                  flops_per_token=self.flops_per_token)
         if self.method == "vpnls":
@@ -192,7 +192,7 @@ def backtest(df: pd.DataFrame, threshold: float, *, approach3_method: str = "hub
         raise ValueError(f"backtest threshold {threshold:g} leaves {len(train)} training and {len(test)} held-out "
                          f"runs; choose a value between the smallest and largest {key}")
     fpt = float(np.median(df["C"] / (df["N"] * df["D"])))
-    f3 = Approach3Stat(method=approach3_method, n_starts=64, flops_per_token=fpt).fit(train)
+    f3 = Approach3Stat(method=approach3_method, n_starts=32, flops_per_token=fpt).fit(train)
     pred = f3(test["N"], test["D"])
     loss_errors = test[["name", "N", "D", "C", "loss"]].assign(predicted=pred, rel_error=(pred - test["loss"]) / test["loss"])
     rows = []
