@@ -1,0 +1,260 @@
+"""K models of one shape trained in one compiled step (`jax.vmap` over a stacked state): cheap learning-rate and
+seed sweeps of small models, each with its own run directory, metrics.jsonl and record.json (the run-record contract).
+
+Why it is faster: a small model leaves a CPU core (or a GPU) mostly idle between tiny matmuls and per-op overheads;
+stacking K models turns K small matmuls into one batched matmul and pays dispatch, the Python loop and the batch
+sampling once per step instead of K times.
+
+How learning rates differ without K optimizers: every schedule here is lr times a shape (warmup from 0, floor =
+min_lr_ratio * lr; scaling/optim.py), and AdamW's update is linear in the step size (Loshchilov & Hutter 2019,
+Algorithm 2, line 12: theta <- theta - eta_t (alpha m_hat / (sqrt(v_hat) + eps) + lambda theta)). So the optimizer is
+built once with lr = 1 and model k's update is multiplied by lr_k, a scalar held in its own (vmapped) optimizer state.
+Gradient clipping acts before Adam and does not involve lr. Equal to K separate runs up to float rounding (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from scaling.accounting import flops_per_token, peak_flops_per_device
+from scaling.config import Config, resolve_budget, to_dict
+from scaling.data import load_tokens
+from scaling.model import ModelConfig, init_params, loss_fn
+from scaling.optim import OptimConfig
+from scaling.tracking import LoggingConfig, build_tracker
+from scaling.train import (
+    RECORD,
+    _check_same_run,
+    _data_record,
+    _finish,
+    _read_json,
+    _static_record,
+    _tokenizer_record,
+    train_step_fn,
+)
+
+log = logging.getLogger("scaling.multi")
+
+# Fields that may differ between the K models of one vmapped group; everything else must be equal.
+FREE_FIELDS = ("name", "optim.lr", "train.seed", "sweep", "logging")
+
+
+class LrScaleState(NamedTuple):
+    lr: jax.Array  # this model's learning rate (a scalar; stacked to [K] under vmap)
+
+
+def scale_by_model_lr() -> optax.GradientTransformation:
+    """Multiplies the updates by the lr held in the state (see the module docstring for why that is exact)."""
+
+    def init(params):
+        del params
+        return LrScaleState(jnp.ones([], jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        return jax.tree_util.tree_map(lambda u: u * state.lr.astype(u.dtype), updates), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def unit_lr_optimizer(optim: OptimConfig, num_steps: int) -> optax.GradientTransformation:
+    return optax.chain(dataclasses.replace(optim, lr=1.0).build(num_steps), scale_by_model_lr())
+
+
+def init_many(model: ModelConfig, optimizer: optax.GradientTransformation, seeds: Sequence[int], lrs: Sequence[float]):
+    """The stacked state {"params", "opt_state"}, every leaf [K, ...]; model k starts from jax.random.key(seeds[k])."""
+
+    def one(seed, lr):
+        params = init_params(model, jax.random.key(seed))
+        inner, _ = optimizer.init(params)
+        return {"params": params, "opt_state": (inner, LrScaleState(lr))}
+
+    return jax.jit(jax.vmap(one))(jnp.asarray(seeds, jnp.int32), jnp.asarray(lrs, jnp.float32))
+
+
+def make_multi_step(model: ModelConfig, optimizer: optax.GradientTransformation, grad_accum: int, seed: int,
+                    shared_batch: bool):
+    """One jitted step for K stacked models: the single-run step of scaling.train, vmapped over the model axis.
+
+    shared_batch: every model sees the same [A, B, L+1] batch (an lr sweep with one data seed); else [K, A, B, L+1].
+    """
+    step = train_step_fn(model, optimizer, grad_accum, seed)
+    return jax.jit(jax.vmap(step, in_axes=(0, None if shared_batch else 0, None)), donate_argnums=(0,))
+
+
+def group_key(cfg: Config) -> str:
+    """Configs with equal keys can share one vmapped step."""
+    d = to_dict(cfg)
+    for path in FREE_FIELDS:
+        node = d
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node[p]
+        node.pop(leaf, None)
+    return repr(sorted(_flatten(d).items()))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_group(cfgs: Sequence[Config]) -> None:
+    if not cfgs:
+        raise ValueError("train_many needs at least one config.")
+    first = group_key(cfgs[0])
+    for i, cfg in enumerate(cfgs[1:], 1):
+        if group_key(cfg) != first:
+            a, b = _flatten(to_dict(cfgs[0])), _flatten(to_dict(cfg))
+            diff = sorted(k for k in a if a[k] != b.get(k) and not any(k.startswith(f) for f in FREE_FIELDS))
+            raise ValueError(
+                f"configs[{i}] ({cfg.name}) differs from configs[0] in {diff}: the models of one vmapped group may "
+                f"differ only in {FREE_FIELDS}; train the others in another group (group_by_shape does this)."
+            )
+    seeds = {c.train.seed for c in cfgs}
+    if cfgs[0].model.dropout > 0 and len(seeds) > 1:
+        raise ValueError(
+            f"model.dropout={cfgs[0].model.dropout} with seeds {sorted(seeds)}: one vmapped step shares one dropout "
+            "stream; use one seed per group or dropout=0."
+        )
+
+
+def group_by_shape(cfgs: Sequence[Config], max_k: int = 16) -> list[list[int]]:
+    """Indices of `cfgs` in vmappable groups of at most max_k: what a sweep planner calls for an lr sweep."""
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(group_key(cfg), []).append(i)
+    return [idx[j : j + max_k] for idx in groups.values() for j in range(0, len(idx), max_k)]
+
+
+def train_many(cfgs: Sequence[Config], run_dirs: Sequence[Path]) -> list[dict]:
+    """Trains K configs that differ only in lr / seed / name as one vmapped step; returns their records.
+
+    Completed runs are skipped (their record is returned). No checkpoints: a group is cheap by design, so a crashed
+    group is retrained from scratch.
+    """
+    check_group(cfgs)
+    run_dirs = [Path(d) for d in run_dirs]
+    if len(run_dirs) != len(cfgs) or len(set(run_dirs)) != len(run_dirs):
+        raise ValueError(f"train_many: give one distinct run directory per config (got {len(run_dirs)} for {len(cfgs)}).")
+    records: list[Any] = [None] * len(cfgs)
+    todo = []
+    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        existing = _read_json(run_dir / RECORD)
+        if existing and existing.get("status") == "completed":
+            records[i] = existing
+        else:
+            _check_same_run(cfg, run_dir)
+            todo.append(i)
+    if todo:
+        for i, record in zip(todo, _train_group([cfgs[i] for i in todo], [run_dirs[i] for i in todo])):
+            records[i] = record
+    return records
+
+
+def _train_group(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
+    cfg0, K = cfgs[0], len(cfgs)
+    budget = resolve_budget(cfg0.model, cfg0.train)
+    records = [_static_record(c, budget) | {"vmap_group": {"K": K, "index": k}} for k, c in enumerate(cfgs)]
+    trackers: list[Any] = []
+    try:
+        data = load_tokens(cfg0.data)
+        data.check_model_vocab(cfg0.model.vocab_size)
+        data.validate_batch_shape(cfg0.train.batch_size, cfg0.model.seq_len)
+        for r in records:
+            r.update(tokenizer=_tokenizer_record(data), data=_data_record(data), epochs=data.epochs(budget.D))
+        # One jsonl tracker per model (several wandb runs in one process are not supported here).
+        trackers = [build_tracker(LoggingConfig(backend="jsonl", progress="none"), d, to_dict(c), c.name, None)
+                    for c, d in zip(cfgs, run_dirs)]
+
+        seeds = [c.train.seed for c in cfgs]
+        shared = len(set(seeds)) == 1
+        optimizer = unit_lr_optimizer(cfg0.optim, budget.steps)
+        state = init_many(cfg0.model, optimizer, seeds, [c.optim.lr for c in cfgs])
+        step_fn = make_multi_step(cfg0.model, optimizer, cfg0.train.grad_accum, seeds[0], shared)
+        eval_fn = jax.jit(jax.vmap(lambda p, b: loss_fn(p, cfg0.model, b), in_axes=(0, None)))
+        A, L = cfg0.train.grad_accum, cfg0.model.seq_len
+        micro = cfg0.train.batch_size // A
+
+        def batch_at(step: int) -> jnp.ndarray:
+            one = lambda s: data.train_batch(s, step, cfg0.train.batch_size, L).reshape(A, micro, L + 1)  # noqa: E731
+            return jnp.asarray(one(seeds[0]) if shared else np.stack([one(s) for s in seeds]))
+
+        t0 = time.perf_counter()
+        step_fn = step_fn.lower(state, batch_at(0), jnp.asarray(0)).compile()
+        compile_s = time.perf_counter() - t0
+        peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg0.train.peak_flops)
+        fpt, conv_fpt = flops_per_token(cfg0.model, "chinchilla"), flops_per_token(cfg0.model, cfg0.train.flops_convention)
+        log_every = cfg0.logging.log_every
+        first = np.full(K, np.nan)
+        alive = np.ones(K, bool)
+        train_loss_K = eval_loss_K = np.full(K, np.nan)
+        window, window_t0, train_s = [], time.perf_counter(), 0.0
+        group_tps = float("nan")
+        lr_shape = cfg0.optim.schedule_fn(budget.steps)
+
+        for step in range(budget.steps):
+            state, metrics = step_fn(state, batch_at(step), jnp.asarray(step))
+            window.append(metrics["train_loss"])
+            done = step + 1
+            last = done == budget.steps
+            if not (done % log_every == 0 or last):
+                continue
+            train_loss_K = np.mean(np.stack(jax.device_get(window)), axis=0)
+            grad_norm_K = np.asarray(jax.device_get(metrics["grad_norm"]))
+            elapsed = time.perf_counter() - window_t0
+            train_s += elapsed
+            tps = len(window) * budget.tokens_per_step / elapsed  # per model; the group does K times this
+            group_tps = K * tps
+            first = np.where(np.isnan(first), train_loss_K, first)
+            evaluate_now = done % cfg0.train.eval_every == 0 or last
+            if evaluate_now:
+                val = [jnp.asarray(b) for b in data.val_batches(cfg0.train.eval_tokens, cfg0.train.batch_size, L)]
+                eval_loss_K = np.mean([np.asarray(eval_fn(state["params"], b)) for b in val], axis=0)
+            for k in np.flatnonzero(alive):
+                row = {"step": done, "tokens": done * budget.tokens_per_step,
+                       "flops": done * budget.tokens_per_step * conv_fpt,
+                       "lr": float(cfgs[k].optim.lr * lr_shape(step) / cfg0.optim.lr),
+                       "train_loss": float(train_loss_K[k]), "grad_norm": float(grad_norm_K[k]),
+                       "tokens_per_s": tps, "mfu": group_tps * fpt / peak / K}
+                if not math.isfinite(train_loss_K[k]) or train_loss_K[k] > cfg0.train.divergence_factor * first[k]:
+                    alive[k] = False  # it keeps stepping inside the vmap (its NaNs touch no other model)
+                    records[k].update(status="diverged", diverged_step=done)
+                    log.error("model %s diverged at step %d", cfgs[k].name, done)
+                elif evaluate_now:
+                    row["eval_loss"] = float(eval_loss_K[k])
+                trackers[k].log(row, done)
+            window, window_t0 = [], time.perf_counter()
+            if not alive.any():
+                break
+
+        for k, r in enumerate(records):
+            ok = r["status"] == "running"
+            r.update(status="completed" if ok else r["status"], loss=float(eval_loss_K[k]) if ok else float("nan"),
+                     train_loss=float(train_loss_K[k]), tokens_per_s=group_tps / K, group_tokens_per_s=group_tps,
+                     mfu=group_tps * fpt / peak / K, wall_s=train_s + compile_s, compile_s=compile_s)
+    except Exception as e:  # noqa: BLE001 - every failure must leave records saying so
+        for r in records:
+            r.update(status="failed", error=f"{type(e).__name__}: {e}")
+        for d, r, t in zip(run_dirs, records, trackers + [None] * (K - len(trackers))):
+            _finish(d, r, t)
+        raise
+    for d, r, t in zip(run_dirs, records, trackers):
+        _finish(d, r, t)
+    return records

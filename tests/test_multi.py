@@ -1,0 +1,102 @@
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scaling.model import ModelConfig, init_params
+from scaling.multi import check_group, group_by_shape, init_many, make_multi_step, train_many, unit_lr_optimizer
+from scaling.optim import OptimConfig
+from scaling.tracking import read_metrics
+from scaling.train import make_train_step, train
+from test_train import tiny_config
+
+MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=64, seq_len=16)
+
+
+@pytest.mark.parametrize("shared_batch", [True, False])
+def test_vmapped_step_equals_separate_steps(shared_batch):
+    lrs, seeds, steps = [1e-3, 3e-3, 1e-2], [0, 1, 2], 4
+    base = OptimConfig(lr=3e-3, warmup_steps=2)
+    opt = unit_lr_optimizer(base, 10)
+    state = init_many(MODEL, opt, seeds, lrs)
+    batches = jax.random.randint(jax.random.key(7), (3, 1, 8, 17), 0, 64)
+    step = make_multi_step(MODEL, opt, 1, 0, shared_batch)
+    losses_SxK = []
+    for s in range(steps):
+        state, m = step(state, batches[0] if shared_batch else batches, jnp.asarray(s))
+        losses_SxK.append(np.asarray(m["train_loss"]))
+    for k in range(3):
+        single_opt = dataclasses.replace(base, lr=lrs[k]).build(10)
+        params = init_params(MODEL, jax.random.key(seeds[k]))
+        single = {"params": params, "opt_state": single_opt.init(params)}
+        one_step = make_train_step(MODEL, single_opt, 1, 0)
+        for s in range(steps):
+            single, m = one_step(single, batches[0] if shared_batch else batches[k], jnp.asarray(s))
+            assert float(m["train_loss"]) == pytest.approx(float(losses_SxK[s][k]), rel=1e-5), (k, s)
+        # Adam's first steps turn float noise in near-zero gradient entries into up to ~lr-sized moves, so params
+        # agree to a small fraction of the total movement (steps * lr), not bitwise.
+        for a, b in zip(jax.tree_util.tree_leaves(state["params"]), jax.tree_util.tree_leaves(single["params"])):
+            np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b), atol=0.05 * lrs[k] * steps)
+    # Different learning rates really act: the models end in different places.
+    assert len({round(float(x), 4) for x in losses_SxK[-1]}) == 3
+
+
+def test_train_many_writes_one_record_per_model_equal_to_separate_runs(tmp_path):
+    lrs = [3e-3, 1e-2, 3e-2]
+    cfgs = []
+    for i, lr in enumerate(lrs):
+        cfg = tiny_config(tmp_path, steps=8)
+        cfg.name = f"lr{i}"
+        cfg.optim = dataclasses.replace(cfg.optim, lr=lr)
+        cfgs.append(cfg)
+    dirs = [tmp_path / "group" / c.name for c in cfgs]
+    records = train_many(cfgs, dirs)
+    reference = train(cfgs[1], tmp_path / "single")
+    assert [r["status"] for r in records] == ["completed"] * 3
+    assert records[1]["loss"] == pytest.approx(reference["loss"], rel=1e-4)
+    assert records[1]["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-4)
+    for key in ("N", "N_total", "D", "C", "C_chinchilla", "steps", "tokens_per_step"):
+        assert records[0][key] == reference[key], key
+    for r, d, lr in zip(records, dirs, lrs):
+        on_disk = json.loads((d / "record.json").read_text())
+        assert on_disk["name"] == r["name"] and on_disk["optim"]["lr"] == lr
+        assert on_disk["vmap_group"]["K"] == 3 and on_disk["group_tokens_per_s"] > 0
+        metrics = read_metrics(d / "metrics.jsonl")
+        assert [m["step"] for m in metrics if "eval_loss" in m] == [6, 8]
+        ref_lrs = [m["lr"] * lr / lrs[1] for m in read_metrics(tmp_path / "single" / "metrics.jsonl")]
+        assert [m["lr"] for m in metrics] == pytest.approx(ref_lrs)
+    assert len({r["loss"] for r in records}) == 3
+    # A completed group is not retrained.
+    mtime = (dirs[0] / "record.json").stat().st_mtime_ns
+    assert train_many(cfgs, dirs)[0]["loss"] == records[0]["loss"]
+    assert (dirs[0] / "record.json").stat().st_mtime_ns == mtime
+
+
+def test_diverging_model_does_not_disturb_the_others(tmp_path):
+    cfgs = []
+    for i, lr in enumerate([1e-2, 1e4]):
+        cfg = tiny_config(tmp_path, steps=10)
+        cfg.name = f"m{i}"
+        cfg.optim = OptimConfig(lr=lr, warmup_steps=0, grad_clip=None, schedule="constant")
+        cfgs.append(cfg)
+    records = train_many(cfgs, [tmp_path / c.name for c in cfgs])
+    assert records[0]["status"] == "completed" and np.isfinite(records[0]["loss"])
+    assert records[1]["status"] == "diverged" and records[1]["diverged_step"] is not None
+    alone = train(cfgs[0], tmp_path / "alone")
+    assert records[0]["loss"] == pytest.approx(alone["loss"], rel=1e-4)
+
+
+def test_group_rules(tmp_path):
+    a, b, c = tiny_config(tmp_path), tiny_config(tmp_path), tiny_config(tmp_path)
+    b.optim = dataclasses.replace(b.optim, lr=0.5)
+    b.train = dataclasses.replace(b.train, seed=3)
+    c.model = c.model.replace(d_model=64)
+    check_group([a, b])
+    with pytest.raises(ValueError, match=r"configs\[1\] \(tiny\) differs from configs\[0\] in \['model.d_model'\]"):
+        check_group([a, c])
+    assert group_by_shape([a, c, b, a], max_k=2) == [[0, 2], [3], [1]]
+    with pytest.raises(ValueError, match="one distinct run directory per config"):
+        train_many([a, b], [tmp_path / "x", tmp_path / "x"])
