@@ -100,6 +100,9 @@ def _huber_lse_batch(p_Sx5, logN, logD, logL, delta) -> np.ndarray:
 # Hoffmann et al. 2022 appendix D.2 initialisation grid.
 PAPER_GRID = {"alpha": np.arange(0.0, 2.01, 0.5), "beta": np.arange(0.0, 2.01, 0.5),
               "e": np.arange(-1.0, 1.01, 0.5), "a": np.arange(0.0, 25.1, 5.0), "b": np.arange(0.0, 25.1, 5.0)}
+# The grid as rows of (a, b, e, alpha, beta), the order of the parameter vector.
+GRID_Sx5 = np.array([[a, b, e, al, be] for al, be, e, a, b in itertools.product(
+    PAPER_GRID["alpha"], PAPER_GRID["beta"], PAPER_GRID["e"], PAPER_GRID["a"], PAPER_GRID["b"])])
 
 
 def _check_ND_loss(N, D, loss, what: str):
@@ -125,10 +128,11 @@ def fit_approach3(N, D, loss, *, delta: float = 1e-3, n_starts: int | None = 32,
     if init is None and n_starts is not None and n_starts < 1:
         raise ValueError(f"n_starts={n_starts} with no init leaves nothing to start from; give n_starts >= 1 or init")
     logN, logD, logL = np.log(N), np.log(D), np.log(loss)
-    grid_Sx5 = np.array([[a, b, e, al, be] for al, be, e, a, b in itertools.product(
-        PAPER_GRID["alpha"], PAPER_GRID["beta"], PAPER_GRID["e"], PAPER_GRID["a"], PAPER_GRID["b"])])
-    if n_starts is not None and n_starts < len(grid_Sx5):
-        # Screen the grid by objective value (cheap, vectorised per start) and refine the most promising starts.
+    grid_Sx5 = GRID_Sx5
+    if n_starts == 0:
+        grid_Sx5 = grid_Sx5[:0]  # warm start only (bootstrap refits): skip screening the grid
+    elif n_starts is not None and n_starts < len(grid_Sx5):
+        # Screen the grid by objective value (vectorised) and refine the most promising starts.
         grid_Sx5 = grid_Sx5[np.argsort(_huber_lse_batch(grid_Sx5, logN, logD, logL, delta))[:n_starts]]
     if init is not None:
         E0, A0, B0, al0, be0 = init

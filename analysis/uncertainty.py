@@ -113,17 +113,16 @@ class BootstrapResult:
 def _resample(df: pd.DataFrame, group: str, strata: str | None, rng: np.random.Generator) -> pd.DataFrame:
     """Draw runs with replacement (within each stratum, e.g. budget, so every IsoFLOP curve keeps its size);
     duplicates get distinct run ids so curve-based fits treat them as separate runs."""
-    parts = []
-    blocks = [df] if strata is None else [g for _, g in df.groupby(strata, sort=False)]
-    k = 0
+    blocks = [df.index] if strata is None else list(df.groupby(strata, sort=False).groups.values())
+    rows_of_run = df.groupby(group, sort=False).indices  # run id -> positions of its rows
+    picked: list[np.ndarray] = []
     for block in blocks:
-        ids = block[group].unique()
-        for run_id in rng.choice(ids, size=len(ids), replace=True):
-            part = block[block[group] == run_id].copy()
-            part[group] = f"{run_id}#{k}"
-            parts.append(part)
-            k += 1
-    return pd.concat(parts, ignore_index=True)
+        ids = df.loc[block, group].unique()
+        picked += [rows_of_run[r] for r in rng.choice(ids, size=len(ids), replace=True)]
+    out = df.iloc[np.concatenate(picked)].reset_index(drop=True)
+    draw = np.repeat(np.arange(len(picked)), [len(p) for p in picked])
+    out[group] = out[group].astype(str) + "#" + draw.astype(str)
+    return out
 
 
 def _run_chunk(args) -> tuple[list[dict], int]:
