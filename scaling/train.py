@@ -356,6 +356,7 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "configs"), config_name="config")
     def _app(node) -> Optional[float]:
+        logging.getLogger("absl").setLevel(logging.WARNING)  # again here: joblib/submitit run jobs in fresh processes
         cfg = from_omegaconf(node)
         record = train(cfg, Path(HydraConfig.get().runtime.output_dir))
         print(f"[{cfg.name}] status={record['status']} loss={record.get('loss')} N={record['N']} D={record['D']} C={record['C']:.3g}")

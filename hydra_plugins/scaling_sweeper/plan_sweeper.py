@@ -69,6 +69,7 @@ class PlanSweeper(Sweeper):
         log.info("plan %r (%s, C in the %s convention): %d runs\n%s", sweep_name, spec.kind, plan.convention,
                  len(jobs), plan.table())
         if self.dry_run:
+            log.info("dry run, nothing launched; the jobs:\n%s", "\n".join(f"  {j.name}: {' '.join(j.overrides)}" for j in jobs))
             return []
 
         # Each job's directory comes from its own composed config (hydra.sweep.dir / subdir), as the launcher sees it.

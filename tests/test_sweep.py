@@ -1,0 +1,167 @@
+"""Sweeps end to end through Hydra (plan sweeper + basic / joblib launchers), relaunch, failure isolation, collect."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from scaling.model import ModelConfig
+from scaling.plan import SweepSpec, plan_sweep
+from scaling.sweep import collect, expand_jobs, main as sweep_main, merge_overrides
+
+REPO = Path(__file__).resolve().parent.parent
+# 2 budgets x 2 sizes of tiny models on the synthetic source (configs/experiment/isoflop_tiny.yaml): ~4 x 5 s.
+SMALL = ["+experiment=isoflop_tiny", "hydra.sweeper.plan.n_sizes=2"]
+NAMES = {"isoflop-C2e9-d16-L1-B8", "isoflop-C2e9-d24-L2-B8", "isoflop-C4e9-d16-L1-B8", "isoflop-C4e9-d24-L2-B8"}
+
+
+def launch(sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "scaling.train", "-m", *SMALL, f"hydra.sweep.dir={sweep_dir}",
+           f"data.cache_dir={sweep_dir.parent / 'cache'}", *overrides]
+    env = {**os.environ, "SCALING_CACHE": str(sweep_dir.parent / "cache")}
+    out = subprocess.run(cmd, cwd=sweep_dir.parent, capture_output=True, text=True, env=env, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"sweep failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+def records(sweep_dir: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.rglob("record.json")}
+
+
+@pytest.fixture(scope="module")
+def basic_sweep(tmp_path_factory) -> Path:
+    sweep_dir = tmp_path_factory.mktemp("basic") / "sweep"
+    launch(sweep_dir)
+    return sweep_dir
+
+
+def test_basic_launcher_writes_one_record_per_planned_run(basic_sweep):
+    recs = records(basic_sweep)
+    assert set(recs) == NAMES
+    manifest = json.loads((basic_sweep / "sweep.json").read_text())
+    assert {p["name"] for p in manifest["planned"]} == NAMES
+    assert manifest["name"] == "isoflop_tiny" and manifest["rule"]["family"]["head_dim"] == 8
+    assert manifest["git_commit"] is None or len(manifest["git_commit"]) == 40
+    for name, rec in recs.items():
+        assert rec["status"] == "completed" and rec["sweep"] == "isoflop_tiny"
+        planned = next(p for p in manifest["planned"] if p["name"] == name)
+        assert rec["budget"] == {"kind": "flops", "value": planned["budget"], "convention": "chinchilla"}
+        assert (rec["N"], rec["D"], rec["steps"]) == (planned["N"], planned["D"], planned["steps"])
+        assert abs(rec["C"] / planned["budget"] - 1) <= 0.02
+        # wandb grouping: one group per sweep, tags for budget and size
+        logging_cfg = json.loads((basic_sweep / name / "config.json").read_text())["logging"]
+        assert logging_cfg["group"] == "isoflop_tiny"
+        assert f"d{rec['model']['d_model']}-L{rec['model']['n_layers']}" in logging_cfg["tags"]
+        assert any(t.startswith("C2e9") or t.startswith("C4e9") for t in logging_cfg["tags"])
+
+
+def test_relaunch_trains_nothing_and_resumes_a_partial_run(basic_sweep):
+    stamps = {p: p.stat().st_mtime_ns for p in basic_sweep.rglob("*.jsonl")}
+    out = launch(basic_sweep)
+    assert "0 runs to launch, 4 already finished" in out.stdout + out.stderr
+    assert {p: p.stat().st_mtime_ns for p in basic_sweep.rglob("*.jsonl")} == stamps
+
+    # An interrupted run (checkpoints, no record) resumes from its last checkpoint; the others stay untouched.
+    partial = basic_sweep / "isoflop-C4e9-d16-L1-B8"
+    (partial / "record.json").unlink()
+    checkpoints = sorted((partial / "checkpoints").iterdir(), key=lambda p: int(p.name))
+    subprocess.run(["rm", "-r", str(checkpoints[-1])], check=True)  # killed before its final checkpoint
+    out = launch(basic_sweep)
+    log = out.stdout + out.stderr
+    assert "1 runs to launch, 3 already finished" in log
+    assert f"from step {checkpoints[-2].name}" in log
+    assert records(basic_sweep)["isoflop-C4e9-d16-L1-B8"]["status"] == "completed"
+    others = {p: m for p, m in stamps.items() if partial not in p.parents}
+    assert {p: p.stat().st_mtime_ns for p in others} == others
+
+
+def test_collect_writes_one_row_per_run_with_contract_columns(basic_sweep, tmp_path, capsys):
+    out = tmp_path / "runs.csv"
+    assert sweep_main(["collect", str(basic_sweep), "-o", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert set(df["name"]) == NAMES and (df["status"] == "completed").all()
+    for col in ("N", "N_total", "D", "C", "C_6N", "C_kaplan", "C_chinchilla", "loss", "budget", "sweep", "d_model",
+                "n_layers", "n_heads", "lr", "tokens_per_s"):
+        assert df[col].notna().all(), col
+    recs = records(basic_sweep)
+    for _, row in df.iterrows():
+        rec = recs[row["name"]]
+        assert row["C_kaplan"] == pytest.approx(rec["C_kaplan"]) and row["loss"] == pytest.approx(rec["loss"])
+        assert row["budget"] == rec["budget"]["value"] and row["lr"] == pytest.approx(rec["optim"]["lr"])
+    assert "wrote 4 rows" in capsys.readouterr().out
+
+
+def test_collect_lists_missing_runs_and_refuses_corrupt_records(tmp_path, basic_sweep, capsys):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(basic_sweep), str(copy)], check=True)
+    subprocess.run(["rm", "-r", str(copy / "isoflop-C2e9-d24-L2-B8")], check=True)
+    df = collect(copy)
+    assert df.set_index("name").loc["isoflop-C2e9-d24-L2-B8", "status"] == "missing"
+    (copy / "isoflop-C2e9-d16-L1-B8" / "record.json").write_text("{not json")
+    assert sweep_main(["collect", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "isoflop-C2e9-d16-L1-B8/record.json is not a readable run record" in err
+    assert not (copy / "runs.csv").exists()  # nothing half-written
+    assert collect(copy, skip_corrupt=True).set_index("name").loc["isoflop-C2e9-d16-L1-B8", "status"] == "corrupt"
+    with pytest.raises(ValueError, match="does not exist"):
+        collect(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no record.json"):
+        collect(tmp_path / "empty")
+
+
+def test_joblib_launcher_runs_the_sweep_in_parallel_processes(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    out = launch(sweep_dir, "hydra/launcher=joblib_cpu", "hydra.launcher.n_jobs=2", "hydra.sweeper.plan.budgets=[2e9]")
+    recs = records(sweep_dir)
+    assert set(recs) == {"isoflop-C2e9-d16-L1-B8", "isoflop-C2e9-d24-L2-B8"}
+    assert all(r["status"] == "completed" for r in recs.values())
+    assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
+
+
+def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # An injected failure: a vocabulary smaller than the data's makes that one run fail inside the trainer.
+    out = launch(sweep_dir, "hydra.sweeper.plan.budgets=[2e9]",
+                 "++hydra.sweeper.run_overrides={isoflop-*-d16-*:['model.vocab_size=8']}", check=False)
+    assert out.returncode != 0  # the sweep says something failed, after every run had its go
+    assert "1 of 2 runs failed" in out.stderr
+    recs = records(sweep_dir)
+    assert recs["isoflop-C2e9-d16-L1-B8"]["status"] == "failed"
+    assert "vocab" in recs["isoflop-C2e9-d16-L1-B8"]["error"]
+    assert recs["isoflop-C2e9-d24-L2-B8"]["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# expand_jobs without Hydra
+# ---------------------------------------------------------------------------------------------------------------
+def small_plan():
+    from scaling.plan import FamilyRule, HyperRule
+
+    spec = SweepSpec(budgets=[2e9], n_sizes=2, size_step=2.5,
+                     family=FamilyRule(head_dim=8, d_model_multiple=8, min_d_model=16, max_d_model=64, aspect_ratio=16),
+                     hyper=HyperRule(base_batch=8, min_batch=4, max_batch=8, min_steps=20))
+    return plan_sweep(spec, ModelConfig(vocab_size=33, seq_len=16))
+
+
+def test_swept_user_keys_multiply_runs_and_show_in_names():
+    plan = small_plan()
+    jobs = expand_jobs(plan, "s", [["train.seed=0", "logging.log_every=5"], ["train.seed=1", "logging.log_every=5"]])
+    assert len(jobs) == 2 * len(plan.runs)
+    assert {j.name for j in jobs} == {f"{r.name}-seed{s}" for r in plan.runs for s in (0, 1)}
+    assert all("logging.log_every=5" in j.overrides and f"name={j.name}" in j.overrides for j in jobs)
+
+
+def test_plan_wins_over_user_keys_and_run_overrides_win_over_plan():
+    plan = small_plan()
+    target = plan.runs[0].name
+    jobs = expand_jobs(plan, "s", [["optim.lr=1.0"]], {target: ["optim.lr=0.5"]})
+    lrs = {j.name: [o for o in j.overrides if o.startswith("optim.lr=")] for j in jobs}
+    assert lrs[target] == ["optim.lr=0.5"]
+    assert all(v == [f"optim.lr={r.lr:.6g}"] for r in plan.runs[1:] for k, v in lrs.items() if k == r.name)
+    assert merge_overrides(["a=1", "+b=2"], ["b=3"]) == ["a=1", "b=3"]
