@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import sys
 import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Callable
@@ -147,8 +148,10 @@ def bootstrap(df: pd.DataFrame, stat: Stat, *, n_resamples: int = 200, seed: int
     seeds = np.random.SeedSequence(seed).generate_state(n_resamples).tolist()
     n_jobs = max(1, min(n_jobs or os.cpu_count() or 1, n_resamples))
     chunks = [(df, stat, seeds[i::n_jobs], group, strata) for i in range(n_jobs)]
-    if n_jobs == 1:
-        results = [_run_chunk(chunks[0])]
+    if n_jobs == 1 or "jax" in sys.modules:
+        # Forking a process that has loaded JAX (a notebook or test session that also trains) can deadlock on JAX's
+        # threads, and spawn cannot pickle closures as `stat`: run in this process instead.
+        results = [_run_chunk(c) for c in chunks]
     else:
         # fork: workers inherit the imported modules instantly (analysis imports no threaded runtime such as JAX).
         with ProcessPoolExecutor(n_jobs, mp_context=multiprocessing.get_context("fork")) as pool:
