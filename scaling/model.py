@@ -218,6 +218,17 @@ def _layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
     )
 
 
+def _embed(cfg: ModelConfig, num: int, name: str) -> nn.Embed:
+    return nn.Embed(
+        num,
+        cfg.d_model,
+        embedding_init=nn.initializers.normal(_INIT_STD),
+        dtype=DTYPES[cfg.compute_dtype],
+        param_dtype=DTYPES[cfg.param_dtype],
+        name=name,
+    )
+
+
 class MLP(nn.Module):
     cfg: ModelConfig
 
@@ -265,25 +276,10 @@ class Transformer(nn.Module):
         B, L = tokens_BxL.shape
         if positions_L is None:
             positions_L = jnp.arange(L)
-        wte = nn.Embed(
-            cfg.vocab_size,
-            cfg.d_model,
-            embedding_init=nn.initializers.normal(_INIT_STD),
-            dtype=DTYPES[cfg.compute_dtype],
-            param_dtype=DTYPES[cfg.param_dtype],
-            name="wte",
-        )
+        wte = _embed(cfg, cfg.vocab_size, "wte")
         x_BxLxD = wte(tokens_BxL)
         if cfg.pos_encoding == "learned":
-            wpe = nn.Embed(
-                cfg.seq_len,
-                cfg.d_model,
-                embedding_init=nn.initializers.normal(_INIT_STD),
-                dtype=DTYPES[cfg.compute_dtype],
-                param_dtype=DTYPES[cfg.param_dtype],
-                name="wpe",
-            )
-            x_BxLxD = x_BxLxD + wpe(positions_L)[None]
+            x_BxLxD = x_BxLxD + _embed(cfg, cfg.seq_len, "wpe")(positions_L)[None]
         elif cfg.pos_encoding == "sinusoidal":
             pe_LxD = jnp.take(sinusoidal_table(cfg.seq_len, cfg.d_model), positions_L, axis=0)
             x_BxLxD = x_BxLxD + pe_LxD.astype(x_BxLxD.dtype)[None]
