@@ -165,3 +165,31 @@ def test_plan_wins_over_user_keys_and_run_overrides_win_over_plan():
     assert lrs[target] == ["optim.lr=0.5"]
     assert all(v == [f"optim.lr={r.lr:.6g}"] for r in plan.runs[1:] for k, v in lrs.items() if k == r.name)
     assert merge_overrides(["a=1", "+b=2"], ["b=3"]) == ["a=1", "b=3"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SLURM for real: scripts/slurm_local.sh installs (apt-get) and starts slurmctld/slurmd/slurmdbd/munge on this machine
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM needs root (it installs and starts daemons)")
+    out = subprocess.run([str(REPO / "scripts" / "slurm_local.sh"), "start"], capture_output=True, text=True, timeout=600)
+    if out.returncode == 3:
+        pytest.skip(f"apt-get could not install slurm-wlm/munge: {out.stderr[-500:]}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.mark.slow
+def test_submitit_slurm_sweep_of_three_runs(slurm, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    launch(sweep_dir, "hydra/launcher=slurm_local", "hydra.sweeper.plan.budgets=[2e9]", "hydra.sweeper.plan.n_sizes=3")
+    recs = records(sweep_dir)
+    assert len(recs) == 3 and all(r["status"] == "completed" for r in recs.values())
+    job_ids = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()}
+    assert len(job_ids) == 1  # one array job for the sweep
+    sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_ids.pop()],
+                           capture_output=True, text=True, check=True).stdout.split()
+    assert len(sacct) == 3 and all(line.endswith("|COMPLETED") for line in sacct), sacct
+    assert "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout
