@@ -29,7 +29,7 @@ from scaling.config import Budget, Config, resolve_budget, to_dict
 from scaling.data import TokenData, load_tokens
 from scaling.model import ModelConfig, init_params, loss_fn
 from scaling.sharding import check_batch, constrain, initialize_distributed, init_sharded, make_mesh, put_batch, state_shardings
-from scaling.tracking import Progress, build_tracker, write_json_atomic
+from scaling.tracking import Progress, build_tracker, read_metrics, write_json_atomic
 
 log = logging.getLogger("scaling.train")
 
@@ -197,6 +197,10 @@ def train(cfg: Config, run_dir: Path) -> dict:
             checkpointer.save(done, state, meta, force=last)
         checkpointer.close()
         progress.close()
+        if start_step == budget.steps:  # killed after the final checkpoint, before the record: finish it, train nothing
+            last_row = (read_metrics(run_dir / "metrics.jsonl") or [{}])[-1]
+            train_loss, tokens_per_s, mfu = (last_row.get(k, float("nan")) for k in ("train_loss", "tokens_per_s", "mfu"))
+            eval_loss = evaluate(eval_step, state["params"], data, cfg, mesh)
 
         record.update(
             status=status,

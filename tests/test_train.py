@@ -222,3 +222,13 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
     ref_params, run_params = _final_params(tmp_path / "ref"), _final_params(tmp_path / "run")
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), ref_params, run_params)
+
+
+def test_killed_after_final_checkpoint_before_record_finishes_without_training(tmp_path):
+    cfg = tiny_config(tmp_path)
+    first = train(cfg, tmp_path / "run")
+    (tmp_path / "run" / "record.json").unlink()  # as if killed between the last save and the record
+    again = train(cfg, tmp_path / "run")
+    assert again["status"] == "completed"
+    assert again["loss"] == first["loss"] and again["train_loss"] == first["train_loss"]
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 4, 6, 8, 10, 12]
