@@ -1,9 +1,11 @@
 """K models of one shape trained in one compiled step (`jax.vmap` over a stacked state): cheap learning-rate and
 seed sweeps of small models, each with its own run directory, metrics.jsonl and record.json (the run-record contract).
 
-Why it is faster: a small model leaves a CPU core (or a GPU) mostly idle between tiny matmuls and per-op overheads;
-stacking K models turns K small matmuls into one batched matmul and pays dispatch, the Python loop and the batch
-sampling once per step instead of K times.
+Why it can be faster: a small model leaves a GPU mostly idle between tiny matmuls and per-op overheads; stacking K
+models turns K small matmuls into one batched matmul and pays dispatch, the Python loop and the batch sampling once
+per step instead of K times. Measured on the 2-core CPU it is SLOWER (0.52x at K=4, BENCHMARKS.md): XLA:CPU runs
+batched dot_general far below its plain matmul speed. So a planner should group runs with `group_by_shape` on
+GPU/TPU and train them one by one on CPU.
 
 How learning rates differ without K optimizers: every schedule here is lr times a shape (warmup from 0, floor =
 min_lr_ratio * lr; scaling/optim.py), and AdamW's update is linear in the step size (Loshchilov & Hutter 2019,
