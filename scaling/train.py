@@ -129,7 +129,11 @@ def train(cfg: Config, run_dir: Path) -> dict:
             start_step, state, meta = restored
             first_loss = meta.get("first_loss")
             log.info("resuming %s from step %d", run_dir, start_step)
-        tracker = build_tracker(cfg.logging, run_dir, to_dict(cfg), cfg.name, start_step if restored else None)
+        tracker = (
+            build_tracker(cfg.logging, run_dir, to_dict(cfg), cfg.name, start_step if restored else None)
+            if jax.process_index() == 0
+            else _SilentTracker()  # multi-host: one process writes metrics, wandb and the record
+        )
         tracker.summary(_summary_fields(record))
 
         micro = cfg.train.batch_size // cfg.train.grad_accum
@@ -219,8 +223,15 @@ def train(cfg: Config, run_dir: Path) -> dict:
     return record
 
 
+class _SilentTracker:
+    def log(self, metrics: dict, step: int) -> None: ...
+    def summary(self, values: dict) -> None: ...
+    def finish(self, status: str) -> None: ...
+
+
 def _finish(run_dir: Path, record: dict, tracker) -> None:
-    write_json_atomic(run_dir / RECORD, _jsonable(record))
+    if jax.process_index() == 0:
+        write_json_atomic(run_dir / RECORD, _jsonable(record))
     if tracker is not None:
         tracker.summary(_summary_fields(record))
         tracker.finish(record["status"])
@@ -285,7 +296,8 @@ def _check_same_run(cfg: Config, run_dir: Path) -> None:
     current = {k: v for k, v in to_dict(cfg).items() if k not in _RELAUNCH_FREE}
     saved = _read_json(path)
     if saved is None:
-        write_json_atomic(path, to_dict(cfg))
+        if jax.process_index() == 0:
+            write_json_atomic(path, to_dict(cfg))
         return
     saved = {k: v for k, v in saved.items() if k not in _RELAUNCH_FREE}
     if saved != current:
