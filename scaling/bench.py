@@ -321,8 +321,12 @@ def run(args: argparse.Namespace) -> dict:
         except ImportError:
             torch_note = "torch not installed (pip install -e '.[bench]')"
             print(f"note: PyTorch column skipped: {torch_note}", file=sys.stderr)
+    variants = list(VARIANTS[args.preset])
+    if args.scan if args.scan is not None else args.preset == "gpu":
+        # The same step with nn.scan over the layers: compile time no longer grows with depth; compare both rows.
+        variants += [(f"{label}-scan", {**o, "scan_layers": True}) for label, o in VARIANTS[args.preset]]
     for shape in shapes:
-        for label, overrides in VARIANTS[args.preset]:
+        for label, overrides in variants:
             if args.attention:
                 overrides = {**overrides, "attention": args.attention}
             try:
@@ -360,6 +364,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--torch-compile", action="store_true", help="torch.compile the PyTorch model (nanoGPT's default)")
     p.add_argument("--vmap", type=lambda s: [int(k) for k in s.split(",") if k], default=None,
                    help="K values for the vmap section, e.g. 4,8,16 (default 4,8,16; empty string: skip)")
+    p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time every variant with model.scan_layers=true (default: on for the gpu preset)")
     p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU")
     p.add_argument("--xla-flags", choices=["default", "none"], default="default",
                    help="gpu preset: add GPU_XLA_FLAGS to XLA_FLAGS (default) or leave XLA_FLAGS as is")

@@ -43,6 +43,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    scan_layers: bool = False  # nn.scan over one stacked block: compile time independent of depth
     attention: str = "auto"  # "auto"/"xla"/"cudnn": jax.nn.dot_product_attention; "einsum": the reference path
     rope_base: float = 10000.0
 
@@ -259,6 +260,18 @@ _REMAT_POLICY = {
 }
 
 
+class _ScanBlock(nn.Module):
+    """Block in nn.scan's (carry, x) -> (carry, y) form; the flags are attributes so remat needs no static args."""
+
+    cfg: ModelConfig
+    decode: bool
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_L):
+        return Block(self.cfg, name="block")(x_BxLxD, positions_L, self.decode, self.deterministic), None
+
+
 class Transformer(nn.Module):
     cfg: ModelConfig
 
@@ -285,11 +298,25 @@ class Transformer(nn.Module):
             x_BxLxD = x_BxLxD + pe_LxD.astype(x_BxLxD.dtype)[None]
         x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
 
-        block = Block
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], static_argnums=(3, 4))
-        for i in range(cfg.n_layers):
-            x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, positions_L, decode, deterministic)
+        if cfg.scan_layers:
+            # One block traced once, its params stacked on a leading n_layers axis (params["blocks"]["block"]).
+            scanned = _ScanBlock
+            if cfg.remat != "none":
+                scanned = nn.remat(_ScanBlock, policy=_REMAT_POLICY[cfg.remat])
+            stack = nn.scan(
+                scanned,
+                variable_axes={"params": 0, "cache": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=cfg.n_layers,
+            )
+            x_BxLxD, _ = stack(cfg, decode, deterministic, name="blocks")(x_BxLxD, positions_L)
+        else:
+            block = Block
+            if cfg.remat != "none":
+                block = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], static_argnums=(3, 4))
+            for i in range(cfg.n_layers):
+                x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, positions_L, decode, deterministic)
         x_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
 
         if cfg.tie_embeddings:

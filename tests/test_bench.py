@@ -73,3 +73,11 @@ def test_attention_used_reads_the_compiled_hlo():
 def test_bad_arguments_fail_clearly():
     with pytest.raises(SystemExit):
         bench.parse_args(["--steps", "0"])
+
+
+def test_scan_flag_adds_a_scanned_row_with_the_same_shape():
+    report = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--vmap", "", "--no-torch", "--scan"])
+    variants = {r["variant"]: r for r in report["rows"]}
+    assert set(variants) == {"f32", "f32-scan"}
+    assert variants["f32"]["N"] == variants["f32-scan"]["N"]
+    assert variants["f32-scan"]["compile_s"] > 0

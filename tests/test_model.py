@@ -182,3 +182,44 @@ def test_cross_entropy_mask_ignores_masked_tokens():
 def test_bad_config_raises_clear_error(changes, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ModelConfig(**{**TINY, **changes})
+
+
+def unstack_layers(scanned_params: dict, n_layers: int) -> dict:
+    """The unrolled model's params from the scanned model's (stacked on a leading layer axis)."""
+    params = {k: v for k, v in scanned_params.items() if k != "blocks"}
+    for i in range(n_layers):
+        params[f"block_{i}"] = jax.tree_util.tree_map(lambda x: x[i], scanned_params["blocks"]["block"])
+    return params
+
+
+@pytest.mark.parametrize("remat", ["none", "dots_saveable"])
+def test_scan_layers_equals_unrolled_model(remat):
+    cfg = ModelConfig(**{**TINY, "n_layers": 3}, remat=remat)
+    scan_cfg = cfg.replace(scan_layers=True)
+    scanned = init_params(scan_cfg, jax.random.key(0))
+    assert jax.tree_util.tree_leaves(scanned["blocks"])[0].shape[0] == 3
+    unrolled = unstack_layers(scanned, 3)
+    tokens = _tokens(cfg)
+    np.testing.assert_allclose(
+        scan_cfg.build().apply({"params": scanned}, tokens), cfg.build().apply({"params": unrolled}, tokens), atol=1e-5
+    )
+    batch = _tokens(cfg, length=cfg.seq_len + 1)
+    g_scan = unstack_layers(jax.grad(loss_fn)(scanned, scan_cfg, batch), 3)
+    g_unrolled = jax.grad(loss_fn)(unrolled, cfg, batch)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_scan, g_unrolled)
+
+
+def test_scan_layers_kv_cache_decoding_equals_full_forward():
+    cfg = ModelConfig(**TINY, pos_encoding="rotary", scan_layers=True)
+    model = cfg.build()
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(cfg)
+    full = model.apply({"params": params}, tokens)
+    cache = model.init(jax.random.key(0), jnp.zeros_like(tokens), decode=True)["cache"]
+    logits, mutated = model.apply(
+        {"params": params, "cache": cache}, tokens[:, :9], jnp.arange(9), decode=True, mutable=["cache"]
+    )
+    last, _ = model.apply(
+        {"params": params, "cache": mutated["cache"]}, tokens[:, 9:10], jnp.array([9]), decode=True, mutable=["cache"]
+    )
+    np.testing.assert_allclose(jnp.concatenate([logits, last], axis=1), full[:, :10], atol=1e-5)
