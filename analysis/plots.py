@@ -47,6 +47,33 @@ def _plain_log_y(ax) -> None:
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
 
 
+def _sci_label(x, _pos=None) -> str:
+    if not x > 0:
+        return ""
+    e = int(np.floor(np.log10(x) + 1e-9))
+    m = x / 10 ** e
+    return rf"$10^{{{e}}}$" if abs(m - 1) < 1e-6 else rf"${m:.0f}\times10^{{{e}}}$"
+
+
+def _log_x_ticks(ax, values) -> None:
+    """Labelled log x ticks that never collide: over less than ~2 decades matplotlib labels the minor ticks too
+    (2x10^6, 3x10^6, 4x10^6, ... run into each other), so label 1-3(-2-5) steps instead and leave the minors bare."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0:
+        return
+    span = np.log10(v.max() / v.min())
+    if span >= 2.2:
+        subs = (1.0,)
+    elif span >= 1.0:
+        subs = (1.0, 3.0)
+    else:
+        subs = (1.0, 2.0, 5.0)
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_sci_label))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def plot_loss_vs_compute(df: pd.DataFrame, out_dir: Path, kaplan_C: KaplanFit | None = None,
                          curves: pd.DataFrame | None = None) -> list[Path]:
     """Final losses (or whole training curves) against C, the compute-efficient frontier and the fitted L(C_min)
@@ -56,12 +83,16 @@ def plot_loss_vs_compute(df: pd.DataFrame, out_dir: Path, kaplan_C: KaplanFit | 
         norm = matplotlib.colors.Normalize(np.log10(df["N"].min()), np.log10(df["N"].max()))
         cmap = plt.get_cmap("viridis")
         if curves is not None:
-            for _, g in curves.groupby("run"):
-                ax.plot(g["C"], g["loss"], color=cmap(norm(np.log10(g["N"].iloc[0]))), lw=0.7, alpha=0.6)
+            for i, (_, g) in enumerate(curves.groupby("run")):
+                ax.plot(g["C"], g["loss"], color=cmap(norm(np.log10(g["N"].iloc[0]))), lw=0.7, alpha=0.6,
+                        label="training curves (train loss)" if i == 0 else None)
             fx, fy = lower_envelope(curves["C"], curves["loss"])
         else:
             fx, fy = lower_envelope(df["C"], df["loss"])
-        ax.scatter(df["C"], df["loss"], c=np.log10(df["N"]), cmap=cmap, norm=norm, s=18, alpha=0.9, lw=0, zorder=3)
+        # The dots are the final (validation) losses the fits use: with curves of train loss they need not sit on the
+        # curves' ends, so the legend names both.
+        ax.scatter(df["C"], df["loss"], c=np.log10(df["N"]), cmap=cmap, norm=norm, s=18, alpha=0.9, lw=0.4, zorder=3,
+                   edgecolors="k", label="final loss (fitted)")
         fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), ax=ax, label=r"$\log_{10} N$")
         ax.plot(fx, fy, color="k", lw=1.2, label="frontier (lower envelope)")
         if kaplan_C is not None:
@@ -91,6 +122,7 @@ def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path) -> list[Pat
             ax.plot(row.N_opt, row.loss_opt, marker="*", color="k", ms=9, zorder=4)
         ax.plot([], [], "k*", label="minimum")
         ax.set(xscale="log", xlabel="parameters N", ylabel="final loss [nats/token]", title="IsoFLOP curves")
+        _log_x_ticks(ax, df["N"])
         ax.legend(fontsize=7, ncol=2)
         return _save(fig, out_dir, "isoflops")
 
@@ -104,9 +136,11 @@ def _band(ax, C, samples: pd.DataFrame | None, coef: str, expo: str, color):
 
 
 def plot_optimal_allocation(minima: pd.DataFrame, N_opt: PowerLaw, D_opt: PowerLaw, out_dir: Path,
-                            samples: pd.DataFrame | None = None, extend_to: float | None = None) -> list[Path]:
+                            samples: pd.DataFrame | None = None, extend_to: float | None = None,
+                            xlabel: str | None = None) -> list[Path]:
     """N_opt(C) and D_opt(C): per-budget minima, the fitted power law with its bootstrap band, and the Kaplan and
-    Chinchilla exponents for reference (Hoffmann et al. 2022 fig. 3, centre and right)."""
+    Chinchilla exponents for reference (Hoffmann et al. 2022 fig. 3, centre and right). `xlabel` names C when it is
+    not plain training compute (e.g. the planned budgets in their own FLOP convention)."""
     C = np.geomspace(minima["C"].min(), max(minima["C"].max(), extend_to or 0), 100)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -118,7 +152,7 @@ def plot_optimal_allocation(minima: pd.DataFrame, N_opt: PowerLaw, D_opt: PowerL
             mid = np.sqrt(C[0] * C[-1])
             for (label, expo), style in zip(refs.items(), (":", "--")):
                 ax.plot(C, law(mid) * (C / mid) ** expo, style, color="0.45", lw=1, label=label)
-            ax.set(xscale="log", yscale="log", xlabel="compute C [FLOPs]", ylabel=rf"${sym}_{{opt}}$",
+            ax.set(xscale="log", yscale="log", xlabel=xlabel or "compute C [FLOPs]", ylabel=rf"${sym}_{{opt}}$",
                    title=rf"Compute-optimal ${sym}$")
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -137,6 +171,7 @@ def plot_residuals(df: pd.DataFrame, a3: Approach3Fit, out_dir: Path) -> list[Pa
                 ax.scatter(g[col], r[g.index], color=colors[b], s=14, label=f"C={b:.1e}")
             ax.axhline(0, color="k", lw=0.8)
             ax.set(xscale="log", xlabel=col, title=f"Approach 3 residuals vs {col}")
+            _log_x_ticks(ax, df[col])
         axes[0].set_ylabel("log L observed - log L fitted")
         axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()
@@ -153,8 +188,12 @@ def plot_contours(df: pd.DataFrame, a3: Approach3Fit, out_dir: Path) -> list[Pat
         cs = ax.contourf(NN, DD, a3(NN, DD), levels=20, cmap="viridis_r")
         fig.colorbar(cs, ax=ax, label="fitted loss L(N, D)")
         k = a3.flops_per_token
+        # Lines of constant C in the table's convention; a sweep planned in another convention (chinchilla, say) has
+        # its runs of one budget off these lines, so the label names the convention.
+        conv = str(df["C_convention"].iloc[0]) if "C_convention" in df and len(df) else ""
+        iso_label = f"IsoFLOP lines (C = {k:.3g}ND)" if conv == "6ND" else f"IsoFLOP lines ({conv or 'C'})"
         for i, C in enumerate(np.geomspace(df["C"].min(), df["C"].max(), 4)):
-            ax.plot(n, C / (k * n), color="w", lw=0.6, alpha=0.7, label="IsoFLOP lines" if i == 0 else None)
+            ax.plot(n, C / (k * n), color="w", lw=0.6, alpha=0.7, label=iso_label if i == 0 else None)
         C = np.geomspace(k * n[0] * d[0], k * n[-1] * d[-1], 200)
         ax.plot(a3.N_opt(C), a3.D_opt(C), color="tab:red", lw=2, label=rf"compute-optimal ($a$={a3.a:.2f})")
         ax.scatter(df["N"], df["D"], s=8, color="k", label="runs")

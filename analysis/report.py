@@ -32,11 +32,28 @@ def _clean(x):
     return x
 
 
+def _budget_axis(runs: pd.DataFrame) -> tuple[float, float] | None:
+    """Approach 2 groups a sweep's runs by their planned budget and fits N_opt, D_opt against that budget. When the
+    budgets are not in the table's C convention (a sweep planned in the chinchilla convention read with C = 6ND, say),
+    returns the range of C / budget over the runs, else None."""
+    if "budget" not in runs or not runs["budget"].notna().all():
+        return None
+    ratio = (runs["C"] / runs["budget"]).to_numpy(float)
+    if not np.isfinite(ratio).all() or np.median(np.abs(np.log(ratio))) <= 0.05:
+        return None
+    return float(ratio.min()), float(ratio.max())
+
+
 def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, n_bootstrap: int = 200,
             curves: pd.DataFrame | None = None, seed: int = 0, n_jobs: int = 2, isoflop_method: str = "parabola",
-            approach3_method: str = "huber") -> tuple[dict, dict]:
+            approach3_method: str = "huber", budget_convention: str | None = None) -> tuple[dict, dict]:
     """Fit the requested approaches on the usable runs of `df`. Returns (results for JSON, fitted objects for
-    plots). A fit that cannot run on this data is reported with its reason instead of failing the others."""
+    plots). A fit that cannot run on this data is reported with its reason instead of failing the others.
+
+    Approach 2's C is the planned IsoFLOP budget when the runs have one. If those budgets are in another convention
+    than the table's C, Approach 2 is queried in the budgets' own convention (`budget_convention` names it, from the
+    sweep manifest): at `C` when given, else one decade beyond the largest budget; its result says so."""
+    C_given = C
     runs = usable(df)
     if runs.empty:
         raise ValueError("no usable runs: every run is excluded (see the excluded list); nothing to fit")
@@ -81,9 +98,15 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
 
     def approach2():
         fitted["a2"] = fit_approach2(runs, method=isoflop_method)
-        stat = Approach2Stat(C=C, method=isoflop_method)
+        axis = _budget_axis(runs)
+        C2 = C if axis is None else (C_given if C_given is not None else float(runs["budget"].max()) * 10)
+        stat = Approach2Stat(C=C2, method=isoflop_method)
         key = "budget" if runs["budget"].notna().all() else "C"
         out = _with_ci(stat, runs, boot, strata=key)
+        if axis is not None:
+            out["C_query"] = C2
+            out["C_axis"] = {"quantity": "planned IsoFLOP budget", "convention": budget_convention or "the sweep's own",
+                             "table_C_over_budget": list(axis)}
         fitted["a2_samples"] = out.pop("_samples", None)
         out["minima"] = fitted["a2"].minima[["C", "N_opt", "D_opt", "loss_opt", "n_runs"]].to_dict("records")
         out["skipped_budgets"] = fitted["a2"].skipped.to_dict("records")
@@ -167,8 +190,16 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
             for law, f in d.items():
                 L.append(f"- {law}: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in f.items()))
             continue
+        axis = d.get("C_axis")
+        if axis:
+            lo, hi = axis["table_C_over_budget"]
+            L += [f"C here is the {axis['quantity']} ({axis['convention']} convention), which the minima and the power "
+                  f"laws are fitted against: the table's C ({conv['C']}) of these runs is {lo:.2g}-{hi:.2g} x their "
+                  "budget, so a, b, k_N, k_D and the query C below refer to budgets in that convention (and a + b "
+                  "need not be 1).", ""]
         if "N_opt" in d:
-            L.append(f"N_opt, D_opt{', L_opt' if 'L_opt' in d else ''} at C = {res['C_query']:.3g} FLOPs.")
+            where = f"{d.get('C_query', res['C_query']):.3g}" + (f" ({axis['convention']} convention)" if axis else "")
+            L.append(f"N_opt, D_opt{', L_opt' if 'L_opt' in d else ''} at C = {where} FLOPs.")
             L.append("")
         L += _table(d, keys)
         if d.get("n_resamples") is not None:
@@ -195,8 +226,11 @@ def make_plots(runs: pd.DataFrame, fitted: dict, res: dict, out_dir: Path,
     a2, a3 = fitted.get("a2"), fitted.get("a3")
     if a2 is not None:
         paths += plots.plot_isoflops(runs, a2, out_dir)
+        d2 = res.get("approach2") or {}
+        axis = d2.get("C_axis")
         paths += plots.plot_optimal_allocation(a2.minima, a2.N_opt, a2.D_opt, out_dir, fitted.get("a2_samples"),
-                                               extend_to=res.get("C_query"))
+                                               extend_to=d2.get("C_query", res.get("C_query")),
+                                               xlabel=f"IsoFLOP budget C [FLOPs, {axis['convention']}]" if axis else None)
     if isinstance(a3, Approach3Fit):
         paths += plots.plot_residuals(runs, a3, out_dir)
         paths += plots.plot_contours(runs, a3, out_dir)
@@ -213,7 +247,13 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, n:
         curves = load_curves(sweep_dir, n=n, c=c)
     except ValueError:
         curves = None
-    res, fitted = fit_all(df, C=C, n_bootstrap=n_bootstrap, curves=curves, n_jobs=n_jobs, seed=seed)
+    manifest = Path(sweep_dir) / "sweep.json"
+    try:
+        budget_convention = json.loads(manifest.read_text()).get("convention") if manifest.exists() else None
+    except (OSError, ValueError, AttributeError):
+        budget_convention = None
+    res, fitted = fit_all(df, C=C, n_bootstrap=n_bootstrap, curves=curves, n_jobs=n_jobs, seed=seed,
+                          budget_convention=budget_convention)
     runs = usable(df)
     if backtest_below is not None:
         try:

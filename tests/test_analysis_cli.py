@@ -100,3 +100,21 @@ def test_report_on_missing_dir_fails_cleanly(tmp_path, capsys):
     assert main(["report", str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "absent").exists()
+
+
+def test_approach2_on_budgets_in_another_convention_says_so_and_is_queried_in_it():
+    """A sweep planned in the chinchilla convention but read with C = 6ND: Approach 2 fits against the planned budgets,
+    so its N_opt is queried one decade beyond the largest budget (not the largest 6ND C) and the result says so."""
+    from analysis.report import fit_all, markdown
+
+    runs = isoflop_runs(budgets=(1e17, 1e18, 1e19), n_per_budget=7, noise=0.0)
+    res, _ = fit_all(runs, approaches=(2,), n_bootstrap=0)
+    assert "C_axis" not in res["approach2"] and "C_query" not in res["approach2"]  # budgets are the table's C
+    planned = runs.assign(budget=runs["budget"] * 3.0)  # e.g. embedding FLOPs counted in the plan, not in 6ND
+    res, _ = fit_all(planned, approaches=(2,), n_bootstrap=0, budget_convention="chinchilla")
+    a2 = res["approach2"]
+    assert a2["C_query"] == pytest.approx(3e20) and a2["C_axis"]["convention"] == "chinchilla"
+    assert a2["C_axis"]["table_C_over_budget"] == pytest.approx([1 / 3, 1 / 3])
+    assert res["C_query"] == pytest.approx(1e20)  # the other approaches keep the table's convention
+    text = markdown(res, [], "t")
+    assert "planned IsoFLOP budget (chinchilla convention)" in text and "C = 3e+20 (chinchilla convention)" in text
