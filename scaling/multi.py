@@ -260,3 +260,49 @@ def _train_group(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
     for d, r, t in zip(run_dirs, records, trackers):
         _finish(d, r, t)
     return records
+
+
+# A sweep's relaunch leaves these alone (scaling.sweep.FINAL): a diverged run would diverge again, bit for bit.
+_FINAL = ("completed", "diverged")
+
+
+def use_vmap(vmap: str | bool = "auto") -> bool:
+    """`auto`: vmap on an accelerator, not on CPU (where it is slower, see the module docstring)."""
+    mode = str(vmap).lower()
+    if mode not in ("auto", "true", "false"):
+        raise ValueError(f"vmap={vmap!r} is invalid: use auto (on for GPU/TPU, off on CPU), true or false.")
+    return jax.default_backend() != "cpu" if mode == "auto" else mode == "true"
+
+
+def train_group(cfgs: Sequence[Config], run_dirs: Sequence[Path], vmap: str | bool = "auto") -> list[dict]:
+    """One sweep job for runs that differ only in lr / seed (a planner's same-shape group); returns their records.
+
+    Members that already finished (completed or diverged) are left alone, so a partly finished group trains only its
+    unfinished members: as one smaller vmapped group (the models do not interact, so the result is the full group's up
+    to float rounding, which a long high-lr run can amplify; no checkpoints, so an interrupted vmapped group restarts
+    those members from step 0), or, without vmap, one after another through `scaling.train.train` (checkpoints, resume). A failing member
+    (sequential) is recorded and the others still train; the job then raises.
+    """
+    check_group(cfgs)
+    run_dirs = [Path(d) for d in run_dirs]
+    records: list[Any] = [(_read_json(d / RECORD) or None) for d in run_dirs]
+    todo = [i for i, r in enumerate(records) if not (r and r.get("status") in _FINAL)]
+    if not todo:
+        return records
+    if use_vmap(vmap):
+        log.info("training %d runs as one vmapped step: %s", len(todo), ", ".join(cfgs[i].name for i in todo))
+        for i, r in zip(todo, train_many([cfgs[i] for i in todo], [run_dirs[i] for i in todo])):
+            records[i] = r
+        return records
+    from scaling.train import train
+
+    errors = []
+    for i in todo:
+        try:
+            records[i] = train(cfgs[i], run_dirs[i])
+        except Exception as e:  # noqa: BLE001 - train wrote a failed record; the others still get their go
+            records[i] = _read_json(run_dirs[i] / RECORD)
+            errors.append(f"{cfgs[i].name}: {type(e).__name__}: {e}")
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(todo)} runs of the group failed (their records say why):\n" + "\n".join(errors))
+    return records

@@ -1,4 +1,5 @@
-"""Budget -> runs: IsoFLOP grids (Chinchilla Approach 2) and size x tokens grids, from a family and a hyperparameter rule.
+"""Budget -> runs: IsoFLOP grids (Chinchilla Approach 2), size x tokens grids and learning-rate sweeps, from a family
+and a hyperparameter rule.
 
 A pure function of its inputs (no JAX, no files): `plan_sweep(spec, base_model, convention)` returns the runs, each with
 its Hydra overrides, its exact N, D and C (from `scaling.accounting` / `scaling.config.resolve_budget`, the one home of
@@ -16,7 +17,7 @@ from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token
 from scaling.config import TrainConfig, resolve_budget
 from scaling.model import ModelConfig
 
-PLAN_KINDS = ("isoflop", "grid")
+PLAN_KINDS = ("isoflop", "grid", "lr")
 
 
 @dataclass
@@ -120,7 +121,8 @@ class HyperRule:
 @dataclass
 class SweepSpec:
     """What to plan. isoflop: `budgets` (C in the sweep's FLOP convention); grid: `sizes` (target N) x `tokens` (D) or
-    x `tokens_per_param` (D = r N)."""
+    x `tokens_per_param` (D = r N); lr: every shape (`sizes`, or the base model's own shape when empty) x budget
+    (`budgets` C or `tokens` D) trained at each of `lrs` (absolute) or `lr_multipliers` (x the hyper rule's lr)."""
 
     kind: str = "isoflop"
     budgets: list[float] = field(default_factory=list)
@@ -131,7 +133,9 @@ class SweepSpec:
     sizes: list[float] = field(default_factory=list)  # grid: target N (non-embedding)
     tokens: list[float] = field(default_factory=list)  # grid: D per size
     grid_tokens_per_param: list[float] = field(default_factory=list)  # grid: D = r * N for each r
-    tolerance: float = 0.02  # max |achieved / nominal - 1| of C (isoflop) or D (grid)
+    lrs: list[float] = field(default_factory=list)  # lr: absolute learning rates
+    lr_multipliers: list[float] = field(default_factory=list)  # lr: factors on hyper.lr(d_model, batch)
+    tolerance: float = 0.02  # max |achieved / nominal - 1| of C (isoflop, lr) or D (grid)
     prefix: Optional[str] = None  # run-name prefix; default: the kind
     family: FamilyRule = field(default_factory=FamilyRule)
     hyper: HyperRule = field(default_factory=HyperRule)
@@ -154,6 +158,19 @@ class SweepSpec:
                 raise ValueError(f"plan.prior_fit={self.prior_fit!r} is invalid: give [G, a] with N_opt = G * C^a, G > 0.")
             if not self.tokens_per_param > 0:
                 raise ValueError(f"plan.tokens_per_param={self.tokens_per_param!r} is invalid: it must be positive, e.g. 20.")
+        elif self.kind == "lr":
+            if bool(self.budgets) == bool(self.tokens):
+                raise ValueError(
+                    "plan: an lr sweep needs exactly one of plan.budgets (C values) and plan.tokens (D values), "
+                    f"got budgets={self.budgets!r}, tokens={self.tokens!r}."
+                )
+            if bool(self.lrs) == bool(self.lr_multipliers):
+                raise ValueError(
+                    "plan: an lr sweep needs exactly one of plan.lrs (e.g. [1e-3,3e-3,1e-2]) and plan.lr_multipliers "
+                    f"(e.g. [0.5,1,2], times the hyper rule's lr), got lrs={self.lrs!r}, lr_multipliers={self.lr_multipliers!r}."
+                )
+            if any(not float(x) > 0 for x in [*self.budgets, *self.tokens, *self.sizes, *self.lrs, *self.lr_multipliers]):
+                raise ValueError("plan.budgets / tokens / sizes / lrs / lr_multipliers must all be positive.")
         else:
             if not self.sizes or any(not float(n) > 0 for n in self.sizes):
                 raise ValueError(f"plan.sizes={self.sizes!r} is invalid: give positive target N, e.g. [1e5,4e5].")
@@ -189,6 +206,9 @@ class PlannedRun:
     warmup_fraction: float
     schedule: str
     nominal: float  # what the trainer is asked for: C (kind flops) or D (kind tokens)
+    # Runs with equal `group` differ only in lr (an lr sweep's runs of one shape and budget): one vmapped step can
+    # train them (scaling.multi). Every other run is a group of its own.
+    group: str = ""
 
     def overrides(self) -> list[str]:
         """Hydra overrides that make the trainer run exactly this (its own resolve_budget gives the same steps)."""
@@ -214,7 +234,8 @@ class PlannedRun:
 
     def tags(self) -> list[str]:
         size = f"N{fmt_sci(self.N)}"
-        return ([f"C{fmt_sci(self.budget)}"] if self.budget else [f"D{fmt_sci(self.D)}"]) + [size, f"d{self.d_model}-L{self.n_layers}"]
+        lr = [f"lr{fmt_sci(self.lr, 2)}"] if self.group and self.group != self.name else []  # an lr sweep's run
+        return ([f"C{fmt_sci(self.budget)}"] if self.budget else [f"D{fmt_sci(self.D)}"]) + [size, f"d{self.d_model}-L{self.n_layers}"] + lr
 
     def manifest(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -231,7 +252,7 @@ class Plan:
     def table(self) -> str:
         head = f"{'name':<34} {'N':>9} {'D':>9} {'steps':>6} {'B':>4} {'lr':>8} {'C':>9} {'err':>7}"
         rows = [
-            f"{r.name:<34} {r.N:>9.3g} {r.D:>9.3g} {r.steps:>6} {r.batch_size:>4} {r.lr:>8.2g} "
+            f"{r.name:<34} {r.N:>9.3g} {r.D:>9.3g} {r.steps:>6} {r.batch_size:>4} {r.lr:>8.3g} "
             f"{r.C[self.convention]:>9.3g} {r.budget_error:>+7.2%}"
             for r in self.runs
         ]
@@ -239,9 +260,9 @@ class Plan:
         return "\n".join([head, *rows])
 
 
-def fmt_sci(x: float) -> str:
+def fmt_sci(x: float, digits: int = 1) -> str:
     """1e13 -> '1e13', 3.2e11 -> '3.2e11', 250000 -> '2.5e5': compact, readable, stable run names."""
-    mantissa, exponent = f"{float(x):.1e}".split("e")
+    mantissa, exponent = f"{float(x):.{digits}e}".split("e")
     mantissa = mantissa.rstrip("0").rstrip(".")
     return f"{mantissa}e{int(exponent)}"
 
@@ -251,6 +272,8 @@ def plan_sweep(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla
         raise ValueError(f"convention={convention!r} is unknown: use one of {FLOP_CONVENTIONS}.")
     if spec.kind == "isoflop":
         return plan_isoflop(spec, base, convention)
+    if spec.kind == "lr":
+        return plan_lr(spec, base, convention)
     return plan_grid(spec, base, convention)
 
 
@@ -316,7 +339,7 @@ def _place(shape: ModelConfig, kind: str, nominal: float, budget: Optional[float
         N_total=counts.total, D=b.D, steps=b.steps, batch_size=B, C=dict(b.C), budget_error=error,
         d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, d_ff=shape.ff_dim,
         lr=hyper.lr(shape.d_model, B), warmup_fraction=hyper.warmup_fraction, schedule=hyper.schedule,
-        nominal=float(nominal),
+        nominal=float(nominal), group=f"{name}-B{B}",
     )
     return run, ""
 
@@ -365,8 +388,40 @@ def plan_grid(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla"
     return Plan(runs, skipped, spec, convention, {})
 
 
+def plan_lr(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla") -> Plan:
+    """A learning-rate sweep: each shape x budget trained at every lr, all else equal.
+
+    Shapes: the family shapes nearest `sizes`, or the base model as configured when `sizes` is empty. Budget, batch,
+    schedule and warmup come from the hyper rule exactly as for an IsoFLOP run; only `optim.lr` varies, so the runs
+    of one shape and budget share `group` (name without the lr) and can train as one vmapped step (scaling.multi).
+    Names: `lr-C2e9-d32-L2-B8-lr3e-3` (prefix, budget, shape, batch, lr to 3 significant digits).
+    """
+    shapes = _nearest_shapes(spec.family.shapes(base), [float(n) for n in spec.sizes]) if spec.sizes else [base]
+    prefix = spec.prefix or "lr"
+    runs, skipped = [], []
+    for shape in shapes:
+        N = count_params(shape).non_embedding
+        for nominal in sorted(float(x) for x in (spec.budgets or spec.tokens)):
+            if spec.budgets:
+                kind, C, tag = "flops", nominal, f"C{fmt_sci(nominal)}"
+            else:
+                kind, nominal, tag = "tokens", round(nominal), f"D{fmt_sci(nominal)}"
+                C = flops_per_token(shape, convention) * nominal
+            name = f"{prefix}-{tag}-d{shape.d_model}-L{shape.n_layers}"
+            run, why = _place(shape, kind, nominal, C if kind == "flops" else None, N, name, spec, convention, C)
+            if not run:
+                skipped.append({"target": name, "reason": why})
+                continue
+            # 6 significant digits: what PlannedRun.overrides() hands the trainer, so the record holds this lr exactly
+            lrs = [float(f"{x:.6g}") for x in ([float(x) for x in spec.lrs] or [float(m) * run.lr for m in spec.lr_multipliers])]
+            for lr in sorted(lrs):
+                runs.append(dataclasses.replace(run, name=f"{run.group}-lr{fmt_sci(lr, 2)}", lr=lr))
+    _check_unique(runs)
+    return Plan(runs, skipped, spec, convention, {})
+
+
 def _check_unique(runs: list[PlannedRun]) -> None:
     names = [r.name for r in runs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:  # e.g. two token budgets that print alike: the run directories would collide
-        raise ValueError(f"plan: run names collide ({', '.join(dupes)}): space the budgets further apart.")
+        raise ValueError(f"plan: run names collide ({', '.join(dupes)}): space the budgets (or lrs) further apart.")

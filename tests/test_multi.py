@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from scaling.model import ModelConfig, init_params
-from scaling.multi import check_group, group_by_shape, init_many, make_multi_step, train_many, unit_lr_optimizer
+from scaling.multi import (check_group, group_by_shape, init_many, make_multi_step, train_group, train_many,
+                           unit_lr_optimizer, use_vmap)
 from scaling.optim import OptimConfig
 from scaling.tracking import read_metrics
 from scaling.train import make_train_step, train
@@ -100,3 +101,30 @@ def test_group_rules(tmp_path):
     assert group_by_shape([a, c, b, a], max_k=2) == [[0, 2], [3], [1]]
     with pytest.raises(ValueError, match="one distinct run directory per config"):
         train_many([a, b], [tmp_path / "x", tmp_path / "x"])
+
+
+def test_train_group_trains_only_unfinished_members_with_or_without_vmap(tmp_path):
+    cfgs = []
+    for i, lr in enumerate([3e-3, 1e-2, 3e-2]):
+        cfg = tiny_config(tmp_path, steps=6)
+        cfg.name = f"g{i}"
+        cfg.optim = dataclasses.replace(cfg.optim, lr=lr)
+        cfgs.append(cfg)
+    dirs = [tmp_path / "sweep" / c.name for c in cfgs]
+    # g1 already diverged in an earlier attempt: a relaunch leaves it alone (as the sweeper does); g0, g2 train.
+    dirs[1].mkdir(parents=True)
+    (dirs[1] / "record.json").write_text(json.dumps({"name": "g1", "status": "diverged"}))
+    records = train_group(cfgs, dirs, vmap=True)
+    assert [r["status"] for r in records] == ["completed", "diverged", "completed"]
+    assert records[0]["vmap_group"] == {"K": 2, "index": 0} and records[2]["vmap_group"] == {"K": 2, "index": 1}
+    # Without vmap (the CPU default under auto) the unfinished members train one by one with scaling.train.train.
+    (dirs[2] / "record.json").unlink()
+    stamp = (dirs[0] / "record.json").stat().st_mtime_ns
+    again = train_group(cfgs, dirs, vmap=False)
+    assert again[2]["status"] == "completed" and "vmap_group" not in again[2]
+    assert again[2]["loss"] == pytest.approx(records[2]["loss"], rel=1e-4)  # vmapped = separate, 6 steps
+    assert (dirs[0] / "record.json").stat().st_mtime_ns == stamp
+    assert train_group(cfgs, dirs, vmap="auto") == again  # everything finished: nothing trains
+    assert use_vmap("auto") is (jax.default_backend() != "cpu")
+    with pytest.raises(ValueError, match="vmap='sometimes' is invalid"):
+        use_vmap("sometimes")

@@ -148,3 +148,66 @@ def test_bad_rules_and_unreachable_budgets_name_the_field():
         plan_sweep(isoflop(budgets=[1e6]), BASE)
     with pytest.raises(ValueError, match="convention"):
         plan_sweep(isoflop(), BASE, "7N")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# learning-rate sweeps
+# ---------------------------------------------------------------------------------------------------------------
+TINY = ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=33, seq_len=16)
+LR_HYPER = HyperRule(base_batch=8, min_batch=4, max_batch=8, min_steps=20)
+
+
+def lr_spec(**kw) -> SweepSpec:
+    return SweepSpec(**{"kind": "lr", "budgets": [2e9], "lrs": [3e-2, 1e-3, 3e-3, 1e-2], "hyper": LR_HYPER, **kw})
+
+
+def test_lr_plan_runs_differ_only_in_lr_and_share_one_group():
+    plan = plan_sweep(lr_spec(), TINY)
+    assert [r.name for r in plan.runs] == [f"lr-C2e9-d32-L2-B8-lr{x}" for x in ("1e-3", "3e-3", "1e-2", "3e-2")]
+    assert [r.lr for r in plan.runs] == [1e-3, 3e-3, 1e-2, 3e-2]
+    assert {r.group for r in plan.runs} == {"lr-C2e9-d32-L2-B8"}
+    first = plan.runs[0].manifest()
+    first_overrides = dict(o.split("=", 1) for o in plan.runs[0].overrides())
+    for run in plan.runs:
+        diff = {k for k, v in run.manifest().items() if v != first[k]}
+        assert diff <= {"name", "lr"}
+        # the base model's own shape (no sizes given), at the budget the hyper rule places as for an IsoFLOP run
+        assert (run.d_model, run.n_layers, run.budget, run.batch_size) == (32, 2, 2e9, 8)
+        assert abs(run.C["chinchilla"] / 2e9 - 1) <= 0.02
+        overrides = dict(o.split("=", 1) for o in run.overrides())
+        assert overrides["optim.lr"] == f"{run.lr:.6g}" and overrides["name"] == run.name
+        assert {k for k, v in overrides.items() if v != first_overrides[k]} <= {"name", "optim.lr"}
+        assert run.tags()[-1] == f"lr{run.name.rsplit('-lr', 1)[1]}"
+
+
+def test_lr_multipliers_scale_each_shapes_rule_lr_and_shapes_form_separate_groups():
+    family = FamilyRule(head_dim=8, d_model_multiple=8, min_d_model=16, max_d_model=64, aspect_ratio=16)
+    plan = plan_sweep(lr_spec(budgets=[], tokens=[1e5], sizes=[1e4, 4e4], lrs=[], lr_multipliers=[0.5, 1, 2],
+                              family=family), TINY)
+    assert len(plan.runs) == 6 and len({r.name for r in plan.runs}) == 6
+    groups = {}
+    for run in plan.runs:
+        groups.setdefault(run.group, []).append(run)
+        assert run.kind == "tokens" and run.budget is None and run.name.startswith("lr-D1e5-")
+    assert len(groups) == 2
+    for runs in groups.values():
+        rule = LR_HYPER.lr(runs[0].d_model, runs[0].batch_size)
+        assert [r.lr for r in runs] == pytest.approx([0.5 * rule, rule, 2 * rule], rel=1e-5)
+        assert len({(r.d_model, r.n_layers, r.D, r.steps) for r in runs}) == 1
+
+
+def test_lr_plan_validation_and_name_collisions():
+    with pytest.raises(ValueError, match="exactly one of plan.lrs"):
+        lr_spec(lr_multipliers=[1.0])
+    with pytest.raises(ValueError, match="exactly one of plan.lrs"):
+        lr_spec(lrs=[])
+    with pytest.raises(ValueError, match="exactly one of plan.budgets"):
+        lr_spec(tokens=[1e5])
+    with pytest.raises(ValueError, match="must all be positive"):
+        lr_spec(lrs=[1e-3, -1e-3])
+    with pytest.raises(ValueError, match="run names collide"):  # 3 significant digits in the name
+        plan_sweep(lr_spec(lrs=[1.0001e-3, 1.0002e-3]), TINY)
+    assert fmt_sci(1.25e-2, 2) == "1.25e-2" and fmt_sci(3e-3, 2) == "3e-3"
+    # other plan kinds: every run is a group of its own
+    iso = plan_sweep(isoflop(budgets=[1e12]), BASE)
+    assert all(r.group == r.name for r in iso.runs)

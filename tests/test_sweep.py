@@ -138,6 +138,85 @@ def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# learning-rate sweeps (configs/experiment/lr_tiny.yaml): one job per same-shape group, scaling.multi.train_group
+# ---------------------------------------------------------------------------------------------------------------
+LRS = {"lr-C2e9-d32-L2-B8-lr1e-3": 1e-3, "lr-C2e9-d32-L2-B8-lr3e-3": 3e-3, "lr-C2e9-d32-L2-B8-lr1e-2": 1e-2,
+       "lr-C2e9-d32-L2-B8-lr3e-2": 3e-2}
+
+
+def launch_lr(sweep_dir: Path, *overrides: str, cache: Path | None = None) -> str:
+    cache = cache or sweep_dir.parent / "cache"
+    cmd = [sys.executable, "-m", "scaling.train", "-m", "+experiment=lr_tiny", f"hydra.sweep.dir={sweep_dir}",
+           f"data.cache_dir={cache}", *overrides]
+    env = {**os.environ, "SCALING_CACHE": str(cache)}
+    out = subprocess.run(cmd, cwd=sweep_dir.parent, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, f"sweep failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+@pytest.fixture(scope="module")
+def lr_sweep(tmp_path_factory) -> tuple[Path, str]:
+    sweep_dir = tmp_path_factory.mktemp("lr") / "sweep"
+    return sweep_dir, launch_lr(sweep_dir, "hydra.sweeper.vmap=true")  # the vmapped step even on CPU
+
+
+def test_lr_sweep_trains_its_group_in_one_vmapped_job(lr_sweep):
+    sweep_dir, log = lr_sweep
+    assert "4 runs to launch, 0 already finished (skipped), in 1 jobs" in log and "Launching 1 jobs" in log
+    recs = records(sweep_dir)
+    assert set(recs) == set(LRS)
+    for name, rec in recs.items():
+        assert rec["status"] == "completed" and rec["optim"]["lr"] == LRS[name] and rec["sweep"] == "lr_tiny"
+        assert rec["vmap_group"]["K"] == 4
+    assert sorted(r["vmap_group"]["index"] for r in recs.values()) == [0, 1, 2, 3]
+    assert len({(r["N"], r["D"], r["steps"], r["batch_size"]) for r in recs.values()}) == 1
+    assert len({r["loss"] for r in recs.values()}) == 4
+    manifest = json.loads((sweep_dir / "sweep.json").read_text())
+    assert manifest["kind"] == "lr" and manifest["vmap"] == "true"
+    assert {p["name"]: p["lr"] for p in manifest["planned"]} == LRS
+    assert {p["job_group"] for p in manifest["planned"]} == {"lr-C2e9-d32-L2-B8-lr1e-3"}
+
+
+def test_lr_sweep_relaunch_trains_nothing_then_only_the_unfinished_member(lr_sweep, tmp_path):
+    sweep_dir, _ = lr_sweep
+    copy = tmp_path / "sweep"
+    subprocess.run(["cp", "-r", str(sweep_dir), str(copy)], check=True)
+    stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*.json*")}
+    cache = sweep_dir.parent / "cache"  # the runs' config names the cache; a relaunch must be the same config
+    log = launch_lr(copy, "hydra.sweeper.vmap=true", cache=cache)
+    assert "0 runs to launch, 4 already finished" in log and "Launching" not in log
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*.json*") if p.name != "sweep.json"} == \
+        {p: t for p, t in stamps.items() if p.name != "sweep.json"}
+    # A group with one unfinished member: the job trains that member alone (K=1), the others stay untouched.
+    (copy / "lr-C2e9-d32-L2-B8-lr3e-3" / "record.json").unlink()
+    log = launch_lr(copy, "hydra.sweeper.vmap=true", cache=cache)
+    assert "1 runs to launch, 3 already finished (skipped), in 1 jobs" in log
+    recs = records(copy)
+    assert recs["lr-C2e9-d32-L2-B8-lr3e-3"]["vmap_group"] == {"K": 1, "index": 0}
+    assert recs["lr-C2e9-d32-L2-B8-lr3e-3"]["optim"]["lr"] == 3e-3
+    assert recs["lr-C2e9-d32-L2-B8-lr1e-3"]["vmap_group"]["K"] == 4
+
+
+def test_lr_sweep_collect_gives_one_row_per_run(lr_sweep, tmp_path):
+    sweep_dir, _ = lr_sweep
+    out = tmp_path / "runs.csv"
+    assert sweep_main(["collect", str(sweep_dir), "-o", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert len(df) == 4 and dict(zip(df["name"], df["lr"])) == LRS and (df["status"] == "completed").all()
+    assert (df["budget"] == 2e9).all() and df["loss"].notna().all()
+
+
+def test_lr_sweep_auto_on_cpu_trains_the_group_one_run_after_another(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    log = launch_lr(sweep_dir, "hydra.sweeper.plan.lrs=[3e-3,1e-2]")  # vmap=auto, the experiment's default
+    assert "2 runs to launch, 0 already finished (skipped), in 1 jobs" in log
+    recs = records(sweep_dir)
+    assert {n: r["optim"]["lr"] for n, r in recs.items()} == {"lr-C2e9-d32-L2-B8-lr3e-3": 3e-3, "lr-C2e9-d32-L2-B8-lr1e-2": 1e-2}
+    assert all(r["status"] == "completed" and "vmap_group" not in r for r in recs.values())  # scaling.train.train
+    assert all((sweep_dir / n / "checkpoints").is_dir() for n in recs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # expand_jobs without Hydra
 # ---------------------------------------------------------------------------------------------------------------
 def small_plan():

@@ -1,6 +1,11 @@
 """`hydra/sweeper=plan`: an IsoFLOP grid is not a Cartesian product, so a sweeper plans the runs and any launcher runs them.
 
 Hydra imports every module under `hydra_plugins` at start-up, so this one imports JAX-heavy code only inside `sweep`.
+
+`vmap`: runs that differ only in lr / seed (an lr plan's runs of one shape and budget, `scaling.multi.group_by_shape`)
+go to the launcher as ONE job per group, which calls `scaling.multi.train_group`: one vmapped step for the group on a
+GPU/TPU, or the runs one after another on CPU (`auto`, the default, decides in the job from its device; `true` forces
+the vmapped step, `false` gives one job per run as for other plans). `auto` groups only lr plans.
 """
 
 
@@ -28,6 +33,8 @@ class PlanSweeperConf:
     skip_finished: bool = True  # relaunch: completed / diverged runs are not launched again
     fail_on_error: bool = True  # after every run has had its go, exit non-zero if any failed
     dry_run: bool = False  # print the plan, launch nothing
+    vmap: str = "auto"  # auto | true | false: one job per same-shape group (lr plans; see the module docstring)
+    max_k: int = 16  # most runs in one vmapped group
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="plan", node=PlanSweeperConf, provider="scaling")
@@ -35,19 +42,24 @@ ConfigStore.instance().store(group="hydra/sweeper", name="plan", node=PlanSweepe
 
 class PlanSweeper(Sweeper):
     def __init__(self, plan: Any, run_overrides: Any, max_batch_size: Optional[int], skip_finished: bool,
-                 fail_on_error: bool, dry_run: bool) -> None:
+                 fail_on_error: bool, dry_run: bool, vmap: Any = "auto", max_k: int = 16) -> None:
         self.plan_cfg = OmegaConf.to_container(plan, resolve=True) if isinstance(plan, DictConfig) else dict(plan)
         self.run_overrides = OmegaConf.to_container(run_overrides) if isinstance(run_overrides, DictConfig) else dict(run_overrides or {})
         self.max_batch_size = max_batch_size
         self.skip_finished = skip_finished
         self.fail_on_error = fail_on_error
         self.dry_run = dry_run
+        self.vmap = str(vmap).lower()
+        if self.vmap not in ("auto", "true", "false"):
+            raise ValueError(f"hydra.sweeper.vmap={vmap!r} is invalid: use auto (on for GPU/TPU, off on CPU), true or false.")
+        self.max_k = max_k
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
 
         self.hydra_context = hydra_context
         self.config = config
+        self.task_function = task_function
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -73,34 +85,106 @@ class PlanSweeper(Sweeper):
             return []
 
         # Each job's directory comes from its own composed config (hydra.sweep.dir / subdir), as the launcher sees it.
-        run_dirs, sweep_dirs = {}, set()
+        grouping = self.vmap == "true" or (self.vmap == "auto" and spec.kind == "lr")
+        run_dirs, sweep_dirs, cfgs = {}, set(), {}
         for job in jobs:
             cfg = loader.load_sweep_config(self.config, job.overrides)
             sweep_dirs.add(Path(cfg.hydra.sweep.dir))
-            run_dirs[job.name] = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
+            run_dirs[job.name] = (Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)).absolute()
+            if grouping:
+                cfgs[job.name] = _run_config(cfg)
         if len(sweep_dirs) != 1:
             raise ValueError(f"the runs of sweep {sweep_name!r} resolve to several sweep dirs {sorted(map(str, sweep_dirs))}: "
                              "hydra.sweep.dir must not depend on per-run keys.")
         sweep_dir = sweep_dirs.pop()
-        S.write_manifest(sweep_dir, S.manifest(plan, sweep_name, jobs, arguments))
+        if grouping:
+            from scaling.multi import group_by_shape
+
+            groups = [[jobs[i] for i in g] for g in group_by_shape([cfgs[j.name] for j in jobs], self.max_k)]
+        else:
+            groups = [[j] for j in jobs]
+        content = S.manifest(plan, sweep_name, jobs, arguments)
+        lead = {m.name: g[0].name for g in groups for m in g}
+        for entry in content["planned"]:
+            entry["job_group"] = lead[entry["name"]]  # the runs trained by one job (one vmapped step on a GPU)
+        content["vmap"] = self.vmap
+        S.write_manifest(sweep_dir, content)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
-        todo = [j for j in jobs if not (self.skip_finished and S.run_status(run_dirs[j.name]) in S.FINAL)]
-        log.info("sweep dir %s: %d runs to launch, %d already finished (skipped)", sweep_dir, len(todo), len(jobs) - len(todo))
-        size = self.max_batch_size or max(1, len(todo))
-        returns, failed = [], []
-        for start in range(0, len(todo), size):
-            batch = todo[start:start + size]
-            results = self.launcher.launch([j.overrides for j in batch], initial_job_idx=start)
-            for job, r in zip(batch, results):
-                if r.status == JobStatus.FAILED:  # the run wrote a failed record; the others carry on
-                    failed.append(f"{job.name}: {r._return_value!r}")
-            returns.append(results)
+        # A job per group of unfinished runs: a relaunch skips finished runs, and a partly finished group trains only
+        # its unfinished members (scaling.multi.train_group).
+        units = []
+        for g in groups:
+            todo = [j for j in g if not (self.skip_finished and S.run_status(run_dirs[j.name]) in S.FINAL)]
+            if todo:
+                units.append(todo)
+        n_todo = sum(map(len, units))
+        log.info("sweep dir %s: %d runs to launch, %d already finished (skipped), in %d jobs", sweep_dir, n_todo,
+                 len(jobs) - n_todo, len(units))
+        group_size = {m.name: len(g) for g in groups for m in g}
+        singles = [u for u in units if group_size[u[0].name] == 1]
+        grouped = [u for u in units if group_size[u[0].name] > 1]
+        size = self.max_batch_size or max(1, len(units))
+        returns, failed, offset = [], [], 0
+        for kind, batch_units in (("run", singles), ("group", grouped)):
+            if not batch_units:
+                continue
+            launcher = self.launcher
+            if kind == "group":
+                from hydra.core.plugins import Plugins
+
+                task = GroupTask({u[0].name: ([cfgs[j.name] for j in u], [run_dirs[j.name] for j in u]) for u in batch_units},
+                                 self.vmap)
+                launcher = Plugins.instance().instantiate_launcher(hydra_context=self.hydra_context, task_function=task,
+                                                                    config=self.config)
+            for start in range(0, len(batch_units), size):
+                batch = batch_units[start:start + size]
+                results = launcher.launch([u[0].overrides for u in batch], initial_job_idx=offset + start)
+                for u, r in zip(batch, results):
+                    if r.status == JobStatus.FAILED:  # the runs wrote failed records; the others carry on
+                        bad = [j.name for j in u if S.run_status(run_dirs[j.name]) not in S.FINAL] or [j.name for j in u]
+                        failed += [f"{name}: {r._return_value!r}" for name in bad]
+                returns.append(results)
+            offset += len(batch_units)
 
         df = S.collect(sweep_dir, skip_corrupt=True)
         df = df[df["name"].isin([j.name for j in jobs])]
         log.info("sweep %s: %s", sweep_name, S.summary(df))
         if failed and self.fail_on_error:
-            raise RuntimeError(f"{len(failed)} of {len(todo)} runs failed (their records say why; the rest finished):\n"
+            raise RuntimeError(f"{len(failed)} of {n_todo} runs failed (their records say why; the rest finished):\n"
                                + "\n".join(failed))
         return returns
+
+
+def _run_config(node: DictConfig):
+    """The typed Config a job would see: the composed config without its `hydra` node (as hydra's run_job does)."""
+    from omegaconf import open_dict, read_write
+
+    from scaling.config import from_omegaconf
+
+    node = node.copy()
+    with read_write(node), open_dict(node):
+        del node["hydra"]
+    return from_omegaconf(node)
+
+
+class GroupTask:
+    """The task function of a group job: the launcher composes the lead run's config; this trains the whole group.
+
+    A plain picklable object (joblib and submitit ship it to the worker) holding lead name -> (configs, run dirs).
+    """
+
+    def __init__(self, groups: Dict[str, Any], vmap: str) -> None:
+        self.groups = groups
+        self.vmap = vmap
+
+    def __call__(self, node: DictConfig) -> Dict[str, Any]:
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+        from scaling.multi import train_group
+
+        cfgs, run_dirs = self.groups[node.name]
+        records = train_group(cfgs, run_dirs, self.vmap)
+        for r in records:
+            print(f"[{r['name']}] status={r['status']} loss={r.get('loss')} lr={r['optim']['lr']} "
+                  f"vmap_group={r.get('vmap_group')}")
+        return {r["name"]: r.get("loss") for r in records}
