@@ -235,7 +235,8 @@ class PlannedRun:
     def tags(self) -> list[str]:
         size = f"N{fmt_sci(self.N)}"
         lr = [f"lr{fmt_sci(self.lr, 2)}"] if self.group and self.group != self.name else []  # an lr sweep's run
-        return ([f"C{fmt_sci(self.budget)}"] if self.budget else [f"D{fmt_sci(self.D)}"]) + [size, f"d{self.d_model}-L{self.n_layers}"] + lr
+        budget = [f"C{fmt_sci(self.budget)}"] if self.budget else [f"D{fmt_sci(self.D)}"]
+        return budget + [size, f"d{self.d_model}-L{self.n_layers}"] + lr
 
     def manifest(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
