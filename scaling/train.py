@@ -97,8 +97,8 @@ def train(cfg: Config, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     initialize_distributed(cfg.sharding)  # a no-op on one host
     existing = _read_json(run_dir / RECORD)
-    if existing and existing.get("status") == "completed":
-        log.info("run %s already completed (loss %.4f): nothing to train", run_dir, existing["loss"])
+    if existing and existing.get("status") in ("completed", "diverged"):  # deterministic: retraining repeats it
+        log.info("run %s already %s: nothing to train (delete record.json to retrain)", run_dir, existing["status"])
         return existing
     _check_same_run(cfg, run_dir)
 

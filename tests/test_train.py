@@ -145,6 +145,7 @@ def test_forced_nan_gives_diverged_record(tmp_path):
     on_disk = json.loads((tmp_path / "run" / "record.json").read_text())
     assert on_disk["status"] == "diverged" and on_disk["loss"] is None
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")  # the metrics written before are kept
+    assert train(cfg, tmp_path / "run") == on_disk  # a relaunch does not train the same divergence again
 
 
 def test_exception_writes_failed_record(tmp_path):
