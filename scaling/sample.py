@@ -61,8 +61,10 @@ def generate(
     """Continues `prompt` by `max_new_tokens` tokens; `use_cache=False` recomputes the prefix (the reference)."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature} is invalid: use 0 (greedy) or a positive value.")
-    if top_k is not None and not 0 < top_k <= cfg.vocab_size:
-        raise ValueError(f"top_k={top_k} is invalid: use 1..{cfg.vocab_size} or omit it.")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k={top_k} is invalid: use a positive k, or omit it to sample from every token.")
+    if top_k is not None and top_k >= cfg.vocab_size:
+        top_k = None  # keeping k >= V tokens truncates nothing
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token (text, or a few-shot file).")
     if max_new_tokens >= cfg.seq_len:
