@@ -133,7 +133,8 @@ class Checkpointer:
             raise ValueError(f"checkpoint step={step!r} is invalid: use a non-negative integer")
         step = int(step)
         # Cheap checks first: the trainer calls save() every step.
-        if not (force or self._mgr.should_save(step)) or step in self._mgr.all_steps():
+        # Our own interval test: orbax's should_save() also saves the first step a manager sees (step 1 of every run).
+        if not (force or step % self.cfg.every == 0) or step in self._mgr.all_steps():
             return False
         try:
             meta_json = json.loads(json.dumps(meta))  # NaN/inf allowed (a diverged loss is worth keeping)

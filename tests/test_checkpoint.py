@@ -93,6 +93,13 @@ def test_interval_force_and_keep_last_k(ckdir):
     assert (step, meta) == (43, {"step": 43})
 
 
+def test_first_step_off_the_interval_is_not_saved(ckdir):
+    # The trainer's first call is save(1, ...): orbax's own should_save() would checkpoint it.
+    with Checkpointer(ckdir, CheckpointConfig(every=5)) as ck:
+        saved = [s for s in range(1, 12) if ck.save(s, make_state(0), {"step": s})]
+    assert saved == [5, 10]
+
+
 def _save_two(ckdir: Path) -> tuple[dict, dict]:
     s10, s20 = make_state(10), make_state(20)
     with Checkpointer(ckdir, CheckpointConfig(every=10)) as ck:

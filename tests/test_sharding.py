@@ -234,3 +234,36 @@ def test_mesh_and_batch_errors():
 
     with pytest.raises(ValueError, match="train.batch_size=12 \\(microbatch 6 with grad_accum=2\\) does not split over 4"):
         check_batch(FakeMesh(), 12, 2)
+
+
+def test_two_process_training_run_writes_one_record_equal_to_one_process(tmp_path):
+    """The whole `python -m scaling.train` on 2 localhost processes (jax.distributed, explicit coordinator)."""
+    common = [
+        sys.executable, "-m", "scaling.train", "model=tiny", "data=synthetic", "logging=none", "train=steps",
+        "train.steps=12", "train.batch_size=8", "train.eval_every=6", "train.eval_tokens=2048",
+        "train.checkpoint.every=6", "logging.log_every=2", "data.synthetic.vocab_size=32",
+        "data.synthetic.n_tokens=50000", "model.vocab_size=33", f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    single = subprocess.run([*common, f"hydra.run.dir={tmp_path / 'single'}"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stdout + single.stderr
+    port = _free_port()
+    procs = [
+        subprocess.Popen(
+            [*common, f"hydra.run.dir={tmp_path / 'multi'}", f"sharding.coordinator=127.0.0.1:{port}",
+             "sharding.num_processes=2", f"sharding.process_id={pid}"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for pid in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
+    one = json.loads((tmp_path / "single" / "record.json").read_text())
+    two = json.loads((tmp_path / "multi" / "record.json").read_text())
+    assert (one["n_devices"], two["n_devices"], two["status"]) == (1, 2, "completed")
+    # Same global batch split over 2 processes: only the reduction order differs (float32, ~1e-7 relative).
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    lines = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [2, 4, 6, 8, 10, 12]  # written once, by process 0
+    assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir()) == ["12", "6"]
