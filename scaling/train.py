@@ -361,6 +361,11 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+def _quiet_library_loggers() -> None:
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "Unable to initialize backend 'tpu'" on CPU
+
+
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -368,11 +373,11 @@ def main() -> None:
     from scaling.config import from_omegaconf, register_configs
 
     register_configs()
-    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
 
     @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "configs"), config_name="config")
     def _app(node) -> Optional[float]:
-        logging.getLogger("absl").setLevel(logging.WARNING)  # again here: joblib/submitit run jobs in fresh processes
+        # Here, not before hydra.main: Hydra sets up logging per job, and joblib/submitit jobs are fresh processes.
+        _quiet_library_loggers()
         cfg = from_omegaconf(node)
         record = train(cfg, Path(HydraConfig.get().runtime.output_dir))
         print(f"[{cfg.name}] status={record['status']} loss={record.get('loss')} N={record['N']} D={record['D']} C={record['C']:.3g}")
