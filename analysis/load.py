@@ -3,7 +3,8 @@
 Every loader returns a DataFrame with one row per run and these columns (the fits read only these):
   name, status, excluded (bool), reason, N, D, C, loss, budget (planned FLOPs, NaN if not an IsoFLOP budget),
   N_convention ("non_embedding" | "total" | "csv" | ...), C_convention ("6ND" | "6N" | "kaplan" | ...),
-  flops_per_token (C / (N D), the k of C = k N D used for compute-optimal conversions), plus source extras.
+  flops_per_token (C / (N D), the k of C = k N D used for compute-optimal conversions), plus source extras
+  (sweep directories: lr, the peak learning rate from record["optim"]["lr"], NaN when absent).
 Failed, diverged, running or unusable runs stay in the table with `excluded=True` and a reason; `usable()` drops them.
 """
 
@@ -112,6 +113,7 @@ def _record_row(rec: dict, run_dir: Path, n_conv: str, c_conv: str) -> dict:
         "budget": _num(budget.get("value")) if budget.get("kind") == "flops" else math.nan,
         "sweep": rec.get("sweep"), "seed": rec.get("seed"), "train_loss": _num(rec.get("train_loss")),
         "record_C": _num(rec.get("C")), "run_dir": str(run_dir),
+        "lr": _num((rec.get("optim") or {}).get("lr")),  # peak learning rate; groups learning-rate sweeps
     }
 
 
@@ -135,9 +137,11 @@ def load_sweep(sweep_dir: str | Path, *, n: str = "non_embedding", c: str = "6ND
         found = {r["name"] for r in rows}
         for plan in _read_json(manifest).get("planned", []):
             if plan.get("name") not in found:
+                # N, D and lr as planned (NaN when the plan lacks them): they place the run in its lr-sweep group.
                 rows.append({"name": plan.get("name"), "status": "missing",
                              "reason": "planned in sweep.json but no record.json found",
-                             "budget": _num(plan.get("budget"))})
+                             "budget": _num(plan.get("budget")), "N": _num(plan.get("N")), "D": _num(plan.get("D")),
+                             "lr": _num(plan.get("lr"))})
     if not rows:
         raise ValueError(f"sweep directory {str(root)!r} holds no record.json; point at a folder of finished runs")
     return _finish(rows, n, c)

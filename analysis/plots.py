@@ -201,3 +201,52 @@ def plot_contours(df: pd.DataFrame, a3: Approach3Fit, out_dir: Path) -> list[Pat
                ylabel="tokens D", title="Approach 3: L(N, D)")
         ax.legend(fontsize=8, loc="lower right")
         return _save(fig, out_dir, "contours")
+
+
+def _short(x: float) -> str:
+    """2.5e4 rather than 2.55e+04, for legends."""
+    m, e = f"{x:.2g}".partition("e")[::2]
+    return f"{m}e{int(e)}" if e else m
+
+
+def plot_lr_sweeps(sweeps, out_dir: Path) -> list[Path]:
+    """Loss vs peak learning rate (log x), one curve per group of runs with the same N and budget (`analysis.lr`):
+    the grid points, the parabola in ln(lr) over its window, the interpolated optimum (star), a best lr at the edge
+    of the grid (open circle), and the lrs with no usable run (x at the top of the axes)."""
+    cmap = plt.get_cmap("tab10")
+    colors = [cmap(i % 10) for i in range(len(sweeps))]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        top = matplotlib.transforms.blended_transform_factory(ax.transData, ax.transAxes)
+        all_lr = []
+        for i, s in enumerate(sweeps):
+            col = colors[i]
+            p = s.points
+            all_lr += list(p["lr"])
+            ok = np.isfinite(p["loss"].to_numpy(float))
+            budget = f"C={_short(s.budget)}" if np.isfinite(s.budget) else f"D={_short(s.D)}"
+            ax.plot(p["lr"][ok], p["loss"][ok], "o-", color=col, ms=5, lw=1, alpha=0.9, zorder=3,
+                    label=f"N={_short(s.N)}, {budget}" + (f": lr*={_short(s.lr_opt)}" if s.lr_opt else ""))
+            if (~ok).any():
+                ax.plot(p["lr"][~ok], np.full((~ok).sum(), 0.97), "x", color=col, ms=7, mew=1.5, transform=top,
+                        clip_on=False, zorder=4)
+            if s.parabola is not None:
+                x = np.linspace(np.log(s.window[0]), np.log(s.window[1]), 100)
+                ax.plot(np.exp(x), np.polyval(s.parabola, x), "--", color=col, lw=1, alpha=0.8)
+                ax.plot(s.lr_opt, s.loss_opt, "*", color=col, mec="k", mew=0.6, ms=13, zorder=5)
+            elif s.edge and s.best_lr is not None:
+                ax.plot(s.best_lr, s.best_loss, "o", mfc="none", mec="tab:red", ms=12, mew=1.5, zorder=5)
+        if any(s.parabola is not None for s in sweeps):
+            ax.plot([], [], "k--", lw=1, label=r"parabola in $\ln(\mathrm{lr})$")
+            ax.plot([], [], "*", color="0.6", mec="k", mew=0.6, ms=11, label="interpolated optimum")
+        if any(s.edge and s.parabola is None and s.best_lr is not None for s in sweeps):
+            ax.plot([], [], "o", mfc="none", mec="tab:red", ms=9, mew=1.5, label="best at grid edge: widen sweep")
+        if any(not np.isfinite(s.points["loss"].to_numpy(float)).all() for s in sweeps):
+            ax.plot([], [], "x", color="0.3", ms=7, mew=1.5, label="no usable run (diverged/failed)")
+        ax.set(xscale="log", xlabel="peak learning rate", ylabel="final loss [nats/token]",
+               title="Learning-rate sweeps")
+        lo, hi = min(all_lr), max(all_lr)
+        ax.set_xlim(lo / (hi / lo) ** 0.08, hi * (hi / lo) ** 0.08)
+        _log_x_ticks(ax, all_lr)
+        ax.legend(fontsize=7)
+        return _save(fig, out_dir, "lr_sweep")

@@ -14,6 +14,7 @@ from analysis import plots
 from analysis.approach3 import Approach3Fit
 from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, lower_envelope
 from analysis.load import excluded, load_curves, load_sweep, usable
+from analysis.lr import lr_sweeps
 from analysis.uncertainty import (Approach1Stat, Approach2Stat, Approach3Stat, KaplanStat, backtest, bootstrap)
 
 APPROACHES = (1, 2, 3)
@@ -173,6 +174,7 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
             f"| {e['name']} | {e['status']} | {e['reason']} |" for e in res["excluded"]]
     else:
         L.append("None.")
+    L += _lr_markdown(res.get("lr_sweeps") or [])
     sections = [("kaplan", "Kaplan et al. 2020 power laws", None),
                 ("approach1", "Chinchilla Approach 1 (training-curve envelope)", ["a", "b", "k_N", "k_D", "N_opt", "D_opt"]),
                 ("approach2", "Chinchilla Approach 2 (IsoFLOP parabolas)", ["a", "b", "k_N", "k_D", "N_opt", "D_opt"]),
@@ -212,6 +214,37 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
             f"| {k} | {_fmt(v)} |" for k, v in res["backtest"].items()]
     L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(L) + "\n"
+
+
+def _lr_markdown(sweeps: list[dict]) -> list[str]:
+    """The "Learning-rate sweeps" section: one table per group of runs that differ only in lr (none: no section)."""
+    if not sweeps:
+        return []
+    L = ["", "## Learning-rate sweeps", "",
+         "Runs with the same N and budget at several peak learning rates. The optimum is the minimum of a parabola in "
+         "ln(lr) through the best lr and its neighbours (as in Wortsman et al. 2023; Bi et al. 2024); a best lr at "
+         "the end of the grid has no interior minimum, and the sweep should be widened on that side."]
+    for g in sweeps:
+        budget = f"C = {g['budget']:.3g} FLOPs, " if g.get("budget") else ""
+        L += ["", f"### N = {g['N']:.4g}, {budget}D = {g['D']:.4g} tokens", "",
+              "| lr | loss | runs used | status |", "|---|---|---|---|"]
+        for p in g["points"]:
+            L.append(f"| {p['lr']:.3g} | {_fmt(p['loss'])} | {p['n_used']}/{p['n_runs']} | {p['status']} |")
+        L.append("")
+        if g["best_lr"] is not None:
+            L.append(f"- best lr on the grid: {g['best_lr']:.3g} (loss {g['best_loss']:.4g})")
+        if g["lr_opt"] is not None:
+            lo, hi = g["window"]
+            L.append(f"- interpolated optimum: lr {g['lr_opt']:.3g} (loss {g['loss_opt']:.4g}), parabola in ln(lr) "
+                     f"through lr {lo:.3g}-{hi:.3g}")
+        elif g["edge"]:
+            L.append(f"- **best lr at the {g['edge']} end of the grid: widen the sweep** ({g['note']})")
+        else:
+            L.append(f"- no interpolated optimum: {g['note']}")
+        if g["excluded"]:
+            L.append("- excluded from this group: " + "; ".join(
+                f"{e['name']} (lr {e['lr']:.3g}, {e['status']})" for e in g["excluded"]))
+    return L
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -254,6 +287,9 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, n:
         budget_convention = None
     res, fitted = fit_all(df, C=C, n_bootstrap=n_bootstrap, curves=curves, n_jobs=n_jobs, seed=seed,
                           budget_convention=budget_convention)
+    sweeps = lr_sweeps(df)
+    if sweeps:
+        res["lr_sweeps"] = _clean([s.as_dict() for s in sweeps])
     runs = usable(df)
     if backtest_below is not None:
         try:
@@ -261,7 +297,8 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, n:
         except ValueError as exc:
             res["backtest"] = {"error": str(exc)}
     out = Path(out_dir) if out_dir else Path(sweep_dir) / "report"
-    figs = make_plots(runs, fitted, res, out / "figures", curves)
+    figs = plots.plot_lr_sweeps(sweeps, out / "figures") if sweeps else []
+    figs += make_plots(runs, fitted, res, out / "figures", curves)
     rel = [str(p.relative_to(out)) for p in figs if p.suffix == ".png"]
     _atomic_write(out / "results.json", json.dumps(res, indent=1))
     report = out / "report.md"
