@@ -62,6 +62,10 @@ class Approach3Fit:
         out = {k: getattr(self, k) for k in ("E", "A", "B", "alpha", "beta", "a", "b", "G")}
         out.update(n_points=self.n_points, objective=self.objective, method=self.method)
         if C is not None:
+            if not (self.alpha > 0 and self.beta > 0):  # G is then complex or NaN: no compute-optimal allocation
+                raise ValueError(f"approach 3: fitted alpha={self.alpha:.3g}, beta={self.beta:.3g}; N_opt, D_opt need "
+                                 "both > 0 (do the runs' losses vary with N and D, not with another setting such as "
+                                 "the learning rate?)")
             out.update(C=float(C), N_opt=float(self.N_opt(C)), D_opt=float(self.D_opt(C)), L_opt=float(self.L_opt(C)))
         return out
 

@@ -115,12 +115,12 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
 
     def approach3():
         full = Approach3Stat(method=approach3_method, n_starts=32, flops_per_token=fpt).fit(runs)
-        fitted["a3"] = full
         stat = Approach3Stat(C=C, method=approach3_method, flops_per_token=fpt,
                              init=(full.E, full.A, full.B, full.alpha, full.beta))
         out = _with_ci(stat, runs, boot)
         out.pop("_samples", None)
         out.update({k: v for k, v in full.as_dict(C).items() if not isinstance(v, float) or k not in out})
+        fitted["a3"] = full  # only a fit with a compute-optimal allocation is plotted (as_dict raises otherwise)
         return out
 
     attempt("kaplan", kaplan)
