@@ -17,8 +17,11 @@ Gradient clipping acts before Adam and does not involve lr. Equal to K separate 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -29,11 +32,12 @@ import numpy as np
 import optax
 
 from scaling.accounting import flops_per_token, peak_flops_per_device
+from scaling.checkpoint import Checkpointer
 from scaling.config import Config, resolve_budget, to_dict
 from scaling.data import load_tokens
 from scaling.model import ModelConfig, init_params, loss_fn
 from scaling.optim import OptimConfig
-from scaling.tracking import LoggingConfig, build_tracker
+from scaling.tracking import LoggingConfig, build_tracker, read_metrics, write_json_atomic
 from scaling.train import (
     RECORD,
     _check_same_run,
@@ -147,8 +151,10 @@ def group_by_shape(cfgs: Sequence[Config], max_k: int = 16) -> list[list[int]]:
 def train_many(cfgs: Sequence[Config], run_dirs: Sequence[Path]) -> list[dict]:
     """Trains K configs that differ only in lr / seed / name as one vmapped step; returns their records.
 
-    Completed runs are skipped (their record is returned). No checkpoints: a group is cheap by design, so a crashed
-    group is retrained from scratch.
+    Completed runs are skipped (their record is returned). The stacked state is checkpointed every
+    `train.checkpoint.every` steps and at the end in one group directory (`group_checkpoint_dir`), so relaunching the
+    same members resumes from the newest intact checkpoint; another member set gets another directory and starts
+    fresh.
     """
     check_group(cfgs)
     run_dirs = [Path(d) for d in run_dirs]
@@ -170,6 +176,32 @@ def train_many(cfgs: Sequence[Config], run_dirs: Sequence[Path]) -> list[dict]:
     return records
 
 
+def _members(run_dirs: Sequence[Path]) -> list[str]:
+    """The group's identity: its run directories in order (the K axis), relative to the first one's parent."""
+    parent = run_dirs[0].absolute().parent
+    return [os.path.relpath(d.absolute(), parent) for d in run_dirs]
+
+
+def group_checkpoint_dir(run_dirs: Sequence[Path]) -> Path:
+    """`<first run dir>/../.group-<hash of the ordered member dirs>`: one directory per member set and order.
+
+    One directory, not a slice per run dir: a group checkpoint is then one orbax save (atomic by rename), so a kill
+    can never leave members at different steps. A relaunch with another member set (some finished meanwhile) hashes
+    to another directory and never sees this group's checkpoints; its members' configs are pinned by their run dirs.
+    """
+    members = _members([Path(d) for d in run_dirs])
+    digest = hashlib.sha256(json.dumps(members).encode()).hexdigest()[:16]
+    return Path(run_dirs[0]).absolute().parent / f".group-{digest}"
+
+
+def _nan_to_none(xs) -> list:
+    return [None if not math.isfinite(x) else float(x) for x in xs]
+
+
+def _none_to_nan(xs) -> np.ndarray:
+    return np.array([float("nan") if x is None else x for x in xs], dtype=float)
+
+
 def _train_group(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
     cfg0, K = cfgs[0], len(cfgs)
     budget = resolve_budget(cfg0.model, cfg0.train)
@@ -181,14 +213,34 @@ def _train_group(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
         data.validate_batch_shape(cfg0.train.batch_size, cfg0.model.seq_len)
         for r in records:
             r.update(tokenizer=_tokenizer_record(data), data=_data_record(data), epochs=data.epochs(budget.D))
-        # One jsonl tracker per model (several wandb runs in one process are not supported here).
-        trackers = [build_tracker(LoggingConfig(backend="jsonl", progress="none"), d, to_dict(c), c.name, None)
-                    for c, d in zip(cfgs, run_dirs)]
 
         seeds = [c.train.seed for c in cfgs]
         shared = len(set(seeds)) == 1
         optimizer = unit_lr_optimizer(cfg0.optim, budget.steps)
         state = init_many(cfg0.model, optimizer, seeds, [c.optim.lr for c in cfgs])
+        group_dir = group_checkpoint_dir(run_dirs)
+        members = _members(run_dirs)
+        group_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(group_dir / "members.json", {"members": members, "names": [c.name for c in cfgs]})
+        checkpointer = Checkpointer(group_dir / "checkpoints", cfg0.train.checkpoint)
+        restored = checkpointer.restore_latest(state)
+        start_step = 0
+        first = np.full(K, np.nan)
+        alive = np.ones(K, bool)
+        if restored is not None:
+            start_step, state, meta = restored
+            if meta.get("members") != members:  # a hash collision; never resume another group's models
+                raise ValueError(f"group checkpoint {group_dir} belongs to members {meta.get('members')}, not {members}")
+            first, alive = _none_to_nan(meta["first_loss"]), np.array(meta["alive"], bool)
+            for k, (step_k, loss_k) in enumerate(zip(meta["diverged_step"], meta["diverged_train_loss"])):
+                if step_k is not None:
+                    records[k].update(status="diverged", diverged_step=step_k, train_loss=_none_to_nan([loss_k])[0])
+            log.info("resuming vmapped group %s from step %d", group_dir, start_step)
+        # One jsonl tracker per model (several wandb runs in one process are not supported here); on resume each
+        # metrics.jsonl is cut back to the restored step.
+        trackers = [build_tracker(LoggingConfig(backend="jsonl", progress="none"), d, to_dict(c), c.name,
+                                  start_step if restored is not None else None)
+                    for c, d in zip(cfgs, run_dirs)]
         step_fn = make_multi_step(cfg0.model, optimizer, cfg0.train.grad_accum, seeds[0], shared)
         eval_fn = jax.jit(jax.vmap(lambda p, b: loss_fn(p, cfg0.model, b), in_axes=(0, None)))
         A, L = cfg0.train.grad_accum, cfg0.model.seq_len
@@ -199,24 +251,32 @@ def _train_group(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
             return jnp.asarray(one(seeds[0]) if shared else np.stack([one(s) for s in seeds]))
 
         t0 = time.perf_counter()
-        step_fn = step_fn.lower(state, batch_at(0), jnp.asarray(0)).compile()
+        step_fn = step_fn.lower(state, batch_at(start_step), jnp.asarray(start_step)).compile()
         compile_s = time.perf_counter() - t0
         peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg0.train.peak_flops)
         fpt, conv_fpt = flops_per_token(cfg0.model, "chinchilla"), flops_per_token(cfg0.model, cfg0.train.flops_convention)
         log_every = cfg0.logging.log_every
-        first = np.full(K, np.nan)
-        alive = np.ones(K, bool)
         train_loss_K = eval_loss_K = np.full(K, np.nan)
         window, window_t0, train_s = [], time.perf_counter(), 0.0
         group_tps = float("nan")
         lr_shape = cfg0.optim.schedule_fn(budget.steps)
 
-        for step in range(budget.steps):
+        def save(done: int, force: bool) -> None:
+            diverged = [r["status"] == "diverged" for r in records]
+            meta = {"members": members, "tokens": done * budget.tokens_per_step, "first_loss": _nan_to_none(first),
+                    "alive": [bool(a) for a in alive],
+                    "diverged_step": [r["diverged_step"] if d else None for r, d in zip(records, diverged)],
+                    "diverged_train_loss": [_nan_to_none([r["train_loss"]])[0] if d else None
+                                            for r, d in zip(records, diverged)]}
+            checkpointer.save(done, state, meta, force=force)
+
+        for step in range(start_step, budget.steps):
             state, metrics = step_fn(state, batch_at(step), jnp.asarray(step))
             window.append(metrics["train_loss"])
             done = step + 1
             last = done == budget.steps
             if not (done % log_every == 0 or last):
+                save(done, last)
                 continue
             train_loss_K = np.mean(np.stack(jax.device_get(window)), axis=0)
             grad_norm_K = np.asarray(jax.device_get(metrics["grad_norm"]))
@@ -237,7 +297,8 @@ def _train_group(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
                        "tokens_per_s": tps, "mfu": group_tps * fpt / peak / K}
                 if not math.isfinite(train_loss_K[k]) or train_loss_K[k] > cfg0.train.divergence_factor * first[k]:
                     alive[k] = False  # it keeps stepping inside the vmap (its NaNs touch no other model)
-                    records[k].update(status="diverged", diverged_step=done)
+                    # Its record keeps the loss it diverged with (as scaling.train's does), not a later NaN.
+                    records[k].update(status="diverged", diverged_step=done, train_loss=float(train_loss_K[k]))
                     log.error("model %s diverged at step %d", cfgs[k].name, done)
                 elif evaluate_now:
                     row["eval_loss"] = float(eval_loss_K[k])
@@ -245,11 +306,19 @@ def _train_group(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
             window, window_t0 = [], time.perf_counter()
             if not alive.any():
                 break
+            save(done, last)
+        checkpointer.close()
+        if start_step == budget.steps:  # killed after the final checkpoint, before the records: finish, train nothing
+            rows = [(read_metrics(d / "metrics.jsonl") or [{}])[-1] for d in run_dirs]
+            train_loss_K = np.array([row.get("train_loss", np.nan) for row in rows], dtype=float)
+            group_tps = K * float(rows[0].get("tokens_per_s", np.nan))
+            val = [jnp.asarray(b) for b in data.val_batches(cfg0.train.eval_tokens, cfg0.train.batch_size, L)]
+            eval_loss_K = np.mean([np.asarray(eval_fn(state["params"], b)) for b in val], axis=0)
 
         for k, r in enumerate(records):
             ok = r["status"] == "running"
             r.update(status="completed" if ok else r["status"], loss=float(eval_loss_K[k]) if ok else float("nan"),
-                     train_loss=float(train_loss_K[k]), tokens_per_s=group_tps / K, group_tokens_per_s=group_tps,
+                     train_loss=float(train_loss_K[k]) if ok else r.get("train_loss", float("nan")), tokens_per_s=group_tps / K, group_tokens_per_s=group_tps,
                      mfu=group_tps * fpt / peak / K, wall_s=train_s + compile_s, compile_s=compile_s)
     except Exception as e:  # noqa: BLE001 - every failure must leave records saying so
         for r in records:
@@ -279,8 +348,9 @@ def train_group(cfgs: Sequence[Config], run_dirs: Sequence[Path], vmap: str | bo
 
     Members that already finished (completed or diverged) are left alone, so a partly finished group trains only its
     unfinished members: as one smaller vmapped group (the models do not interact, so the result is the full group's up
-    to float rounding, which a long high-lr run can amplify; no checkpoints, so an interrupted vmapped group restarts
-    those members from step 0), or, without vmap, one after another through `scaling.train.train` (checkpoints, resume). A failing member
+    to float rounding, which a long high-lr run can amplify; a smaller group is another member set, so it restarts
+    those members from step 0, while an interrupted group relaunched whole resumes from its group checkpoint), or,
+    without vmap, one after another through `scaling.train.train` (checkpoints, resume). A failing member
     (sequential) is recorded and the others still train; the job then raises.
     """
     check_group(cfgs)

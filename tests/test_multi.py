@@ -128,3 +128,97 @@ def test_train_group_trains_only_unfinished_members_with_or_without_vmap(tmp_pat
     assert use_vmap("auto") is (jax.default_backend() != "cpu")
     with pytest.raises(ValueError, match="vmap='sometimes' is invalid"):
         use_vmap("sometimes")
+
+
+_KILLED_GROUP = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import scaling.multi as multi
+from test_multi import _kill_group
+
+class KillAfter(multi.Checkpointer):
+    def save(self, step, state, meta, force=False):
+        saved = super().save(step, state, meta, force)
+        if step == 6:  # after step 6 is logged; the newest checkpoint is step 4
+            self.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return saved
+
+multi.Checkpointer = KillAfter
+cfgs, dirs = _kill_group(Path({root!r}))
+multi.train_many(cfgs, dirs)
+"""
+
+
+def _kill_group(root):
+    cfgs = []
+    for i, lr in enumerate([3e-3, 1e-2, 1e4]):  # the last one diverges
+        cfg = tiny_config(root, steps=12)  # checkpoint every 4, log every 2, eval every 6
+        cfg.name = f"k{i}"
+        cfg.optim = dataclasses.replace(cfg.optim, lr=lr)
+        cfgs.append(cfg)
+    return cfgs, [root / "group" / c.name for c in cfgs]
+
+
+def test_group_resumes_after_kill_9_bit_identical(tmp_path, caplog):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from scaling.checkpoint import Checkpointer
+    from scaling.multi import group_checkpoint_dir
+
+    ref_cfgs, ref_dirs = _kill_group(tmp_path / "ref")
+    ref = train_many(ref_cfgs, ref_dirs)
+
+    root = tmp_path / "run"
+    script = _KILLED_GROUP.format(tests=str(Path(__file__).parent), root=str(root))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    cfgs, dirs = _kill_group(root)
+    ckpts = group_checkpoint_dir(dirs) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["4"]
+    assert not any((d / "record.json").exists() for d in dirs)
+    before = [read_metrics(d / "metrics.jsonl") for d in dirs]
+    assert [m["step"] for m in before[0]] == [2, 4, 6]  # step 6 is redone
+
+    # Another member set never sees this group's checkpoint.
+    assert group_checkpoint_dir(dirs[:2]) != group_checkpoint_dir(dirs)
+    assert group_checkpoint_dir(dirs[::-1]) != group_checkpoint_dir(dirs)
+
+    with caplog.at_level("INFO", logger="scaling.multi"):
+        resumed = train_many(cfgs, dirs)
+    assert "from step 4" in caplog.text  # resumed, not retrained from step 0 (which would also match the reference)
+    for b, d in zip(before, dirs):
+        assert read_metrics(d / "metrics.jsonl")[:2] == b[:2]  # rows up to the checkpoint kept, timings included
+    assert [r["status"] for r in resumed] == [r["status"] for r in ref]
+    # k2 diverged at step 4, before the kill: the resumed group learns it from the checkpoint's meta.
+    assert ref[2]["status"] == "diverged" and ref[2]["diverged_step"] == 4 and resumed[2]["diverged_step"] == 4
+    timing = ("tokens_per_s", "mfu")
+    for r, q, d, e in zip(ref, resumed, ref_dirs, dirs):
+        for key in ("loss", "train_loss"):
+            assert np.asarray(r[key]).tobytes() == np.asarray(q[key]).tobytes(), (r["name"], key)  # to the last bit
+        rows = lambda p: [{k: v for k, v in m.items() if k not in timing} for m in read_metrics(p / "metrics.jsonl")]  # noqa: E731
+        assert rows(e) == rows(d), r["name"]
+
+    def final(dirs_):
+        state = init_many(MODEL.replace(vocab_size=ref_cfgs[0].model.vocab_size),
+                          unit_lr_optimizer(ref_cfgs[0].optim, 12), [0, 0, 0], [1.0] * 3)
+        with Checkpointer(group_checkpoint_dir(dirs_) / "checkpoints", ref_cfgs[0].train.checkpoint) as c:
+            step, params, _ = c.restore_latest(state)
+        assert step == 12
+        return params
+
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           final(ref_dirs), final(dirs))
+
+    # Killed after the final checkpoint, before the records: the relaunch writes them without training.
+    for d in dirs:
+        (d / "record.json").unlink()
+    again = train_many(cfgs, dirs)
+    assert [(r["status"], r["diverged_step"]) for r in again] == [(r["status"], r["diverged_step"]) for r in ref]
+    for r, q in zip(ref, again):
+        for key in ("loss", "train_loss"):
+            assert np.asarray(r[key]).tobytes() == np.asarray(q[key]).tobytes(), (r["name"], key)
