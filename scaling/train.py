@@ -152,6 +152,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
         peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops) * mesh.size
         fpt = flops_per_token(cfg.model, "chinchilla")
         conv_fpt = flops_per_token(cfg.model, cfg.train.flops_convention)
+        lr_at = cfg.optim.schedule_fn(budget.steps)  # built once, not at every logged step
         log_every = cfg.logging.log_every
         window: list[jnp.ndarray] = []
         window_t0, window_steps = time.perf_counter(), 0
@@ -179,7 +180,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
                     "step": done,
                     "tokens": done * budget.tokens_per_step,
                     "flops": done * budget.tokens_per_step * conv_fpt,
-                    "lr": float(cfg.optim.schedule_fn(budget.steps)(step)),
+                    "lr": float(lr_at(step)),
                     "train_loss": train_loss,
                     "grad_norm": float(metrics["grad_norm"]),
                     "tokens_per_s": tokens_per_s,
