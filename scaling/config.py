@@ -52,7 +52,7 @@ class TrainConfig:
             raise ValueError(f"train.flops_convention={self.flops_convention!r} is unknown: use one of {FLOP_CONVENTIONS}.")
         for name in ("batch_size", "grad_accum", "eval_every", "eval_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:  # as ModelConfig: True is no size
                 raise ValueError(f"train.{name}={value!r} is invalid: it must be a positive integer.")
         if self.batch_size % self.grad_accum:
             raise ValueError(

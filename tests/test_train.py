@@ -108,6 +108,7 @@ def test_budget_errors(tmp_path, kw, message):
         (dict(steps=3, batch_size=6, grad_accum=4), "train.batch_size=6 is not divisible by train.grad_accum=4"),
         (dict(steps=3, flops_convention="6ND"), "train.flops_convention='6ND' is unknown"),
         (dict(steps=3, divergence_factor=0.5), "train.divergence_factor=0.5 is invalid"),
+        (dict(steps=3, batch_size=True), "train.batch_size=True is invalid"),
     ],
 )
 def test_train_config_errors(kw, message):
