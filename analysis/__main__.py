@@ -1,4 +1,4 @@
-"""CLI: `python -m analysis {fit,report,bench}` (see the README's analysis section)."""
+"""CLI: `python -m analysis {fit,report,predict,verify,bench}` (see the README's analysis section)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ EPILOG = """examples:
   python -m analysis fit --csv runs.csv --N params --D tokens --loss loss --C budget --approach 2,3 --json fit.json
   python -m analysis fit --sweep outputs/sweep --approach 1,2,3 --bootstrap 200 --plots figs/
   python -m analysis report outputs/sweep --at-C 1e21
+  python -m analysis predict outputs/sweep --at-C 4e21 --out study/   # commit study/prediction.json, then train
+  python -m analysis verify study/prediction.json outputs/verify --out study/
   python -m analysis bench"""
 
 
@@ -52,6 +54,25 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("sweep_dir", type=Path)
     r.add_argument("--out", type=Path, help="output folder [SWEEP_DIR/report]")
     _common(r)
+
+    pr = sub.add_parser("predict", help="commit a prediction: the compute-optimal N, D and loss at a larger budget")
+    pr.add_argument("sweep_dir", type=Path)
+    pr.add_argument("--at-C", type=float, required=True, dest="at_C", help="the budget to predict, e.g. 4x the largest")
+    pr.add_argument("--out", type=Path, required=True, help="folder for prediction.json and prediction.md")
+    pr.add_argument("--headline", default="approach3", choices=["approach2", "approach3"],
+                    help="whose N, D, L is the committed prediction [approach3]")
+    pr.add_argument("--n-convention", default="non_embedding", choices=["non_embedding", "total"])
+    pr.add_argument("--c-convention", default="record", choices=["6ND", "6N", "kaplan", "chinchilla", "record"],
+                    help="which C from run records [record: the convention the runs were budgeted in]")
+    pr.add_argument("--isoflop-method", default="parabola", choices=["parabola", "akima"])
+    pr.add_argument("--bootstrap", type=int, default=200)
+    pr.add_argument("--jobs", type=int, default=2)
+    pr.add_argument("--seed", type=int, default=0)
+
+    v = sub.add_parser("verify", help="score a committed prediction on the runs trained at its budget")
+    v.add_argument("prediction", type=Path, help="prediction.json written by `predict`")
+    v.add_argument("sweep_dir", type=Path, help="the verification sweep (runs at the predicted budget)")
+    v.add_argument("--out", type=Path, required=True, help="folder for verification.json and verification.md")
 
     b = sub.add_parser("bench", help="time the Approach 3 bootstrap (200 resamples of 250 points by default)")
     b.add_argument("--resamples", type=int, default=200)
@@ -159,10 +180,51 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_predict(a) -> int:
+    from analysis.predict import predict, prediction_markdown
+    from analysis.report import _atomic_write
+
+    runs = usable(load_sweep(a.sweep_dir, n=a.n_convention, c=a.c_convention))
+    if runs.empty:
+        raise ValueError(f"{a.sweep_dir}: no usable runs to fit; finish the sweep first")
+    conventions = {"N": a.n_convention, "C": str(runs["C_convention"].iloc[0]), "sweep": str(a.sweep_dir)}
+    p = predict(runs, a.at_C, headline=a.headline, n_bootstrap=a.bootstrap, seed=a.seed, n_jobs=a.jobs,
+                isoflop_method=a.isoflop_method, conventions=conventions)
+    md = prediction_markdown(p)
+    a.out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(a.out / "prediction.json", json.dumps(p, indent=1))
+    _atomic_write(a.out / "prediction.md", md)
+    print(md)
+    print(f"wrote {a.out / 'prediction.json'} and prediction.md")
+    return 0
+
+
+def cmd_verify(a) -> int:
+    from analysis.predict import verification_markdown, verify
+    from analysis.report import _atomic_write
+
+    try:
+        prediction = json.loads(a.prediction.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{a.prediction}: cannot read the prediction ({exc}); give the prediction.json that "
+                         "`python -m analysis predict` wrote") from None
+    conv = prediction.get("conventions", {})
+    runs = usable(load_sweep(a.sweep_dir, n=conv.get("N", "non_embedding"), c=conv.get("C", "record")))
+    v = verify(prediction, runs)
+    md = verification_markdown(v)
+    a.out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(a.out / "verification.json", json.dumps(v, indent=1))
+    _atomic_write(a.out / "verification.md", md)
+    print(md)
+    print(f"wrote {a.out / 'verification.json'} and verification.md")
+    return 0
+
+
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     try:
-        return {"fit": cmd_fit, "report": cmd_report, "bench": cmd_bench}[a.cmd](a)
+        return {"fit": cmd_fit, "report": cmd_report, "predict": cmd_predict, "verify": cmd_verify,
+                "bench": cmd_bench}[a.cmd](a)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

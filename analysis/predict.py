@@ -1,0 +1,244 @@
+"""Predict the compute-optimal run at a budget before training it, then score the prediction on the runs trained there.
+
+Small models break C = k N D with one k: the tied embedding/head costs ~6 V d_model FLOPs per token whatever the
+body's N, so across a family of tiny decoders C / (N D) falls from hundreds to ~10 (see experiments/mix98). Each
+approach's optimum is therefore taken on the family's own budget line D(N) = C / f(N), where f, the FLOPs per token
+as a function of N, is read off the runs' records (C / D of each size), instead of on C = 6ND.
+
+  Approach 2 (Hoffmann et al. 2022 sec. 3.2): N_opt = k C^a from the IsoFLOP minima; D_opt = C / f(N_opt);
+    L_opt from the minima's losses, L(C) = E_C + (C_c / C)^alpha_C (Kaplan et al. 2020 eq. 1.3 plus an
+    irreducible term, as their eq. 1.4 / Hoffmann eq. 2 have one; without it when fewer than 4 budgets).
+  Approach 3 (sec. 3.3, eq. 2): argmin over N of L(N, C / f(N)) for the fitted L = E + A/N^alpha + B/D^beta.
+Intervals: percentile bootstrap over runs within budgets (analysis.uncertainty).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import optimize
+
+from analysis.approach3 import Approach3Fit, fit_approach3
+from analysis.fits import fit_approach2, fit_kaplan
+from analysis.uncertainty import bootstrap
+
+PREDICT_APPROACHES = ("approach2", "approach3")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenCost:
+    """FLOPs per token f(N) of a model family, piecewise linear in log-log through the runs' sizes and extended
+    linearly (in log-log) beyond the smallest and largest."""
+
+    logN: tuple[float, ...]
+    logF: tuple[float, ...]
+
+    @classmethod
+    def from_runs(cls, df: pd.DataFrame) -> "TokenCost":
+        need = [c for c in ("N", "D", "C") if c not in df.columns]
+        if need:
+            raise ValueError(f"token cost: the run table lacks columns {need}; it needs N, D and C per run")
+        f = (df["C"] / df["D"]).groupby(df["N"]).median()
+        f = f[np.isfinite(f) & (f > 0) & (f.index > 0)]
+        if len(f) < 2:
+            raise ValueError(f"token cost: {len(f)} distinct model size(s) with finite C/D; need at least 2 to "
+                             "interpolate FLOPs per token over N")
+        return cls(tuple(np.log(f.index.to_numpy(float))), tuple(np.log(f.to_numpy(float))))
+
+    def __call__(self, N):
+        x, y = np.asarray(self.logN), np.asarray(self.logF)
+        lx = np.log(np.asarray(N, float))
+        out = np.interp(lx, x, y)
+        lo_slope = (y[1] - y[0]) / (x[1] - x[0])
+        hi_slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        out = np.where(lx < x[0], y[0] + lo_slope * (lx - x[0]), out)
+        out = np.where(lx > x[-1], y[-1] + hi_slope * (lx - x[-1]), out)
+        return np.exp(out)
+
+    def D(self, N, C):
+        return np.asarray(C, float) / self(N)
+
+    def as_dict(self) -> dict:
+        return {"N": [math.exp(v) for v in self.logN], "flops_per_token": [math.exp(v) for v in self.logF]}
+
+
+def constrained_optimum(loss, C: float, cost: TokenCost, N_range: tuple[float, float]) -> tuple[float, float, float]:
+    """argmin over N in N_range of loss(N, C / f(N)): a log-spaced scan, then bounded Brent around the best point.
+    Raises when the minimum sits on the edge of the range (the fit has no interior optimum there)."""
+    grid = np.linspace(math.log(N_range[0]), math.log(N_range[1]), 801)
+    vals = np.asarray(loss(np.exp(grid), cost.D(np.exp(grid), C)), float)
+    if not np.isfinite(vals).any():
+        raise ValueError("constrained optimum: the loss is not finite anywhere on the budget line")
+    i = int(np.nanargmin(vals))
+    if i in (0, len(grid) - 1):
+        raise ValueError(f"constrained optimum at C={C:.3g}: the loss keeps falling towards N={math.exp(grid[i]):.3g}, "
+                         f"the edge of the searched range {N_range[0]:.3g}..{N_range[1]:.3g}; no interior optimum")
+    r = optimize.minimize_scalar(lambda x: float(loss(math.exp(x), cost.D(math.exp(x), C))),
+                                 bounds=(grid[i - 1], grid[i + 1]), method="bounded", options={"xatol": 1e-6})
+    N = math.exp(r.x)
+    D = float(cost.D(N, C))
+    return N, D, float(loss(N, D))
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionStat:
+    """Every approach's compute-optimal (N, D, L) at budget C on the family's budget line (picklable: bootstraps)."""
+
+    C: float
+    cost: TokenCost
+    N_range: tuple[float, float]
+    isoflop_method: str = "parabola"
+    init: tuple | None = None  # Approach 3 warm start (E, A, B, alpha, beta); None searches the paper's grid
+
+    def fit3(self, df: pd.DataFrame) -> Approach3Fit:
+        return fit_approach3(df["N"], df["D"], df["loss"], n_starts=0 if self.init else 32, init=self.init)
+
+    def __call__(self, df: pd.DataFrame) -> dict:
+        a2 = fit_approach2(df, method=self.isoflop_method)
+        N2 = float(a2.N_opt(self.C))
+        # With an irreducible term when the budgets allow (4+): a pure power law in C bends the wrong way once the
+        # loss nears its floor and under-predicts beyond the fitted budgets.
+        L2 = fit_kaplan(a2.minima["C"], a2.minima["loss_opt"], variable="C", irreducible=len(a2.minima) >= 4)
+        a3 = self.fit3(df)
+        N3, D3, L3 = constrained_optimum(a3, self.C, self.cost, self.N_range)
+        D2 = float(self.cost.D(N2, self.C))
+        return {
+            "approach2.a": a2.N_opt.a, "approach2.b": a2.D_opt.a, "approach2.alpha_C": L2.alpha, "approach2.E_C": L2.E,
+            "approach2.N_opt": N2, "approach2.D_opt": D2, "approach2.L_opt": float(L2(self.C)),
+            "approach2.L_opt_by_approach3": float(a3(N2, D2)),
+            "approach3.E": a3.E, "approach3.A": a3.A, "approach3.B": a3.B, "approach3.alpha": a3.alpha,
+            "approach3.beta": a3.beta, "approach3.N_opt": N3, "approach3.D_opt": D3, "approach3.L_opt": L3,
+        }
+
+
+def predict(runs: pd.DataFrame, C: float, *, headline: str = "approach3", n_bootstrap: int = 200, seed: int = 0,
+            n_jobs: int = 2, isoflop_method: str = "parabola", conventions: dict | None = None) -> dict:
+    """The prediction at budget C from usable runs (one row per run: name, N, D, C, loss, budget), with 95% bootstrap
+    intervals. `headline` names the approach whose (N, D, L) is the committed prediction."""
+    if headline not in PREDICT_APPROACHES:
+        raise ValueError(f"headline={headline!r} is unknown; use one of {PREDICT_APPROACHES}")
+    if not C > 0:
+        raise ValueError(f"prediction budget C={C!r} must be positive, e.g. 4x the largest fitted budget")
+    cost = TokenCost.from_runs(runs)
+    N_range = (float(runs["N"].min()) / 30, float(runs["N"].max()) * 30)
+    full = PredictionStat(C=C, cost=cost, N_range=N_range, isoflop_method=isoflop_method)
+    a3 = full.fit3(runs)
+    stat = dataclasses.replace(full, init=(a3.E, a3.A, a3.B, a3.alpha, a3.beta))
+    strata = "budget" if "budget" in runs.columns and runs["budget"].notna().all() else "C"
+    boot = bootstrap(runs, stat, n_resamples=n_bootstrap, seed=seed, n_jobs=n_jobs, strata=strata)
+    est, ci = boot.estimate, boot.ci
+    largest = float(runs[strata].max())
+    out = {
+        "C": C, "C_over_largest_budget": C / largest, "headline": headline, "conventions": conventions or {},
+        "n_runs": int(len(runs)), "n_resamples": len(boot.samples), "n_failed": boot.n_failed,
+        "token_cost": cost.as_dict(),
+        "prediction": {k: est[f"{headline}.{k}"] for k in ("N_opt", "D_opt", "L_opt")},
+        "prediction_ci95": {k: ci[f"{headline}.{k}"] for k in ("N_opt", "D_opt", "L_opt")},
+        "estimates": est, "ci95": ci,
+    }
+    # For the planner: plan.prior_fit = [G, a] centres an IsoFLOP grid at budget C on the predicted N_opt.
+    a = float(est["approach2.a"])
+    out["prior_fit"] = [out["prediction"]["N_opt"] / C ** a, a]
+    return out
+
+
+def verify(prediction: dict, runs: pd.DataFrame) -> dict:
+    """Score a committed prediction on the runs trained at its budget: the relative error of the predicted loss
+    against the best observed run, each run's loss against Approach 3's L(N, D) of the prediction's fit, and whether
+    the best observed run is the one nearest the predicted N_opt."""
+    if runs.empty:
+        raise ValueError("verify: no usable runs to score the prediction on; train the verification sweep first")
+    C = float(prediction["C"])
+    off = (runs["C"] / C - 1).abs()
+    if (off > 0.05).any():
+        bad = runs.loc[off > 0.05, "name"].tolist()
+        raise ValueError(f"verify: runs {bad} are not at the predicted budget C={C:.3g} (more than 5% off); "
+                         "score only the verification sweep's runs")
+    est = prediction["estimates"]
+    a3 = Approach3Fit(E=est["approach3.E"], A=est["approach3.A"], B=est["approach3.B"], alpha=est["approach3.alpha"],
+                      beta=est["approach3.beta"], n_points=0, objective=float("nan"), method="committed")
+    pred = prediction["prediction"]
+    N_pred, L_pred = float(pred["N_opt"]), float(pred["L_opt"])
+    table = runs[["name", "N", "D", "C", "loss"]].sort_values("N").reset_index(drop=True)
+    table["N_over_predicted"] = table["N"] / N_pred
+    table["L_approach3"] = a3(table["N"], table["D"])
+    table["rel_error_approach3"] = (table["L_approach3"] - table["loss"]) / table["loss"]
+    best = table.loc[table["loss"].idxmin()]
+    nearest = table.loc[(np.log(table["N"] / N_pred)).abs().idxmin()]
+    lo, hi = prediction["prediction_ci95"]["L_opt"]
+    return {
+        "C": C, "headline": prediction.get("headline"),
+        "predicted": {"N_opt": N_pred, "D_opt": float(pred["D_opt"]), "L_opt": L_pred, "L_opt_ci95": [lo, hi]},
+        "best": {"name": best["name"], "N": float(best["N"]), "D": float(best["D"]), "loss": float(best["loss"])},
+        "rel_error_L_opt": (L_pred - float(best["loss"])) / float(best["loss"]),
+        "best_inside_L_ci95": bool(lo <= float(best["loss"]) <= hi),
+        "best_is_nearest_predicted_N": bool(best["name"] == nearest["name"]),
+        "nearest": {"name": nearest["name"], "N": float(nearest["N"]), "loss": float(nearest["loss"])},
+        "runs": table.to_dict("records"),
+    }
+
+
+def _g(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def prediction_markdown(p: dict) -> str:
+    est, ci = p["estimates"], p["ci95"]
+    rows = ["| approach | N_opt | D_opt | L_opt (nats/token) |", "|---|---|---|---|"]
+    for key in PREDICT_APPROACHES:
+        cells = []
+        for k in ("N_opt", "D_opt", "L_opt"):
+            lo, hi = ci[f"{key}.{k}"]
+            cells.append(f"{_g(est[f'{key}.{k}'])} [{_g(lo)}, {_g(hi)}]")
+        rows.append(f"| {key}{' (headline)' if key == p['headline'] else ''} | " + " | ".join(cells) + " |")
+    pred, pci = p["prediction"], p["prediction_ci95"]
+    G, a = p["prior_fit"]
+    conv = ", ".join(f"{k}: {v}" for k, v in p["conventions"].items())
+    return "\n".join([
+        f"# Prediction at C = {p['C']:.3g} FLOPs ({p['C_over_largest_budget']:.3g}x the largest fitted budget)",
+        "",
+        f"Committed: N_opt = {_g(pred['N_opt'])} [{_g(pci['N_opt'][0])}, {_g(pci['N_opt'][1])}], "
+        f"D_opt = {_g(pred['D_opt'])} [{_g(pci['D_opt'][0])}, {_g(pci['D_opt'][1])}] tokens, "
+        f"L_opt = {_g(pred['L_opt'])} [{_g(pci['L_opt'][0])}, {_g(pci['L_opt'][1])}] nats/token "
+        f"({p['headline']}; 95% bootstrap intervals over {p['n_resamples']} resamples of {p['n_runs']} runs, "
+        f"{p['n_failed']} failed).",
+        "",
+        *rows,
+        "",
+        f"Approach 2 also predicts L at its own N_opt with the Approach 3 fit: "
+        f"{_g(est['approach2.L_opt_by_approach3'])} [{_g(ci['approach2.L_opt_by_approach3'][0])}, "
+        f"{_g(ci['approach2.L_opt_by_approach3'][1])}]. Exponents: Approach 2 a = {_g(est['approach2.a'])} "
+        f"[{_g(ci['approach2.a'][0])}, {_g(ci['approach2.a'][1])}], b = {_g(est['approach2.b'])}; Approach 3 "
+        f"alpha = {_g(est['approach3.alpha'])}, beta = {_g(est['approach3.beta'])}, E = {_g(est['approach3.E'])}.",
+        "",
+        f"D_opt is C / f(N_opt) with f the family's FLOPs per token read off the runs (conventions: {conv}).",
+        f"To train it and its neighbours at 0.5x and 2x N: `hydra.sweeper.plan.prior_fit=[{G:.6g},{a:.6g}]` with "
+        f"`plan.budgets=[{p['C']:g}]`, `plan.n_sizes=3`, `plan.size_step=2`.",
+        "",
+    ])
+
+
+def verification_markdown(v: dict) -> str:
+    p = v["predicted"]
+    rows = ["| run | N | N / predicted | D | loss | Approach 3 L(N, D) | rel. error |", "|---|---|---|---|---|---|---|"]
+    for r in v["runs"]:
+        rows.append(f"| {r['name']} | {_g(r['N'])} | {r['N_over_predicted']:.2f} | {_g(r['D'])} | {r['loss']:.4f} | "
+                    f"{r['L_approach3']:.4f} | {r['rel_error_approach3']:+.2%} |")
+    return "\n".join([
+        f"# Verification at C = {v['C']:.3g} FLOPs",
+        "",
+        f"Predicted ({v['headline']}): N_opt = {_g(p['N_opt'])}, L_opt = {p['L_opt']:.4f} "
+        f"[{p['L_opt_ci95'][0]:.4f}, {p['L_opt_ci95'][1]:.4f}]. Best observed: {v['best']['name']} "
+        f"(N = {_g(v['best']['N'])}), loss {v['best']['loss']:.4f}.",
+        "",
+        f"- Relative error of the predicted loss vs the best run: **{v['rel_error_L_opt']:+.2%}** "
+        f"(goal: within 2%); the best loss is {'inside' if v['best_inside_L_ci95'] else 'outside'} the 95% interval.",
+        f"- The best of the runs is {'' if v['best_is_nearest_predicted_N'] else 'not '}the one nearest the predicted "
+        f"N_opt ({v['nearest']['name']}).",
+        "",
+        *rows,
+        "",
+    ])

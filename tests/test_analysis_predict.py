@@ -1,0 +1,132 @@
+"""Predict-then-verify (analysis.predict): the family's token cost, the constrained optimum, the CLI round trip."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.__main__ import main
+from analysis.predict import TokenCost, constrained_optimum, predict, verify
+from analysis.synthetic import CHINCHILLA_TRUTH, chinchilla_loss, write_sweep
+
+V = 4096
+TRUTH = {"E": 2.0, "A": 60.0, "B": 300.0, "alpha": 0.4, "beta": 0.35}
+
+
+def flops_per_token(N):
+    """A tiny-model family: body 6N plus a tied head of width d = sqrt(N / 24) (2-layer blocks, 12 d^2 each)."""
+    N = np.asarray(N, float)
+    return 6 * N + 12 * V * np.sqrt(N / 24)
+
+
+def family_runs(budgets, noise=0.0, seed=0, n=7):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for C in budgets:
+        cost = TokenCost(tuple(np.log([1e2, 1e8])), tuple(np.log(flops_per_token([1e2, 1e8]))))
+        N_true = constrained_optimum(lambda N, D: chinchilla_loss(N, D, **TRUTH), C, cost, (1e2, 1e8))[0]
+        for N in N_true * 1.6 ** (np.arange(n) - n // 2):
+            D = C / flops_per_token(N)
+            loss = chinchilla_loss(N, D, **TRUTH) * math.exp(noise * rng.standard_normal())
+            rows.append({"name": f"C{C:.0e}-N{N:.4g}", "N": N, "D": D, "C": C, "budget": C, "loss": loss})
+    return pd.DataFrame(rows)
+
+
+def true_optimum(C):
+    grid = np.exp(np.linspace(np.log(1e2), np.log(1e8), 200001))
+    L = chinchilla_loss(grid, C / flops_per_token(grid), **TRUTH)
+    i = int(np.argmin(L))
+    return grid[i], C / flops_per_token(grid[i]), L[i]
+
+
+def test_token_cost_interpolates_and_extends_in_log_log():
+    N = np.array([1e3, 1e4, 1e5])
+    cost = TokenCost.from_runs(pd.DataFrame({"N": np.repeat(N, 2), "D": 1e6, "C": np.repeat(flops_per_token(N), 2) * 1e6}))
+    np.testing.assert_allclose(cost(N), flops_per_token(N), rtol=1e-12)
+    # Beyond the ends: the end segments' log-log slope continues.
+    slope = np.log(flops_per_token(1e5) / flops_per_token(1e4)) / np.log(10)
+    np.testing.assert_allclose(cost(1e6), flops_per_token(1e5) * 10 ** slope, rtol=1e-12)
+    np.testing.assert_allclose(cost.D(1e4, 3e12), 3e12 / flops_per_token(1e4), rtol=1e-12)
+
+
+def test_token_cost_needs_two_sizes():
+    with pytest.raises(ValueError, match="1 distinct model size"):
+        TokenCost.from_runs(pd.DataFrame({"N": [1e3, 1e3], "D": [1e6, 2e6], "C": [1e12, 2e12]}))
+
+
+def test_constrained_optimum_matches_brute_force_and_refuses_an_edge():
+    cost = TokenCost(tuple(np.log([1e2, 1e8])), tuple(np.log(flops_per_token([1e2, 1e8]))))
+    fine = TokenCost(tuple(np.log(np.logspace(2, 8, 2000))), tuple(np.log(flops_per_token(np.logspace(2, 8, 2000)))))
+    N, D, L = constrained_optimum(lambda N, D: chinchilla_loss(N, D, **TRUTH), 1e14, fine, (1e2, 1e8))
+    N_t, D_t, L_t = true_optimum(1e14)
+    assert abs(N / N_t - 1) < 2e-3 and abs(D / D_t - 1) < 2e-3 and abs(L / L_t - 1) < 1e-6
+    with pytest.raises(ValueError, match="edge of the searched range"):
+        constrained_optimum(lambda N, D: 1.0 / N, 1e14, cost, (1e2, 1e8))  # loss falls forever in N
+
+
+def test_predict_recovers_the_true_optimum_4x_beyond_the_fitted_budgets():
+    runs = family_runs([5e11, 1.5e12, 5e12, 1.5e13], noise=0.002)
+    p = predict(runs, 6e13, n_bootstrap=40, n_jobs=1)
+    N_t, D_t, L_t = true_optimum(6e13)
+    est = p["estimates"]
+    # Approach 3's form is the truth's: the optimum on the family's budget line comes back closely.
+    assert abs(p["prediction"]["N_opt"] / N_t - 1) < 0.15
+    assert abs(p["prediction"]["L_opt"] / L_t - 1) < 0.005
+    lo, hi = p["prediction_ci95"]["L_opt"]
+    assert lo <= p["prediction"]["L_opt"] <= hi
+    # Approach 2 fits a power law in C to the parabola minima: close, not exact, with a non-6ND family.
+    assert abs(est["approach2.N_opt"] / N_t - 1) < 0.35
+    assert abs(est["approach2.L_opt"] / L_t - 1) < 0.02
+    assert p["C_over_largest_budget"] == pytest.approx(4.0)
+    G, a = p["prior_fit"]
+    assert G * 6e13 ** a == pytest.approx(p["prediction"]["N_opt"])
+
+
+def test_predict_rejects_bad_arguments():
+    runs = family_runs([5e11, 5e12])
+    with pytest.raises(ValueError, match="headline='approach9' is unknown"):
+        predict(runs, 1e13, headline="approach9", n_bootstrap=2, n_jobs=1)
+    with pytest.raises(ValueError, match="must be positive"):
+        predict(runs, -1.0, n_bootstrap=2, n_jobs=1)
+
+
+def test_verify_scores_the_runs_against_the_committed_prediction():
+    runs = family_runs([5e11, 1.5e12, 5e12, 1.5e13])
+    p = predict(runs, 6e13, n_bootstrap=10, n_jobs=1)
+    N_p = p["prediction"]["N_opt"]
+    sizes = np.array([0.5, 1.0, 2.0]) * N_p
+    at = pd.DataFrame({"name": ["half", "pred", "double"], "N": sizes, "D": 6e13 / flops_per_token(sizes), "C": 6e13,
+                       "loss": chinchilla_loss(sizes, 6e13 / flops_per_token(sizes), **TRUTH)})
+    v = verify(p, at)
+    assert v["best"]["name"] == "pred" and v["best_is_nearest_predicted_N"]
+    assert abs(v["rel_error_L_opt"]) < 0.005
+    assert [r["name"] for r in v["runs"]] == ["half", "pred", "double"]
+    assert max(abs(r["rel_error_approach3"]) for r in v["runs"]) < 0.005
+    with pytest.raises(ValueError, match="not at the predicted budget"):
+        verify(p, at.assign(C=1e13))
+    with pytest.raises(ValueError, match="no usable runs"):
+        verify(p, at.iloc[:0])
+
+
+def test_cli_predict_then_verify_round_trip(tmp_path, capsys):
+    runs = family_runs([5e11, 1.5e12, 5e12, 1.5e13], noise=0.002)
+    write_sweep(tmp_path / "fit", runs, failed=0, diverged=0)
+    out = tmp_path / "study"
+    assert main(["predict", str(tmp_path / "fit"), "--at-C", "6e13", "--out", str(out), "--bootstrap", "10",
+                 "--jobs", "1"]) == 0
+    p = json.loads((out / "prediction.json").read_text())
+    assert "Committed: N_opt" in (out / "prediction.md").read_text()
+    sizes = np.array([0.5, 1.0, 2.0]) * p["prediction"]["N_opt"]
+    ver = pd.DataFrame({"name": ["v-half", "v-pred", "v-double"], "N": sizes, "D": 6e13 / flops_per_token(sizes),
+                        "C": 6e13, "budget": 6e13,
+                        "loss": chinchilla_loss(sizes, 6e13 / flops_per_token(sizes), **TRUTH)})
+    write_sweep(tmp_path / "verify", ver, failed=0, diverged=0)
+    assert main(["verify", str(out / "prediction.json"), str(tmp_path / "verify"), "--out", str(out)]) == 0
+    v = json.loads((out / "verification.json").read_text())
+    assert abs(v["rel_error_L_opt"]) < 0.01
+    assert "Relative error of the predicted loss" in (out / "verification.md").read_text()
+    # A missing prediction file is one clear error, not a traceback.
+    assert main(["verify", str(tmp_path / "nope.json"), str(tmp_path / "verify"), "--out", str(out)]) == 2
+    assert "cannot read the prediction" in capsys.readouterr().err
