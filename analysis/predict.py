@@ -31,7 +31,9 @@ PREDICT_APPROACHES = ("approach2", "approach3")
 @dataclasses.dataclass(frozen=True)
 class TokenCost:
     """FLOPs per token f(N) of a model family, piecewise linear in log-log through the runs' sizes and extended
-    linearly (in log-log) beyond the smallest and largest."""
+    linearly (in log-log) beyond the smallest and largest. Beyond the largest run that extension under-estimates f
+    while the head's share is still falling (f's log-log slope rises towards 1): predictions far past the largest
+    trained size carry that error too."""
 
     logN: tuple[float, ...]
     logF: tuple[float, ...]
@@ -104,6 +106,9 @@ class PredictionStat:
         L2 = fit_kaplan(a2.minima["C"], a2.minima["loss_opt"], variable="C", irreducible=len(a2.minima) >= 4)
         a3 = self.fit3(df)
         N3, D3, L3 = constrained_optimum(a3, self.C, self.cost, self.N_range)
+        # The exponent of N_opt in C along the budget line, d log N_opt / d log C over [C/2, 2C]: eq. 4's
+        # a = beta / (alpha + beta) holds only when C = k N D with one k.
+        lo, hi = (constrained_optimum(a3, c, self.cost, self.N_range)[0] for c in (self.C / 2, self.C * 2))
         D2 = float(self.cost.D(N2, self.C))
         return {
             "approach2.a": a2.N_opt.a, "approach2.b": a2.D_opt.a, "approach2.alpha_C": L2.alpha, "approach2.E_C": L2.E,
@@ -111,6 +116,7 @@ class PredictionStat:
             "approach2.L_opt_by_approach3": float(a3(N2, D2)),
             "approach3.E": a3.E, "approach3.A": a3.A, "approach3.B": a3.B, "approach3.alpha": a3.alpha,
             "approach3.beta": a3.beta, "approach3.N_opt": N3, "approach3.D_opt": D3, "approach3.L_opt": L3,
+            "approach3.a_local": math.log(hi / lo) / math.log(4.0),
         }
 
 
@@ -212,7 +218,9 @@ def prediction_markdown(p: dict) -> str:
         f"{_g(est['approach2.L_opt_by_approach3'])} [{_g(ci['approach2.L_opt_by_approach3'][0])}, "
         f"{_g(ci['approach2.L_opt_by_approach3'][1])}]. Exponents: Approach 2 a = {_g(est['approach2.a'])} "
         f"[{_g(ci['approach2.a'][0])}, {_g(ci['approach2.a'][1])}], b = {_g(est['approach2.b'])}; Approach 3 "
-        f"alpha = {_g(est['approach3.alpha'])}, beta = {_g(est['approach3.beta'])}, E = {_g(est['approach3.E'])}.",
+        f"alpha = {_g(est['approach3.alpha'])}, beta = {_g(est['approach3.beta'])}, E = {_g(est['approach3.E'])}, "
+        f"and along the budget line N_opt ~ C^{_g(est['approach3.a_local'])} "
+        f"[{_g(ci['approach3.a_local'][0])}, {_g(ci['approach3.a_local'][1])}] near C.",
         "",
         f"D_opt is C / f(N_opt) with f the family's FLOPs per token read off the runs (conventions: {conv}).",
         f"To train it and its neighbours at 0.5x and 2x N: `hydra.sweeper.plan.prior_fit=[{G:.6g},{a:.6g}]` with "

@@ -130,3 +130,13 @@ def test_cli_predict_then_verify_round_trip(tmp_path, capsys):
     # A missing prediction file is one clear error, not a traceback.
     assert main(["verify", str(tmp_path / "nope.json"), str(tmp_path / "verify"), "--out", str(out)]) == 2
     assert "cannot read the prediction" in capsys.readouterr().err
+
+
+def test_local_exponent_is_the_slope_of_the_constrained_optimum():
+    # 9 sizes per budget: the runs' N reach past the optimum at 2C, so f(N) is interpolated, not extended.
+    runs = family_runs([5e11, 1.5e12, 5e12, 1.5e13], n=9)
+    p = predict(runs, 6e13, n_bootstrap=4, n_jobs=1)
+    slope = math.log(true_optimum(1.2e14)[0] / true_optimum(3e13)[0]) / math.log(4)
+    assert p["estimates"]["approach3.a_local"] == pytest.approx(slope, rel=0.05)
+    # The family's head makes N_opt grow faster than eq. 4's beta / (alpha + beta) = 0.467 for this truth.
+    assert slope > TRUTH["beta"] / (TRUTH["alpha"] + TRUTH["beta"])
