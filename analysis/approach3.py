@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Sequence
 
 import numpy as np
+import pandas as pd
 from scipy import optimize, special
 
 from analysis.fits import FLOPS_PER_TOKEN
@@ -68,6 +70,67 @@ class Approach3Fit:
                                  "the learning rate?)")
             out.update(C=float(C), N_opt=float(self.N_opt(C)), D_opt=float(self.D_opt(C)), L_opt=float(self.L_opt(C)))
         return out
+
+
+# Compute-optimal allocation on a family's budget line. Small models break C = k N D with one k: a tied embedding/head
+# costs ~6 V d_model FLOPs per token whatever the body's N, so across a family of tiny decoders C / (N D) falls from
+# hundreds to ~10, and eq. 4's closed form (which assumes one k) misplaces the optimum. The optimum is then taken on
+# D(N) = C / f(N), with f, the FLOPs per token as a function of N, read off the runs (C / D of each size).
+@dataclasses.dataclass(frozen=True)
+class TokenCost:
+    """FLOPs per token f(N) of a model family, piecewise linear in log-log through the runs' sizes and extended
+    linearly (in log-log) beyond the smallest and largest. Beyond the largest run that extension under-estimates f
+    while the head's share is still falling (f's log-log slope rises towards 1): predictions far past the largest
+    trained size carry that error too."""
+
+    logN: tuple[float, ...]
+    logF: tuple[float, ...]
+
+    @classmethod
+    def from_runs(cls, df: pd.DataFrame) -> "TokenCost":
+        need = [c for c in ("N", "D", "C") if c not in df.columns]
+        if need:
+            raise ValueError(f"token cost: the run table lacks columns {need}; it needs N, D and C per run")
+        f = (df["C"] / df["D"]).groupby(df["N"]).median()
+        f = f[np.isfinite(f) & (f > 0) & (f.index > 0)]
+        if len(f) < 2:
+            raise ValueError(f"token cost: {len(f)} distinct model size(s) with finite C/D; need at least 2 to "
+                             "interpolate FLOPs per token over N")
+        return cls(tuple(np.log(f.index.to_numpy(float))), tuple(np.log(f.to_numpy(float))))
+
+    def __call__(self, N):
+        x, y = np.asarray(self.logN), np.asarray(self.logF)
+        lx = np.log(np.asarray(N, float))
+        out = np.interp(lx, x, y)
+        lo_slope = (y[1] - y[0]) / (x[1] - x[0])
+        hi_slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        out = np.where(lx < x[0], y[0] + lo_slope * (lx - x[0]), out)
+        out = np.where(lx > x[-1], y[-1] + hi_slope * (lx - x[-1]), out)
+        return np.exp(out)
+
+    def D(self, N, C):
+        return np.asarray(C, float) / self(N)
+
+    def as_dict(self) -> dict:
+        return {"N": [math.exp(v) for v in self.logN], "flops_per_token": [math.exp(v) for v in self.logF]}
+
+
+def constrained_optimum(loss, C: float, cost: TokenCost, N_range: tuple[float, float]) -> tuple[float, float, float]:
+    """argmin over N in N_range of loss(N, C / f(N)): a log-spaced scan, then bounded Brent around the best point.
+    Raises when the minimum sits on the edge of the range (the fit has no interior optimum there)."""
+    grid = np.linspace(math.log(N_range[0]), math.log(N_range[1]), 801)
+    vals = np.asarray(loss(np.exp(grid), cost.D(np.exp(grid), C)), float)
+    if not np.isfinite(vals).any():
+        raise ValueError("constrained optimum: the loss is not finite anywhere on the budget line")
+    i = int(np.nanargmin(vals))
+    if i in (0, len(grid) - 1):
+        raise ValueError(f"constrained optimum at C={C:.3g}: the loss keeps falling towards N={math.exp(grid[i]):.3g}, "
+                         f"the edge of the searched range {N_range[0]:.3g}..{N_range[1]:.3g}; no interior optimum")
+    r = optimize.minimize_scalar(lambda x: float(loss(math.exp(x), cost.D(math.exp(x), C))),
+                                 bounds=(grid[i - 1], grid[i + 1]), method="bounded", options={"xatol": 1e-6})
+    N = math.exp(r.x)
+    D = float(cost.D(N, C))
+    return N, D, float(loss(N, D))
 
 
 def _huber_lse_objective(p, logN, logD, logL, delta):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
-from analysis.approach3 import Approach3Fit
+from analysis.approach3 import Approach3Fit, TokenCost
 from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, lower_envelope
 from analysis.load import excluded, load_curves, load_sweep, usable
 from analysis.lr import lr_sweeps
@@ -115,11 +115,19 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
 
     def approach3():
         full = Approach3Stat(method=approach3_method, n_starts=32, flops_per_token=fpt).fit(runs)
+        k = runs["flops_per_token"].to_numpy(float)
+        spread = float(k.max() / k.min())
+        # One k = C/(N D) describes the runs to within 25%: eq. 4's closed form. Otherwise (small models, whose
+        # embedding/head FLOPs dwarf 6N) the optimum is taken on the family's own budget line D = C / f(N).
+        cost = TokenCost.from_runs(runs) if spread > 1.25 and runs["N"].nunique() >= 2 else None
         stat = Approach3Stat(C=C, method=approach3_method, flops_per_token=fpt,
-                             init=(full.E, full.A, full.B, full.alpha, full.beta))
+                             init=(full.E, full.A, full.B, full.alpha, full.beta), cost=cost)
         out = _with_ci(stat, runs, boot)
         out.pop("_samples", None)
         out.update({k: v for k, v in full.as_dict(C).items() if not isinstance(v, float) or k not in out})
+        if cost is not None:
+            out["allocation"] = (f"family budget line D = C / f(N), f read off the runs (C/(N D) varies {spread:.3g}x "
+                                 "over them); a, b, G are eq. 4's, which assume one k")
         fitted["a3"] = full  # only a fit with a compute-optimal allocation is plotted (as_dict raises otherwise)
         return out
 
@@ -199,6 +207,8 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
                   f"laws are fitted against: the table's C ({conv['C']}) of these runs is {lo:.2g}-{hi:.2g} x their "
                   "budget, so a, b, k_N, k_D and the query C below refer to budgets in that convention (and a + b "
                   "need not be 1).", ""]
+        if d.get("allocation"):
+            L += [f"N_opt, D_opt, L_opt below: on the {d['allocation']}.", ""]
         if "N_opt" in d:
             where = f"{d.get('C_query', res['C_query']):.3g}" + (f" ({axis['convention']} convention)" if axis else "")
             L.append(f"N_opt, D_opt{', L_opt' if 'L_opt' in d else ''} at C = {where} FLOPs.")

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analysis.approach3 import Approach3Fit, fit_approach3, fit_approach3_vpnls
+from analysis.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3, fit_approach3_vpnls
 from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, isoflop_minimum
 
 Stat = Callable[[pd.DataFrame], dict]
@@ -35,6 +35,8 @@ class Approach3Stat:
     init: tuple | None = None  # warm start (E, A, B, alpha, beta), e.g. the full-data fit
     n_starts: int = 0  # extra grid starts besides `init` (the full grid is searched when there is no init)
     flops_per_token: float = 6.0
+    cost: TokenCost | None = None  # when given, N_opt, D_opt, L_opt lie on the family's budget line D = C / f(N)
+    N_range: tuple[float, float] | None = None  # where that optimum is searched
 
     def fit(self, df: pd.DataFrame) -> Approach3Fit:
         if self.method == "huber":
@@ -47,7 +49,12 @@ class Approach3Stat:
         raise ValueError(f"approach 3 method={self.method!r} is unknown; use 'huber' or 'vpnls'")
 
     def __call__(self, df: pd.DataFrame) -> dict:
-        out = self.fit(df).as_dict(self.C)
+        fit = self.fit(df)
+        out = fit.as_dict(self.C)
+        if self.cost is not None and self.C is not None:
+            N_range = self.N_range or (float(df["N"].min()) / 30, float(df["N"].max()) * 30)
+            N, D, L = constrained_optimum(fit, self.C, self.cost, N_range)
+            out.update(N_opt=N, D_opt=D, L_opt=L)
         return {k: v for k, v in out.items() if isinstance(v, float)}
 
 
