@@ -180,9 +180,19 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def _write_json_and_markdown(out: Path, stem: str, obj: dict, md: str) -> int:
+    from analysis.report import _atomic_write
+
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / f"{stem}.json", json.dumps(obj, indent=1))
+    _atomic_write(out / f"{stem}.md", md)
+    print(md)
+    print(f"wrote {out / stem}.json and {stem}.md")
+    return 0
+
+
 def cmd_predict(a) -> int:
     from analysis.predict import predict, prediction_markdown
-    from analysis.report import _atomic_write
 
     runs = usable(load_sweep(a.sweep_dir, n=a.n_convention, c=a.c_convention))
     if runs.empty:
@@ -190,18 +200,11 @@ def cmd_predict(a) -> int:
     conventions = {"N": a.n_convention, "C": str(runs["C_convention"].iloc[0]), "sweep": str(a.sweep_dir)}
     p = predict(runs, a.at_C, headline=a.headline, n_bootstrap=a.bootstrap, seed=a.seed, n_jobs=a.jobs,
                 isoflop_method=a.isoflop_method, conventions=conventions)
-    md = prediction_markdown(p)
-    a.out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(a.out / "prediction.json", json.dumps(p, indent=1))
-    _atomic_write(a.out / "prediction.md", md)
-    print(md)
-    print(f"wrote {a.out / 'prediction.json'} and prediction.md")
-    return 0
+    return _write_json_and_markdown(a.out, "prediction", p, prediction_markdown(p))
 
 
 def cmd_verify(a) -> int:
     from analysis.predict import verification_markdown, verify
-    from analysis.report import _atomic_write
 
     try:
         prediction = json.loads(a.prediction.read_text())
@@ -211,13 +214,7 @@ def cmd_verify(a) -> int:
     conv = prediction.get("conventions", {})
     runs = usable(load_sweep(a.sweep_dir, n=conv.get("N", "non_embedding"), c=conv.get("C", "record")))
     v = verify(prediction, runs)
-    md = verification_markdown(v)
-    a.out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(a.out / "verification.json", json.dumps(v, indent=1))
-    _atomic_write(a.out / "verification.md", md)
-    print(md)
-    print(f"wrote {a.out / 'verification.json'} and verification.md")
-    return 0
+    return _write_json_and_markdown(a.out, "verification", v, verification_markdown(v))
 
 
 def main(argv=None) -> int:
