@@ -112,8 +112,12 @@ def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path) -> list[Pat
     colors = _budget_colors(df[key])
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5.5, 4))
+        fitted = set(a2.minima["C"])
         for C, g in df.groupby(key):
-            ax.scatter(g["N"], g["loss"], color=colors[C], s=16, zorder=3)
+            # A budget Approach 2 left out (minimum not bracketed) keeps its points, open, and says why in the legend.
+            left_out = C not in fitted
+            ax.scatter(g["N"], g["loss"], color=colors[C], s=16, zorder=3, facecolors="none" if left_out else None,
+                       label=f"C={C:.1e} (not fitted)" if left_out else None)
         for row in a2.minima.itertuples():
             g = df[df[key] == row.C]
             if row.parabola_N is not None:
@@ -154,6 +158,7 @@ def plot_optimal_allocation(minima: pd.DataFrame, N_opt: PowerLaw, D_opt: PowerL
                 ax.plot(C, law(mid) * (C / mid) ** expo, style, color="0.45", lw=1, label=label)
             ax.set(xscale="log", yscale="log", xlabel=xlabel or "compute C [FLOPs]", ylabel=rf"${sym}_{{opt}}$",
                    title=rf"Compute-optimal ${sym}$")
+            _log_x_ticks(ax, C)
             ax.legend(fontsize=7)
         fig.tight_layout()
         return _save(fig, out_dir, "optimal_allocation")
