@@ -214,6 +214,9 @@ def cmd_verify(a) -> int:
     conv = prediction.get("conventions", {})
     runs = usable(load_sweep(a.sweep_dir, n=conv.get("N", "non_embedding"), c=conv.get("C", "record")))
     v = verify(prediction, runs)
+    from analysis.plots import plot_verification
+
+    plot_verification(v, a.out / "figures")
     return _write_json_and_markdown(a.out, "verification", v, verification_markdown(v))
 
 

@@ -255,3 +255,26 @@ def plot_lr_sweeps(sweeps, out_dir: Path) -> list[Path]:
         _log_x_ticks(ax, all_lr)
         ax.legend(fontsize=7)
         return _save(fig, out_dir, "lr_sweep")
+
+
+def plot_verification(v: dict, out_dir: Path) -> list[Path]:
+    """Predict, then verify: the runs trained at the predicted budget (loss vs N) against the committed N_opt and L_opt
+    with their 95% intervals (analysis.predict.verify's result)."""
+    runs = pd.DataFrame(v["runs"])
+    p = v["predicted"]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.axhspan(*p["L_opt_ci95"], color="tab:orange", alpha=0.15, lw=0, label="predicted L_opt, 95% interval")
+        ax.axhline(p["L_opt"], color="tab:orange", lw=1.5)
+        if p.get("N_opt_ci95"):
+            ax.axvspan(*p["N_opt_ci95"], color="tab:blue", alpha=0.1, lw=0, label="predicted N_opt, 95% interval")
+        ax.axvline(p["N_opt"], color="tab:blue", lw=1.5, ls="--")
+        ax.plot(runs["N"], runs["loss"], "ko-", ms=6, zorder=3, label="trained after the prediction")
+        b = v["best"]
+        ax.annotate(f"{v['rel_error_L_opt']:+.2%}", (b["N"], b["loss"]), textcoords="offset points", xytext=(6, -14),
+                    fontsize=9)
+        ax.set(xscale="log", xlabel="parameters N", ylabel="final loss [nats/token]",
+               title=f"Prediction vs runs at C = {v['C']:.2g}")
+        _log_x_ticks(ax, list(runs["N"]) + list(p.get("N_opt_ci95") or []))
+        ax.legend(fontsize=7)
+        return _save(fig, out_dir, "verification")

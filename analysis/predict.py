@@ -119,7 +119,8 @@ def verify(prediction: dict, runs: pd.DataFrame) -> dict:
     lo, hi = prediction["prediction_ci95"]["L_opt"]
     return {
         "C": C, "headline": prediction.get("headline"),
-        "predicted": {"N_opt": N_pred, "D_opt": float(pred["D_opt"]), "L_opt": L_pred, "L_opt_ci95": [lo, hi]},
+        "predicted": {"N_opt": N_pred, "D_opt": float(pred["D_opt"]), "L_opt": L_pred, "L_opt_ci95": [lo, hi],
+                      "N_opt_ci95": list(prediction["prediction_ci95"]["N_opt"])},
         "best": {"name": best["name"], "N": float(best["N"]), "D": float(best["D"]), "loss": float(best["loss"])},
         "rel_error_L_opt": (L_pred - float(best["loss"])) / float(best["loss"]),
         "best_inside_L_ci95": bool(lo <= float(best["loss"]) <= hi),

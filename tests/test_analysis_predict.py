@@ -127,6 +127,7 @@ def test_cli_predict_then_verify_round_trip(tmp_path, capsys):
     v = json.loads((out / "verification.json").read_text())
     assert abs(v["rel_error_L_opt"]) < 0.01
     assert "Relative error of the predicted loss" in (out / "verification.md").read_text()
+    assert (out / "figures" / "verification.png").stat().st_size > 10_000
     # A missing prediction file is one clear error, not a traceback.
     assert main(["verify", str(tmp_path / "nope.json"), str(tmp_path / "verify"), "--out", str(out)]) == 2
     assert "cannot read the prediction" in capsys.readouterr().err
