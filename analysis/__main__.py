@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("sweep_dir", type=Path)
     pr.add_argument("--at-C", type=float, required=True, dest="at_C", help="the budget to predict, e.g. 4x the largest")
     pr.add_argument("--out", type=Path, required=True, help="folder for prediction.json and prediction.md")
-    pr.add_argument("--headline", default="approach3", choices=["approach2", "approach3"],
-                    help="whose N, D, L is the committed prediction [approach3]")
+    pr.add_argument("--headline", default="auto", choices=["auto", "approach2", "approach3"],
+                    help="whose N, D, L is the committed prediction [auto: the smaller loss error when the largest "
+                         "budget is predicted from the others]")
     pr.add_argument("--n-convention", default="non_embedding", choices=["non_embedding", "total"])
     pr.add_argument("--c-convention", default="record", choices=["6ND", "6N", "kaplan", "chinchilla", "record"],
                     help="which C from run records [record: the convention the runs were budgeted in]")

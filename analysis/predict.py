@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3
-from analysis.fits import fit_approach2, fit_kaplan
+from analysis.fits import fit_approach2, fit_kaplan, isoflop_minimum
 from analysis.uncertainty import bootstrap
 
 PREDICT_APPROACHES = ("approach2", "approach3")
@@ -40,38 +40,80 @@ class PredictionStat:
     def fit3(self, df: pd.DataFrame) -> Approach3Fit:
         return fit_approach3(df["N"], df["D"], df["loss"], n_starts=0 if self.init else 32, init=self.init)
 
-    def __call__(self, df: pd.DataFrame) -> dict:
+    def approach2(self, df: pd.DataFrame) -> dict:
         a2 = fit_approach2(df, method=self.isoflop_method)
         N2 = float(a2.N_opt(self.C))
         # With an irreducible term when the budgets allow (4+): a pure power law in C bends the wrong way once the
         # loss nears its floor and under-predicts beyond the fitted budgets.
         L2 = fit_kaplan(a2.minima["C"], a2.minima["loss_opt"], variable="C", irreducible=len(a2.minima) >= 4)
+        return {"approach2.a": a2.N_opt.a, "approach2.b": a2.D_opt.a, "approach2.alpha_C": L2.alpha,
+                "approach2.E_C": L2.E, "approach2.N_opt": N2, "approach2.D_opt": float(self.cost.D(N2, self.C)),
+                "approach2.L_opt": float(L2(self.C))}
+
+    def approach3(self, df: pd.DataFrame) -> tuple[dict, Approach3Fit]:
         a3 = self.fit3(df)
         N3, D3, L3 = constrained_optimum(a3, self.C, self.cost, self.N_range)
         # The exponent of N_opt in C along the budget line, d log N_opt / d log C over [C/2, 2C]: eq. 4's
         # a = beta / (alpha + beta) holds only when C = k N D with one k.
         lo, hi = (constrained_optimum(a3, c, self.cost, self.N_range)[0] for c in (self.C / 2, self.C * 2))
-        D2 = float(self.cost.D(N2, self.C))
-        return {
-            "approach2.a": a2.N_opt.a, "approach2.b": a2.D_opt.a, "approach2.alpha_C": L2.alpha, "approach2.E_C": L2.E,
-            "approach2.N_opt": N2, "approach2.D_opt": D2, "approach2.L_opt": float(L2(self.C)),
-            "approach2.L_opt_by_approach3": float(a3(N2, D2)),
-            "approach3.E": a3.E, "approach3.A": a3.A, "approach3.B": a3.B, "approach3.alpha": a3.alpha,
-            "approach3.beta": a3.beta, "approach3.N_opt": N3, "approach3.D_opt": D3, "approach3.L_opt": L3,
-            "approach3.a_local": math.log(hi / lo) / math.log(4.0),
-        }
+        return {"approach3.E": a3.E, "approach3.A": a3.A, "approach3.B": a3.B, "approach3.alpha": a3.alpha,
+                "approach3.beta": a3.beta, "approach3.N_opt": N3, "approach3.D_opt": D3, "approach3.L_opt": L3,
+                "approach3.a_local": math.log(hi / lo) / math.log(4.0)}, a3
+
+    def __call__(self, df: pd.DataFrame) -> dict:
+        out = self.approach2(df)
+        three, a3 = self.approach3(df)
+        out["approach2.L_opt_by_approach3"] = float(a3(out["approach2.N_opt"], out["approach2.D_opt"]))
+        return {**out, **three}
 
 
-def predict(runs: pd.DataFrame, C: float, *, headline: str = "approach3", n_bootstrap: int = 200, seed: int = 0,
+def backtest_approaches(runs: pd.DataFrame, cost: TokenCost, N_range: tuple[float, float], *,
+                        isoflop_method: str = "parabola") -> dict:
+    """Each approach fitted on the budgets below the largest and scored on the largest budget's IsoFLOP minimum
+    (relative errors of N_opt and L_opt): the evidence for choosing the headline before extrapolating further."""
+    key = "budget" if "budget" in runs.columns and runs["budget"].notna().all() else "C"
+    C_top = float(runs[key].max())
+    below, top = runs[runs[key] < C_top], runs[runs[key] == C_top]
+    if below[key].nunique() < 2:
+        raise ValueError(f"backtest: {below[key].nunique()} budget(s) below the largest ({C_top:.3g}); need at least 2 "
+                         "to fit and one more to score")
+    observed = isoflop_minimum(top, C_top, method=isoflop_method)
+    stat = PredictionStat(C=C_top, cost=cost, N_range=N_range, isoflop_method=isoflop_method)
+    out = {"C": C_top, "fitted_budgets": sorted(float(c) for c in below[key].unique()),
+           "observed": {"N_opt": observed["N_opt"], "L_opt": observed["loss_opt"]}}
+    for name in PREDICT_APPROACHES:
+        try:
+            r = stat.approach2(below) if name == "approach2" else stat.approach3(below)[0]
+        except ValueError as exc:
+            out[name] = {"error": str(exc)}
+            continue
+        N, L = r[f"{name}.N_opt"], r[f"{name}.L_opt"]
+        out[name] = {"N_opt": N, "L_opt": L, "rel_error_N": N / observed["N_opt"] - 1,
+                     "rel_error_L": L / observed["loss_opt"] - 1}
+    return out
+
+
+def predict(runs: pd.DataFrame, C: float, *, headline: str = "auto", n_bootstrap: int = 200, seed: int = 0,
             n_jobs: int = 2, isoflop_method: str = "parabola", conventions: dict | None = None) -> dict:
     """The prediction at budget C from usable runs (one row per run: name, N, D, C, loss, budget), with 95% bootstrap
-    intervals. `headline` names the approach whose (N, D, L) is the committed prediction."""
-    if headline not in PREDICT_APPROACHES:
-        raise ValueError(f"headline={headline!r} is unknown; use one of {PREDICT_APPROACHES}")
+    intervals. `headline` names the approach whose (N, D, L) is the committed prediction; "auto" takes the one with
+    the smallest loss error in the backtest on the largest budget (`backtest_approaches`)."""
+    if headline not in PREDICT_APPROACHES + ("auto",):
+        raise ValueError(f"headline={headline!r} is unknown; use auto or one of {PREDICT_APPROACHES}")
     if not C > 0:
         raise ValueError(f"prediction budget C={C!r} must be positive, e.g. 4x the largest fitted budget")
     cost = TokenCost.from_runs(runs)
     N_range = (float(runs["N"].min()) / 30, float(runs["N"].max()) * 30)
+    try:
+        backtest = backtest_approaches(runs, cost, N_range, isoflop_method=isoflop_method)
+    except ValueError as exc:
+        backtest = {"error": str(exc)}
+    if headline == "auto":
+        scored = {k: abs(backtest[k]["rel_error_L"]) for k in PREDICT_APPROACHES if "rel_error_L" in backtest.get(k, {})}
+        if not scored:
+            raise ValueError(f"--headline auto: no approach could be backtested ({backtest.get('error', backtest)}); "
+                             "name the headline, e.g. --headline approach2")
+        headline = min(scored, key=scored.get)
     full = PredictionStat(C=C, cost=cost, N_range=N_range, isoflop_method=isoflop_method)
     a3 = full.fit3(runs)
     stat = dataclasses.replace(full, init=(a3.E, a3.A, a3.B, a3.alpha, a3.beta))
@@ -85,7 +127,7 @@ def predict(runs: pd.DataFrame, C: float, *, headline: str = "approach3", n_boot
         "token_cost": cost.as_dict(),
         "prediction": {k: est[f"{headline}.{k}"] for k in ("N_opt", "D_opt", "L_opt")},
         "prediction_ci95": {k: ci[f"{headline}.{k}"] for k in ("N_opt", "D_opt", "L_opt")},
-        "estimates": est, "ci95": ci,
+        "estimates": est, "ci95": ci, "backtest": backtest,
     }
     # For the planner: plan.prior_fit = [G, a] centres an IsoFLOP grid at budget C on the predicted N_opt.
     a = float(est["approach2.a"])
@@ -134,6 +176,21 @@ def _g(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _backtest_lines(bt: dict | None) -> list[str]:
+    if not bt:
+        return []
+    if "error" in bt:
+        return [f"Backtest: not possible ({bt['error']}).", ""]
+    obs = bt["observed"]
+    lines = [f"Backtest (fit C = {', '.join(f'{c:.3g}' for c in bt['fitted_budgets'])}, predict the IsoFLOP minimum at "
+             f"C = {bt['C']:.3g}: N_opt = {_g(obs['N_opt'])}, L = {obs['L_opt']:.4f}):"]
+    for k in PREDICT_APPROACHES:
+        r = bt.get(k, {})
+        lines.append(f"- {k}: " + (f"not fitted ({r['error']})" if "error" in r else
+                     f"N_opt {_g(r['N_opt'])} ({r['rel_error_N']:+.1%}), L_opt {r['L_opt']:.4f} ({r['rel_error_L']:+.2%})"))
+    return lines + [""]
+
+
 def prediction_markdown(p: dict) -> str:
     est, ci = p["estimates"], p["ci95"]
     rows = ["| approach | N_opt | D_opt | L_opt (nats/token) |", "|---|---|---|---|"]
@@ -165,6 +222,7 @@ def prediction_markdown(p: dict) -> str:
         f"and along the budget line N_opt ~ C^{_g(est['approach3.a_local'])} "
         f"[{_g(ci['approach3.a_local'][0])}, {_g(ci['approach3.a_local'][1])}] near C.",
         "",
+        *_backtest_lines(p.get("backtest")),
         f"D_opt is C / f(N_opt) with f the family's FLOPs per token read off the runs (conventions: {conv}).",
         f"To train it and its neighbours at 0.5x and 2x N: `hydra.sweeper.plan.prior_fit=[{G:.6g},{a:.6g}]` with "
         f"`plan.budgets=[{p['C']:g}]`, `plan.n_sizes=3`, `plan.size_step=2`.",

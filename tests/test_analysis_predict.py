@@ -158,3 +158,20 @@ def test_report_puts_approach3_optimum_on_the_budget_line_when_k_varies(tmp_path
     # In the 6ND convention one k describes every run: eq. 4's closed form, no note.
     write_report(tmp_path / "fit", tmp_path / "rep6", C=6e13, n_bootstrap=4, n_jobs=1)
     assert "allocation" not in json.loads((tmp_path / "rep6" / "results.json").read_text())["approach3"]
+
+
+def test_backtest_scores_each_approach_on_the_largest_budget_and_auto_picks_the_better():
+    runs = family_runs([5e11, 1.5e12, 5e12, 1.5e13], noise=0.002)
+    p = predict(runs, 6e13, n_bootstrap=4, n_jobs=1)
+    bt = p["backtest"]
+    assert bt["C"] == 1.5e13 and bt["fitted_budgets"] == [5e11, 1.5e12, 5e12]
+    for k in ("approach2", "approach3"):
+        assert bt[k]["rel_error_L"] == pytest.approx(bt[k]["L_opt"] / bt["observed"]["L_opt"] - 1)
+    best = min(("approach2", "approach3"), key=lambda k: abs(bt[k]["rel_error_L"]))
+    assert p["headline"] == best
+    assert p["prediction"]["L_opt"] == p["estimates"][f"{best}.L_opt"]
+    # Two budgets leave nothing to score: auto refuses with the fix, an explicit headline still predicts.
+    two = family_runs([5e11, 5e12])
+    with pytest.raises(ValueError, match="--headline auto: no approach could be backtested"):
+        predict(two, 2e13, n_bootstrap=2, n_jobs=1)
+    assert "error" in predict(two, 2e13, headline="approach3", n_bootstrap=2, n_jobs=1)["backtest"]
