@@ -205,6 +205,7 @@ def cmd_predict(a) -> int:
 
 
 def cmd_verify(a) -> int:
+    from analysis.plots import plot_verification
     from analysis.predict import verification_markdown, verify
 
     try:
@@ -215,8 +216,6 @@ def cmd_verify(a) -> int:
     conv = prediction.get("conventions", {})
     runs = usable(load_sweep(a.sweep_dir, n=conv.get("N", "non_embedding"), c=conv.get("C", "record")))
     v = verify(prediction, runs)
-    from analysis.plots import plot_verification
-
     plot_verification(v, a.out / "figures")
     return _write_json_and_markdown(a.out, "verification", v, verification_markdown(v))
 

@@ -242,6 +242,11 @@ def _budget_minimum(x, loss, method: str, window: int | None, C: float) -> tuple
 ISOFLOP_METHODS = ("parabola", "akima")
 
 
+def isoflop_key(df: pd.DataFrame) -> str:
+    """The column that groups runs into IsoFLOP curves: the planned budget when every run has one, else C."""
+    return "budget" if "budget" in df.columns and df["budget"].notna().all() else "C"
+
+
 def isoflop_minimum(g: pd.DataFrame, C: float, *, method: str = "parabola", window: int | None = None) -> dict:
     """One IsoFLOP curve (runs of one budget C): the loss minimum over log N and, separately, over log D."""
     xN, lN, pN = _budget_minimum(np.log(g["N"].to_numpy()), g["loss"].to_numpy(), method, window, C)
@@ -258,7 +263,7 @@ def isoflop_minima(df: pd.DataFrame, *, method: str = "parabola", window: int | 
     """
     if method not in ISOFLOP_METHODS:
         raise ValueError(f"isoflop method={method!r} is unknown; use one of {ISOFLOP_METHODS}")
-    key = "budget" if "budget" in df.columns and df["budget"].notna().all() else "C"
+    key = isoflop_key(df)
     rows, skipped = [], []
     for C, g in df.groupby(key, sort=True):
         if len(g) < min_runs:
@@ -298,7 +303,7 @@ def fit_approach2(df: pd.DataFrame, *, weights: Sequence[float] | None = None, m
     minima, skipped = isoflop_minima(df, method=method, window=window, min_runs=min_runs)
     w = None
     if isinstance(weights, str):
-        key = "budget" if "budget" in df.columns and df["budget"].notna().all() else "C"
+        key = isoflop_key(df)
         w = df.groupby(key)[weights].first().reindex(minima["C"].to_numpy()).to_numpy()
     elif weights is not None:
         w = np.asarray(weights, float)

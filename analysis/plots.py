@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.approach3 import Approach3Fit  # noqa: E402
-from analysis.fits import Approach2Fit, KaplanFit, PowerLaw, lower_envelope  # noqa: E402
+from analysis.fits import Approach2Fit, KaplanFit, PowerLaw, isoflop_key, lower_envelope  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "savefig.dpi": 200, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3,
          "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False}
@@ -108,7 +108,7 @@ def plot_loss_vs_compute(df: pd.DataFrame, out_dir: Path, kaplan_C: KaplanFit | 
 
 def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path) -> list[Path]:
     """IsoFLOP curves: loss vs N per budget, fitted parabolas in log N and their minima (Hoffmann fig. 3 left)."""
-    key = "budget" if df["budget"].notna().all() else "C"
+    key = isoflop_key(df)
     colors = _budget_colors(df[key])
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -167,7 +167,7 @@ def plot_optimal_allocation(minima: pd.DataFrame, N_opt: PowerLaw, D_opt: PowerL
 def plot_residuals(df: pd.DataFrame, a3: Approach3Fit, out_dir: Path) -> list[Path]:
     """log(observed) - log(predicted) of Approach 3 against N and against D."""
     r = np.log(df["loss"]) - np.log(a3(df["N"], df["D"]))
-    key = "budget" if df["budget"].notna().all() else "C"
+    key = isoflop_key(df)
     colors = _budget_colors(df[key])
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3
-from analysis.fits import fit_approach2, fit_kaplan, isoflop_minimum
+from analysis.fits import fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum
 from analysis.uncertainty import bootstrap
 
 PREDICT_APPROACHES = ("approach2", "approach3")
@@ -71,7 +71,7 @@ def backtest_approaches(runs: pd.DataFrame, cost: TokenCost, N_range: tuple[floa
                         isoflop_method: str = "parabola") -> dict:
     """Each approach fitted on the budgets below the largest and scored on the largest budget's IsoFLOP minimum
     (relative errors of N_opt and L_opt): the evidence for choosing the headline before extrapolating further."""
-    key = "budget" if "budget" in runs.columns and runs["budget"].notna().all() else "C"
+    key = isoflop_key(runs)
     C_top = float(runs[key].max())
     below, top = runs[runs[key] < C_top], runs[runs[key] == C_top]
     if below[key].nunique() < 2:
@@ -117,7 +117,7 @@ def predict(runs: pd.DataFrame, C: float, *, headline: str = "auto", n_bootstrap
     full = PredictionStat(C=C, cost=cost, N_range=N_range, isoflop_method=isoflop_method)
     a3 = full.fit3(runs)
     stat = dataclasses.replace(full, init=(a3.E, a3.A, a3.B, a3.alpha, a3.beta))
-    strata = "budget" if "budget" in runs.columns and runs["budget"].notna().all() else "C"
+    strata = isoflop_key(runs)
     boot = bootstrap(runs, stat, n_resamples=n_bootstrap, seed=seed, n_jobs=n_jobs, strata=strata)
     est, ci = boot.estimate, boot.ci
     largest = float(runs[strata].max())

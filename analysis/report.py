@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis import plots
 from analysis.approach3 import Approach3Fit, TokenCost
-from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, lower_envelope
+from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, isoflop_key, lower_envelope
 from analysis.load import excluded, load_curves, load_sweep, usable
 from analysis.lr import lr_sweeps
 from analysis.uncertainty import (Approach1Stat, Approach2Stat, Approach3Stat, KaplanStat, backtest, bootstrap)
@@ -102,7 +102,7 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
         axis = _budget_axis(runs)
         C2 = C if axis is None else (C_given if C_given is not None else float(runs["budget"].max()) * 10)
         stat = Approach2Stat(C=C2, method=isoflop_method)
-        key = "budget" if runs["budget"].notna().all() else "C"
+        key = isoflop_key(runs)
         out = _with_ci(stat, runs, boot, strata=key)
         if axis is not None:
             out["C_query"] = C2

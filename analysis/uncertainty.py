@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3, fit_approach3_vpnls
-from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, isoflop_minimum
+from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum
 
 Stat = Callable[[pd.DataFrame], dict]
 
@@ -195,7 +195,7 @@ def backtest(df: pd.DataFrame, threshold: float, *, approach3_method: str = "hub
     """Fit on runs whose budget (else C) is below `threshold`; predict the loss of every held-out run with
     Approach 3, and each held-out budget's IsoFLOP minimum N_opt with Approaches 2 and 3. Relative error =
     (predicted - observed) / observed."""
-    key = "budget" if "budget" in df.columns and df["budget"].notna().all() else "C"
+    key = isoflop_key(df)
     train, test = df[df[key] < threshold], df[df[key] >= threshold]
     if test.empty or train.empty:
         raise ValueError(f"backtest threshold {threshold:g} leaves {len(train)} training and {len(test)} held-out "
