@@ -8,12 +8,17 @@ import sys
 import time
 from pathlib import Path
 
-from analysis.load import load_csv, load_curves, load_sweep, load_wandb_offline, usable
+from analysis.load import (is_runs_csv, load_csv, load_curves, load_runs_csv, load_sweep, load_wandb_offline,
+                           usable)
+from scaling.accounting import C_CONVENTIONS
+from scaling.record import write_json_atomic, write_text_atomic
 
 EPILOG = """examples:
   python -m analysis fit --csv runs.csv --N params --D tokens --loss loss --C budget --approach 2,3 --json fit.json
   python -m analysis fit --sweep outputs/sweep --approach 1,2,3 --bootstrap 200 --plots figs/
+  python -m analysis fit --wandb outputs/sweep --approach 2     # the runs' offline wandb files
   python -m analysis report outputs/sweep --at-C 1e21
+  python -m analysis report outputs/sweep/runs.csv --out report/   # a collected run table (no Approach 1)
   python -m analysis predict outputs/sweep --at-C 4e21 --out study/   # commit study/prediction.json, then train
   python -m analysis verify study/prediction.json outputs/verify --out study/
   python -m analysis bench"""
@@ -42,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--N", default="N", help="column (CSV) or summary key (wandb) holding N [N]")
     f.add_argument("--D", default="D", help="column/key holding D, tokens [D]")
     f.add_argument("--loss", default="loss", help="column/key holding the final loss [loss]")
-    f.add_argument("--C", default=None, help="column/key holding the IsoFLOP budget C (default: C = 6ND)")
+    f.add_argument("--C", default=None,
+                   help="column/key holding C, also the IsoFLOP budget (default: a collected runs.csv or wandb "
+                        "summary gives C and the budget in the runs' own convention; another CSV: C = 6ND)")
     f.add_argument("--name", default=None, help="CSV column naming runs (bootstrap resamples runs by it)")
     f.add_argument("--dropna", action="store_true", help="drop CSV rows with empty values instead of failing")
     _common(f)
@@ -50,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--json", type=Path, help="write results (paper symbols, ci95 intervals) here")
     f.add_argument("--plots", type=Path, help="write figures (PNG + SVG) into this folder")
 
-    r = sub.add_parser("report", help="all fits, figures and a Markdown report for a sweep directory")
-    r.add_argument("sweep_dir", type=Path)
+    r = sub.add_parser("report", help="all fits, figures and a Markdown report for a sweep directory or its runs.csv")
+    r.add_argument("sweep_dir", type=Path, help="a sweep directory, or the runs.csv `scaling.sweep collect` wrote")
     r.add_argument("--out", type=Path, help="output folder [SWEEP_DIR/report]")
     _common(r)
 
@@ -63,8 +70,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="whose N, D, L is the committed prediction [auto: the smaller loss error when the largest "
                          "budget is predicted from the others]")
     pr.add_argument("--n-convention", default="non_embedding", choices=["non_embedding", "total"])
-    pr.add_argument("--c-convention", default="record", choices=["6ND", "6N", "kaplan", "chinchilla", "record"],
-                    help="which C from run records [record: the convention the runs were budgeted in]")
+    _c_convention(pr)
     pr.add_argument("--isoflop-method", default="parabola", choices=["parabola", "akima"])
     pr.add_argument("--bootstrap", type=int, default=200)
     pr.add_argument("--jobs", type=int, default=2)
@@ -83,11 +89,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _c_convention(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--c-convention", default=None, choices=list(C_CONVENTIONS) + ["record"],
+                   help="C in this FLOP convention, each run's C and budget converted through scaling.accounting "
+                        "(6ND: 6*N*D with the chosen N) [the runs' own: the convention they were planned and recorded "
+                        "in; 'record' says the same]. For a CSV with --C it names that column's convention")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-convention", default="non_embedding", choices=["non_embedding", "total"],
                    help="which N from run records [non_embedding, as Kaplan et al. 2020]")
-    p.add_argument("--c-convention", default="6ND", choices=["6ND", "6N", "kaplan", "chinchilla", "record"],
-                   help="which C from run records: 6ND recomputes 6*N*D with the chosen N [6ND]")
+    _c_convention(p)
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples over runs, 0 = none [200]")
     p.add_argument("--at-C", type=float, default=None, dest="at_C",
                    help="report N_opt, D_opt, L at this C [10x the largest run]")
@@ -122,16 +134,20 @@ def _summary(res: dict) -> str:
 
 
 def cmd_fit(a) -> int:
-    from analysis.report import _atomic_write, fit_all, make_plots
+    from analysis.report import fit_all, make_plots
 
     curves = None
-    if a.csv:
-        df = load_csv(a.csv, N=a.N, D=a.D, loss=a.loss, C=a.C, name=a.name, dropna=a.dropna)
+    if a.csv and a.C is None and is_runs_csv(a.csv):  # a collected run table: every convention, the budgets
+        df = load_runs_csv(a.csv, n=a.n_convention, c=a.c_convention)
+    elif a.csv:
+        df = load_csv(a.csv, N=a.N, D=a.D, loss=a.loss, C=a.C, name=a.name, dropna=a.dropna,
+                      c_convention=a.c_convention)
     elif a.sweep:
         df = load_sweep(a.sweep, n=a.n_convention, c=a.c_convention)
         curves = load_curves(a.sweep, n=a.n_convention, c=a.c_convention) if 1 in a.approach else None
     else:
-        df = load_wandb_offline(a.wandb, N=a.N, D=a.D, loss=a.loss, C=a.C, budget=a.C)
+        df = load_wandb_offline(a.wandb, N="N_total" if a.n_convention == "total" and a.N == "N" else a.N, D=a.D,
+                                loss=a.loss, C=a.C, budget=a.C, c_convention=a.c_convention)
     if 1 in a.approach and curves is None:
         raise ValueError("--approach 1 needs training curves: use --sweep (metrics.jsonl), not --csv/--wandb")
     res, fitted = fit_all(df, approaches=a.approach, C=a.at_C, n_bootstrap=a.bootstrap, curves=curves,
@@ -142,8 +158,7 @@ def cmd_fit(a) -> int:
         res["backtest"] = backtest(usable(df), a.backtest_below).summary()
     print(_summary(res))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(a.json, json.dumps(res, indent=1))
+        write_json_atomic(a.json, res, indent=1)
         print(f"wrote {a.json}")
     if a.plots:
         paths = make_plots(usable(df), fitted, res, a.plots, curves)
@@ -182,11 +197,8 @@ def cmd_bench(a) -> int:
 
 
 def _write_json_and_markdown(out: Path, stem: str, obj: dict, md: str) -> int:
-    from analysis.report import _atomic_write
-
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / f"{stem}.json", json.dumps(obj, indent=1))
-    _atomic_write(out / f"{stem}.md", md)
+    write_json_atomic(out / f"{stem}.json", obj, indent=1)
+    write_text_atomic(out / f"{stem}.md", md)
     print(md)
     print(f"wrote {out / stem}.json and {stem}.md")
     return 0
@@ -214,7 +226,7 @@ def cmd_verify(a) -> int:
         raise ValueError(f"{a.prediction}: cannot read the prediction ({exc}); give the prediction.json that "
                          "`python -m analysis predict` wrote") from None
     conv = prediction.get("conventions", {})
-    runs = usable(load_sweep(a.sweep_dir, n=conv.get("N", "non_embedding"), c=conv.get("C", "record")))
+    runs = usable(load_sweep(a.sweep_dir, n=conv.get("N", "non_embedding"), c=conv.get("C")))
     v = verify(prediction, runs)
     plot_verification(v, a.out / "figures")
     return _write_json_and_markdown(a.out, "verification", v, verification_markdown(v))

@@ -4,6 +4,7 @@ Pure numpy/scipy. Every function takes plain arrays (or a tidy frame for the gro
 dataclass whose `as_dict()` uses the papers' symbols as keys, which is what the CLI writes to JSON.
 
 Symbols: N parameters, D tokens, C = k N D training FLOPs (k = 6 under the usual convention), L loss in nats/token.
+C is in the table's one convention (analysis.load): every approach fits and is queried in it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import pandas as pd
 from scipy import interpolate, optimize
 
 from analysis.validate import check_positive_finite, check_min_points
+from scaling.accounting import FLOPS_PER_PARAM_TOKEN
 
-FLOPS_PER_TOKEN = 6.0  # Kaplan et al. 2020 eq. 2.1 / Hoffmann et al. 2022 sec. 3: C ~ 6 N D.
+# The k of C = k N D when a fit is given no other: 6 (Kaplan et al. 2020 eq. 2.1 / Hoffmann et al. 2022 sec. 3).
+FLOPS_PER_TOKEN = FLOPS_PER_PARAM_TOKEN
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -247,12 +250,35 @@ def isoflop_key(df: pd.DataFrame) -> str:
     return "budget" if "budget" in df.columns and df["budget"].notna().all() else "C"
 
 
+def slice_C(g: pd.DataFrame, budget: float, N_opt: float | None = None) -> float:
+    """The C of one IsoFLOP slice (runs of one planned budget) in the table's C convention.
+
+    When the budgets are in that convention (the default: analysis reads C in the convention the sweep was planned
+    in) it is the budget itself. When another convention was asked, each run's budget was converted at its own shape
+    (column `budget_C`, through scaling.accounting), and the converted values differ across the slice's sizes. The
+    slice's C is then that of its compute-optimal run: budget_C interpolated in log N at N_opt. So N_opt(C) is
+    measured in the currency of Approach 1's envelope (the best run at each C) and of Approach 3's budget line; the
+    geometric mean of the slice would instead depend on which sizes were tried. Without N_opt: the geometric mean.
+    """
+    if "budget_C" not in g.columns or not np.isfinite(g["budget_C"].to_numpy(float)).all():
+        return budget
+    bc = g["budget_C"].to_numpy(float)
+    if (bc == budget).all():
+        return budget
+    if N_opt is None:
+        return float(np.exp(np.mean(np.log(bc))))
+    s = pd.Series(np.log(bc)).groupby(np.log(g["N"].to_numpy(float))).mean()  # one value per size, sorted by log N
+    return float(np.exp(np.interp(np.log(N_opt), s.index.to_numpy(), s.to_numpy())))
+
+
 def isoflop_minimum(g: pd.DataFrame, C: float, *, method: str = "parabola", window: int | None = None) -> dict:
-    """One IsoFLOP curve (runs of one budget C): the loss minimum over log N and, separately, over log D."""
+    """One IsoFLOP curve (runs of one budget C): the loss minimum over log N and, separately, over log D. The result's
+    "C" is the slice's C in the table's convention (`slice_C`), "budget" the budget it was planned at."""
     xN, lN, pN = _budget_minimum(np.log(g["N"].to_numpy()), g["loss"].to_numpy(), method, window, C)
     xD, _, pD = _budget_minimum(np.log(g["D"].to_numpy()), g["loss"].to_numpy(), method, window, C)
-    return {"C": C, "N_opt": float(np.exp(xN)), "D_opt": float(np.exp(xD)), "loss_opt": lN, "n_runs": len(g),
-            "parabola_N": pN, "parabola_D": pD}
+    N_opt = float(np.exp(xN))
+    return {"C": slice_C(g, C, N_opt), "budget": C, "N_opt": N_opt, "D_opt": float(np.exp(xD)), "loss_opt": lN,
+            "n_runs": len(g), "parabola_N": pN, "parabola_D": pD}
 
 
 def isoflop_minima(df: pd.DataFrame, *, method: str = "parabola", window: int | None = None,
@@ -260,6 +286,7 @@ def isoflop_minima(df: pd.DataFrame, *, method: str = "parabola", window: int | 
     """Per budget (column `budget`, else `C`): minimum of loss over log N and, separately, over log D.
 
     Returns (minima, skipped): budgets whose minimum is not bracketed are skipped with the reason, never fitted.
+    minima["C"] is each slice's C in the table's convention, minima["budget"] (and skipped["C"]) the planned budget.
     """
     if method not in ISOFLOP_METHODS:
         raise ValueError(f"isoflop method={method!r} is unknown; use one of {ISOFLOP_METHODS}")
@@ -304,7 +331,7 @@ def fit_approach2(df: pd.DataFrame, *, weights: Sequence[float] | None = None, m
     w = None
     if isinstance(weights, str):
         key = isoflop_key(df)
-        w = df.groupby(key)[weights].first().reindex(minima["C"].to_numpy()).to_numpy()
+        w = df.groupby(key)[weights].first().reindex(minima["budget"].to_numpy()).to_numpy()
     elif weights is not None:
         w = np.asarray(weights, float)
         if len(w) != len(minima):

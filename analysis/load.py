@@ -1,11 +1,17 @@
-"""Load runs into one tidy table: a sweep directory of run records, a CSV, or wandb runs (offline files or the API).
+"""Load runs into one tidy table: a sweep directory of run records, a collected runs.csv, any CSV, or wandb runs
+(offline files or the API).
 
 Every loader returns a DataFrame with one row per run and these columns (the fits read only these):
   name, status, excluded (bool), reason, N, D, C, loss, budget (planned FLOPs, NaN if not an IsoFLOP budget),
-  N_convention ("non_embedding" | "total" | "csv" | ...), C_convention ("6ND" | "6N" | "kaplan" | ...),
+  N_convention ("non_embedding" | "total" | "csv" | ...), C_convention ("chinchilla" | "6N" | "kaplan" | "6ND" | ...),
   flops_per_token (C / (N D), the k of C = k N D used for compute-optimal conversions), plus source extras
-  (sweep directories: lr, the peak learning rate from record["optim"]["lr"], NaN when absent).
+  (budget_C: the budget in the table's C convention at the run's shape, budget_convention, C_record: the run's own
+  C, lr: the peak learning rate, sweep, seed, train_loss, run_dir).
 Failed, diverged, running or unusable runs stay in the table with `excluded=True` and a reason; `usable()` drops them.
+
+One convention end to end: C is the convention the records carry (the one the sweep was planned in, `C_convention`)
+unless another is asked (`c=`, the CLI's --c-convention); then each run's C and budget are converted through
+scaling.accounting. Records (and wandb summaries) are read through scaling.record, the run record's owner.
 """
 
 from __future__ import annotations
@@ -19,17 +25,21 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
+from scaling import record as R
+from scaling.accounting import C_CONVENTIONS, FLOP_CONVENTIONS, C_under, convert_C
+
 N_CONVENTIONS = {"non_embedding": "N", "total": "N_total"}  # Kaplan et al. 2020 use non-embedding N
-C_CONVENTIONS = ("6ND", "6N", "kaplan", "chinchilla", "record")  # "6ND" recomputes 6 N D with the chosen N
+OWN = "record"  # --c-convention record: an alias of the default, the convention each record carries
 COLUMNS = ["name", "status", "excluded", "reason", "N", "D", "C", "loss", "budget", "N_convention", "C_convention",
            "flops_per_token"]
+EXTRAS = ["budget_C", "budget_convention", "C_record", "sweep", "seed", "train_loss", "lr", "run_dir"]
 
 
-def _check_conventions(n: str, c: str) -> None:
+def _check_conventions(n: str, c: str | None) -> None:
     if n not in N_CONVENTIONS:
         raise ValueError(f"N convention {n!r} is unknown; use one of {sorted(N_CONVENTIONS)}")
-    if c not in C_CONVENTIONS:
-        raise ValueError(f"C convention {c!r} is unknown; use one of {list(C_CONVENTIONS)}")
+    if c not in (None, OWN) + C_CONVENTIONS:
+        raise ValueError(f"C convention {c!r} is unknown; use one of {list(C_CONVENTIONS)} (default: the records' own)")
 
 
 def _num(x) -> float:
@@ -38,6 +48,11 @@ def _num(x) -> float:
     except (TypeError, ValueError):
         return math.nan
     return v
+
+
+def _str(x) -> str:
+    """A text cell: '' for None / NaN (CSV and DataFrame cells of absent values)."""
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
 
 
 def _exclusion(status: str, N: float, D: float, loss: float, extra: str = "") -> str:
@@ -74,85 +89,120 @@ def excluded(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Sweep directories of run records (record.json + metrics.jsonl, see the README's run-record contract)
+# Run tables (scaling.record.COLUMNS): sweep directories of records, collected runs.csv files, wandb summaries
 # --------------------------------------------------------------------------------------------------------------------
-def _read_json(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read ({exc}); check the path and permissions") from None
-    if not text.strip():
-        raise ValueError(f"{path}: file is empty; rerun or delete that run (or pass skip_corrupt=True)")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); rerun or delete that run (or pass skip_corrupt=True)") \
-            from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}; it is not a run record")
-    return obj
+def own_convention(rows: Iterable[dict], where: str) -> str | None:
+    """The one C convention the runs carry (their `C_convention`); None when none does. Runs of one table in different
+    conventions are one clear error: their C are not comparable until one convention is chosen."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        conv = _str(r.get("C_convention"))
+        if conv:
+            counts[conv] = counts.get(conv, 0) + 1
+    if len(counts) > 1:
+        seen = ", ".join(f"{k} ({v} runs)" for k, v in sorted(counts.items()))
+        raise ValueError(f"{where}: the runs carry different C conventions ({seen}, field C_convention); pick one "
+                         f"with --c-convention {'|'.join(C_CONVENTIONS)} (c=... in Python): every run's C and "
+                         "budget are then converted to it")
+    return next(iter(counts), None)
 
 
-def _record_row(rec: dict, run_dir: Path, n_conv: str, c_conv: str) -> dict:
-    N = _num(rec.get(N_CONVENTIONS[n_conv]))
-    D = _num(rec.get("D"))
-    if c_conv == "6ND":
-        C = 6.0 * N * D  # Kaplan et al. 2020 eq. 2.1, with the chosen N
-    elif c_conv == "record":
-        C = _num(rec.get("C"))
-    else:
-        C = _num(rec.get(f"C_{c_conv}"))
-    budget = rec.get("budget") or {}
-    status = str(rec.get("status") or "unknown")
-    extra = rec.get("error") or (f"diverged at step {rec['diverged_step']}" if rec.get("diverged_step") is not None
-                                 else "")
-    loss = _num(rec.get("loss"))
-    return {
-        "name": str(rec.get("name") or run_dir.name), "status": status,
-        "reason": _exclusion(status, N, D, loss, str(extra)), "N": N, "D": D, "C": C, "loss": loss,
-        "budget": _num(budget.get("value")) if budget.get("kind") == "flops" else math.nan,
-        "sweep": rec.get("sweep"), "seed": rec.get("seed"), "train_loss": _num(rec.get("train_loss")),
-        "record_C": _num(rec.get("C")), "run_dir": str(run_dir),
-        "lr": _num((rec.get("optim") or {}).get("lr")),  # peak learning rate; groups learning-rate sweeps
-    }
+def _reason(r: dict, status: str, N: float, D: float, loss: float) -> str:
+    if status == "missing":
+        return "planned in sweep.json but no record.json found"
+    step = _num(r.get("diverged_step"))
+    extra = _str(r.get("error")) or (f"diverged at step {int(step)}" if np.isfinite(step) else "")
+    return _exclusion(status, N, D, loss, extra)
 
 
-def load_sweep(sweep_dir: str | Path, *, n: str = "non_embedding", c: str = "6ND",
+def _C_by_convention(r: dict) -> dict:
+    """What a row carries of C per FLOP convention (C_6N, C_kaplan, C_chinchilla; its own C under its own)."""
+    out = {k: _num(r.get(f"C_{k}")) for k in FLOP_CONVENTIONS}
+    own = _str(r.get("C_convention"))
+    if own in FLOP_CONVENTIONS and np.isfinite(_num(r.get("C"))):
+        out[own] = _num(r.get("C"))  # exact: C under its own convention needs no conversion
+    return {k: v for k, v in out.items() if np.isfinite(v)}
+
+
+def runs_table(rows: Iterable[dict], *, n: str = "non_embedding", c: str | None = None,
+               where: str = "run table") -> pd.DataFrame:
+    """Run-table rows (scaling.record.COLUMNS) -> the analysis table, with C in convention `c` (default: the runs' own,
+    see `own_convention`; other conventions are converted per run through scaling.accounting)."""
+    _check_conventions(n, c)
+    # Runs in run-directory order whatever the source (records, runs.csv, wandb files), planned-but-missing ones last:
+    # the seeded bootstrap then draws the same runs, so the same runs give the same intervals from every loader.
+    rows = sorted(rows, key=lambda r: (0, Path(r["run_dir"]).parts) if _str(r.get("run_dir")) else (1, ()))
+    conv = c if c not in (None, OWN) else (own_convention(rows, where) or "6ND")
+    out = []
+    for r in rows:
+        status = _str(r.get("status")) or "unknown"
+        N, D, loss = _num(r.get(N_CONVENTIONS[n])), _num(r.get("D")), _num(r.get("loss"))
+        reason = _reason(r, status, N, D, loss)
+        C_record, own = _num(r.get("C")), _str(r.get("C_convention"))
+        by_conv = _C_by_convention(r)
+        budget = _num(r.get("budget")) if _str(r.get("budget_kind")) in ("flops", "") else math.nan
+        # A flops budget is planned in the run's own convention unless the row says otherwise (scaling.train).
+        budget_conv = _str(r.get("budget_convention")) or own
+        try:
+            C = C_record if conv == own else C_under(conv, by_conv, N, D)
+            budget_C = (budget if not np.isfinite(budget) or budget_conv == conv else
+                        convert_C(budget, by_conv, budget_conv, conv, N, D))
+        except ValueError as exc:
+            if reason:  # an excluded run needs no C
+                C, budget_C = math.nan, math.nan
+            else:
+                raise ValueError(f"{where}: run {_str(r.get('name'))!r} cannot be read in the {conv} convention "
+                                 f"({exc}); choose another --c-convention or the runs' own ({own})") from None
+        if not reason and not (np.isfinite(_num(C)) and _num(C) > 0):
+            reason = f"C is missing or not positive ({_num(C)})"
+        out.append({"name": _str(r.get("name")) or Path(_str(r.get("run_dir"))).name, "status": status,
+                    "reason": reason, "N": N, "D": D, "C": _num(C), "loss": loss, "budget": budget,
+                    "budget_C": _num(budget_C), "budget_convention": budget_conv or None, "C_record": C_record,
+                    "sweep": r.get("sweep"), "seed": r.get("seed"), "train_loss": _num(r.get("train_loss")),
+                    "lr": _num(r.get("lr")),  # peak learning rate; groups learning-rate sweeps
+                    "run_dir": r.get("run_dir")})
+    return _finish(out, n, conv)
+
+
+def load_sweep(sweep_dir: str | Path, *, n: str = "non_embedding", c: str | None = None,
                skip_corrupt: bool = False) -> pd.DataFrame:
     """All runs below `sweep_dir` (any depth, found by record.json), plus planned runs without a record."""
     _check_conventions(n, c)
-    root = Path(sweep_dir)
-    if not root.is_dir():
-        raise ValueError(f"sweep directory {str(root)!r} does not exist; give the folder holding the run directories")
-    rows = []
-    for path in sorted(root.rglob("record.json")):
-        try:
-            rows.append(_record_row(_read_json(path), path.parent, n, c))
-        except ValueError as exc:
-            if not skip_corrupt:
-                raise
-            rows.append({"name": path.parent.name, "status": "corrupt", "reason": str(exc), "run_dir": str(path.parent)})
-    manifest = root / "sweep.json"
-    if manifest.exists():
-        found = {r["name"] for r in rows}
-        for plan in _read_json(manifest).get("planned", []):
-            if plan.get("name") not in found:
-                # N, D and lr as planned (NaN when the plan lacks them): they place the run in its lr-sweep group.
-                rows.append({"name": plan.get("name"), "status": "missing",
-                             "reason": "planned in sweep.json but no record.json found",
-                             "budget": _num(plan.get("budget")), "N": _num(plan.get("N")), "D": _num(plan.get("D")),
-                             "lr": _num(plan.get("lr"))})
-    if not rows:
-        raise ValueError(f"sweep directory {str(root)!r} holds no record.json; point at a folder of finished runs")
-    return _finish(rows, n, c)
+    return runs_table(R.read_runs(sweep_dir, skip_corrupt=skip_corrupt), n=n, c=c, where=str(sweep_dir))
+
+
+RUN_TABLE_COLUMNS = ("name", "status", "N", "D", "C", "C_convention", "loss")  # what makes a CSV a collected run table
+
+
+def is_runs_csv(path: str | Path) -> bool:
+    """Whether `path` is a run table written by `python -m scaling.sweep collect` (record columns, C_convention)."""
+    try:
+        header = pd.read_csv(path, nrows=0).columns
+    except (OSError, ValueError, pd.errors.EmptyDataError):
+        return False
+    return set(RUN_TABLE_COLUMNS) <= set(header)
+
+
+def load_runs_csv(path: str | Path, *, n: str = "non_embedding", c: str | None = None) -> pd.DataFrame:
+    """A run table collected by `python -m scaling.sweep collect` (runs.csv): the same table as `load_sweep` on the
+    sweep directory it came from, without the training curves."""
+    _check_conventions(n, c)
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"run table {str(p)!r} does not exist; check the path")
+    if not is_runs_csv(p):
+        raise ValueError(f"{str(p)!r} is not a collected run table (it lacks some of the columns "
+                         f"{list(RUN_TABLE_COLUMNS)}); name its columns with `analysis fit --csv ... --N --D --loss`")
+    raw = pd.read_csv(p)
+    return runs_table(raw.to_dict("records"), n=n, c=c, where=str(p))
 
 
 def load_curves(sweep_dir: str | Path, *, loss: str = "train_loss", n: str = "non_embedding",
-                c: str = "6ND") -> pd.DataFrame:
+                c: str | None = None) -> pd.DataFrame:
     """Training curves of usable runs (for Chinchilla Approach 1): columns run, N, C, D, loss, one row per step.
 
     metrics.jsonl `flops` is cumulative C under the run's own convention; it is rescaled to the chosen C convention
-    (C_chosen / C_record), so the curve ends at the run's C in the table.
+    (C / C_record), so the curve ends at the run's C in the table.
     """
     if loss not in ("train_loss", "eval_loss"):
         raise ValueError(f"curve loss {loss!r} is unknown; use 'train_loss' or 'eval_loss'")
@@ -173,7 +223,7 @@ def load_curves(sweep_dir: str | Path, *, loss: str = "train_loss", n: str = "no
         if m.empty or loss not in m.columns or "tokens" not in m.columns or "flops" not in m.columns:
             continue
         m = m.dropna(subset=[loss])
-        scale = r.C / r.record_C if np.isfinite(r.record_C) and r.record_C > 0 else 1.0
+        scale = r.C / r.C_record if np.isfinite(r.C_record) and r.C_record > 0 else 1.0
         frames.append(pd.DataFrame({"run": r.name, "N": r.N, "C": m["flops"].astype(float) * scale,
                                     "D": m["tokens"].astype(float), "loss": m[loss].astype(float)}))
     if not frames:
@@ -185,9 +235,20 @@ def load_curves(sweep_dir: str | Path, *, loss: str = "train_loss", n: str = "no
 # CSV with user-named columns
 # --------------------------------------------------------------------------------------------------------------------
 def load_csv(path: str | Path, *, N: str, D: str, loss: str, C: str | None = None, name: str | None = None,
-             dropna: bool = False, flops_per_token: float = 6.0) -> pd.DataFrame:
-    """Any CSV: the user names the columns. Without `C`, C = flops_per_token * N * D (6ND, Kaplan et al. eq. 2.1).
-    With `C`, that column is also the IsoFLOP budget that groups runs for Approach 2."""
+             dropna: bool = False, c_convention: str | None = None) -> pd.DataFrame:
+    """Any CSV: the user names the columns. Without `C`, C = 6 N D (Kaplan et al. eq. 2.1, through
+    scaling.accounting) and `c_convention` may only be "6ND". With `C`, that column is also the IsoFLOP budget that
+    groups runs for Approach 2, in the convention `c_convention` names, else the CSV's own `C_convention` column,
+    else "column <C>" (as given: a published table's C is whatever its authors counted). No conversion happens here:
+    a collected runs.csv, which carries every convention, converts through `load_runs_csv`."""
+    if c_convention == OWN:
+        c_convention = None
+    if c_convention is not None and c_convention not in C_CONVENTIONS:
+        raise ValueError(f"C convention {c_convention!r} is unknown; use one of {list(C_CONVENTIONS)}")
+    if not C and c_convention not in (None, "6ND"):
+        raise ValueError(f"--c-convention {c_convention}: without --C the CSV's C is computed as 6ND from N and D; "
+                         f"name the column holding C under {c_convention} with --C, or give a collected runs.csv "
+                         "(all conventions) without --C")
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"CSV {str(p)!r} does not exist; check the path")
@@ -222,11 +283,18 @@ def load_csv(path: str | Path, *, N: str, D: str, loss: str, C: str | None = Non
         raise ValueError(f"CSV {str(p)!r}: no rows left after dropping NaN rows")
     if C:
         out["budget"] = out["C"]
+        own = own_convention(raw.to_dict("records"), str(p)) if "C_convention" in raw.columns else None
+        if c_convention and own and c_convention != own:
+            raise ValueError(f"CSV {str(p)!r}: --c-convention {c_convention} but its C_convention column says {own}; "
+                             f"drop the flag (column {C!r} is read as {own}), or give the collected runs.csv without "
+                             "--C to convert")
+        label = c_convention or own or f"column {C}"
     else:
-        out["C"] = flops_per_token * out["N"] * out["D"]
+        out["C"] = C_under("6ND", {}, out["N"], out["D"])
+        label = "6ND"
     out["name"] = raw[name].astype(str) if name else [f"row{i}" for i in range(len(out))]
     out["status"], out["reason"] = "completed", ""
-    return _finish(out.to_dict("records"), "csv", f"column {C}" if C else f"{flops_per_token:g}ND")
+    return _finish(out.to_dict("records"), "csv", label)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -234,19 +302,49 @@ def load_csv(path: str | Path, *, N: str, D: str, loss: str, C: str | None = Non
 # --------------------------------------------------------------------------------------------------------------------
 WANDB_STATUS = {"finished": "completed", "crashed": "failed", "failed": "failed", "killed": "failed",
                 "running": "running"}
+# Where a summary key is absent, the run's config (scaling.config.to_dict, nested) still says how it was budgeted.
+CONFIG_FALLBACK = {"budget": "train.flops", "budget_convention": "train.flops_convention",
+                   "C_convention": "train.flops_convention"}
 
 
-def _wandb_row(name: str, state: str, summary: dict, config: dict, group: Any, keys: dict, n_conv: str) -> dict:
+def _lookup(d: dict, key: str):
+    """d[key], else the dotted path ("train.flops") through nested dicts; None when absent."""
+    if key in d:
+        return d[key]
+    for part in key.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _wandb_row(name: str, state: str, summary: dict, config: dict, group: Any, keys: dict) -> dict:
+    """A run-table row (scaling.record.COLUMNS names) from a wandb run: summary values (scaling.record.SUMMARY_KEYS, as
+    the trainer writes them), else the config's."""
     def get(k):
-        v = summary.get(k)
-        return _num(config.get(k) if v is None else v)
+        v = _lookup(summary, k)
+        if v is None:
+            v = _lookup(config, k)
+        if v is None and k in CONFIG_FALLBACK:
+            v = _lookup(config, CONFIG_FALLBACK[k])
+        return v
 
-    N, D, loss = get(keys["N"]), get(keys["D"]), get(keys["loss"])
-    status = str(summary.get("status") or WANDB_STATUS.get(state, state))
-    C = get(keys["C"]) if keys.get("C") else 6.0 * N * D
-    return {"name": name, "status": status, "reason": _exclusion(status, N, D, loss, str(summary.get("error") or "")),
-            "N": N, "D": D, "C": C, "loss": loss, "budget": get(keys["budget"]) if keys.get("budget") else math.nan,
-            "sweep": group}
+    row = {"name": name, "status": str(summary.get("status") or WANDB_STATUS.get(state, state)), "sweep": group,
+           "N": get(keys["N"]), "N_total": get("N_total"), "D": get(keys["D"]), "loss": get(keys["loss"]),
+           "error": summary.get("error"), "diverged_step": summary.get("diverged_step"),
+           "train_loss": get("train_loss")}
+    if keys.get("C"):  # a user-named key: C as given, also the IsoFLOP budget, in the convention the flag names
+        row.update(C=get(keys["C"]), C_convention=keys["c_label"],
+                   budget=get(keys["budget"]) if keys.get("budget") else get(keys["C"]), budget_kind="flops",
+                   budget_convention=keys["c_label"])
+    else:
+        row.update({k: get(k) for k in ("C", "C_convention", "budget", "budget_convention")},
+                   **{f"C_{k}": get(f"C_{k}") for k in FLOP_CONVENTIONS})
+        kind = get("budget_kind") or ("flops" if row["budget"] is not None else None)
+        row["budget_kind"] = kind
+        if kind != "flops":
+            row["budget"] = None
+    return row
 
 
 def _wandb_cli() -> list[str]:
@@ -289,33 +387,52 @@ def read_wandb_file(path: str | Path) -> dict:
             "history": history}
 
 
-def _keys(N: str, D: str, loss: str, C: str | None, budget: str | None) -> dict:
-    return {"N": N, "D": D, "loss": loss, "C": C, "budget": budget}
+def _keys(N: str, D: str, loss: str, C: str | None, budget: str | None, c_convention: str | None) -> dict:
+    return {"N": N, "D": D, "loss": loss, "C": C, "budget": budget,
+            "c_label": c_convention if c_convention not in (None, OWN) else f"summary {C}"}
+
+
+def _wandb_table(rows: list[dict], keys: dict, n_convention: str, c_convention: str | None, where: str):
+    # Column N holds the user's N key. A user-named C key is read as given (the flag, if any, names its convention);
+    # otherwise C is in the convention the runs carry, or the one asked, converted per run.
+    table = runs_table(rows, c=None if keys["C"] else c_convention, where=where)
+    table["N_convention"] = n_convention
+    return table
 
 
 def load_wandb_offline(path: str | Path, *, N: str = "N", D: str = "D", loss: str = "loss", C: str | None = None,
-                       budget: str | None = None, n_convention: str = "wandb") -> pd.DataFrame:
-    """Every offline run below `path` (a wandb/ folder or any parent): values from the summary, else the config."""
+                       budget: str | None = None, n_convention: str = "wandb",
+                       c_convention: str | None = None) -> pd.DataFrame:
+    """Every offline run below `path` (a wandb/ folder or any parent): values from the summary, else the config.
+    By default C, its convention and the planned budget are the summary's (scaling.record.SUMMARY_KEYS), so the
+    table equals the one the same runs' records give; `C` names another key (read as given, also the budget)."""
     files = sorted(Path(path).rglob("*.wandb")) if Path(path).is_dir() else [Path(path)]
     files = [f for f in files if f.is_file()]
     if not files:
         raise ValueError(f"no .wandb run file below {str(path)!r}; give the folder that wandb.init(dir=...) wrote to")
-    keys = _keys(N, D, loss, C, budget)
+    # A resumed run continues its wandb id in a new offline-run-<time>-<id>/run-<id>.wandb: the latest file holds the
+    # run's final summary (the earlier one ends where the interrupted attempt did).
+    latest = {}
+    for f in files:  # sorted: offline-run-<YYYYmmdd_HHMMSS> folders of one run directory in time order
+        latest[(f.parent.parent, f.name)] = f
+    files = sorted(latest.values())
+    keys = _keys(N, D, loss, C, budget, c_convention)
     rows = []
     for f in files:
         r = read_wandb_file(f)
-        rows.append(_wandb_row(r["name"], r["state"], r["summary"], r["config"], r["group"], keys, n_convention)
+        rows.append(_wandb_row(r["name"], r["state"], r["summary"], r["config"], r["group"], keys)
                     | {"run_dir": str(f.parent)})
-    return _finish(rows, n_convention, f"summary {C}" if C else "6ND")
+    return _wandb_table(rows, keys, n_convention, c_convention, str(path))
 
 
 def load_wandb_api(api: Any, path: str, *, group: str | None = None, N: str = "N", D: str = "D",
-                   loss: str = "loss", C: str | None = None, budget: str | None = None) -> pd.DataFrame:
+                   loss: str = "loss", C: str | None = None, budget: str | None = None,
+                   c_convention: str | None = None) -> pd.DataFrame:
     """Runs of `entity/project` (optionally one group) from a `wandb.Api()`-like object (needs a server)."""
     runs: Iterable = api.runs(path, filters={"group": group} if group else None)
-    keys = _keys(N, D, loss, C, budget)
-    rows = [_wandb_row(r.name, r.state, dict(r.summary), dict(r.config), getattr(r, "group", None), keys, "wandb")
+    keys = _keys(N, D, loss, C, budget, c_convention)
+    rows = [_wandb_row(r.name, r.state, dict(r.summary), dict(r.config), getattr(r, "group", None), keys)
             for r in runs]
     if not rows:
         raise ValueError(f"wandb project {path!r}{f' group {group!r}' if group else ''} has no runs; check the names")
-    return _finish(rows, "wandb", f"summary {C}" if C else "6ND")
+    return _wandb_table(rows, keys, "wandb", c_convention, path)

@@ -112,17 +112,17 @@ def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path) -> list[Pat
     colors = _budget_colors(df[key])
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        fitted = set(a2.minima["C"])
+        fitted = set(a2.minima["budget"])
         for C, g in df.groupby(key):
             # A budget Approach 2 left out (minimum not bracketed) keeps its points, open, and says why in the legend.
             left_out = C not in fitted
             ax.scatter(g["N"], g["loss"], color=colors[C], s=16, zorder=3, facecolors="none" if left_out else None,
                        label=f"C={C:.1e} (not fitted)" if left_out else None)
         for row in a2.minima.itertuples():
-            g = df[df[key] == row.C]
+            g = df[df[key] == row.budget]
             if row.parabola_N is not None:
                 x = np.linspace(np.log(g["N"].min()), np.log(g["N"].max()), 100)
-                ax.plot(np.exp(x), row.parabola_N(x), color=colors[row.C], lw=1.2, label=f"C={row.C:.1e}")
+                ax.plot(np.exp(x), row.parabola_N(x), color=colors[row.budget], lw=1.2, label=f"C={row.budget:.1e}")
             ax.plot(row.N_opt, row.loss_opt, marker="*", color="k", ms=9, zorder=4)
         ax.plot([], [], "k*", label="minimum")
         ax.set(xscale="log", xlabel="parameters N", ylabel="final loss [nats/token]", title="IsoFLOP curves")

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3
-from analysis.fits import fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum
+from analysis.fits import fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum, slice_C
 from analysis.uncertainty import bootstrap
 
 PREDICT_APPROACHES = ("approach2", "approach3")
@@ -72,12 +72,13 @@ def backtest_approaches(runs: pd.DataFrame, cost: TokenCost, N_range: tuple[floa
     """Each approach fitted on the budgets below the largest and scored on the largest budget's IsoFLOP minimum
     (relative errors of N_opt and L_opt): the evidence for choosing the headline before extrapolating further."""
     key = isoflop_key(runs)
-    C_top = float(runs[key].max())
-    below, top = runs[runs[key] < C_top], runs[runs[key] == C_top]
+    top_budget = float(runs[key].max())
+    below, top = runs[runs[key] < top_budget], runs[runs[key] == top_budget]
     if below[key].nunique() < 2:
-        raise ValueError(f"backtest: {below[key].nunique()} budget(s) below the largest ({C_top:.3g}); need at least 2 "
-                         "to fit and one more to score")
-    observed = isoflop_minimum(top, C_top, method=isoflop_method)
+        raise ValueError(f"backtest: {below[key].nunique()} budget(s) below the largest ({top_budget:.3g}); need at "
+                         "least 2 to fit and one more to score")
+    observed = isoflop_minimum(top, top_budget, method=isoflop_method)
+    C_top = observed["C"]  # the largest slice's C in the table's convention (its budget, unless converted)
     stat = PredictionStat(C=C_top, cost=cost, N_range=N_range, isoflop_method=isoflop_method)
     out = {"C": C_top, "fitted_budgets": sorted(float(c) for c in below[key].unique()),
            "observed": {"N_opt": observed["N_opt"], "L_opt": observed["loss_opt"]}}
@@ -120,7 +121,8 @@ def predict(runs: pd.DataFrame, C: float, *, headline: str = "auto", n_bootstrap
     strata = isoflop_key(runs)
     boot = bootstrap(runs, stat, n_resamples=n_bootstrap, seed=seed, n_jobs=n_jobs, strata=strata)
     est, ci = boot.estimate, boot.ci
-    largest = float(runs[strata].max())
+    top = runs[runs[strata] == runs[strata].max()]
+    largest = slice_C(top, float(top[strata].iloc[0]))  # in the table's convention
     out = {
         "C": C, "C_over_largest_budget": C / largest, "headline": headline, "conventions": conventions or {},
         "n_runs": int(len(runs)), "n_resamples": len(boot.samples), "n_failed": boot.n_failed,

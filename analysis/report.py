@@ -1,10 +1,11 @@
-"""Run every fit on a run table (with bootstrap intervals), and write the Markdown report and figures."""
+"""Run every fit on a run table (with bootstrap intervals), and write the Markdown report and figures.
+
+One C for everything: the table's C (the records' own convention unless another was asked, analysis.load) is what
+Kaplan's L(C) and Approaches 1, 2 and 3 fit against, and all of them are queried at the same C.
+"""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -13,48 +14,25 @@ import pandas as pd
 from analysis import plots
 from analysis.approach3 import Approach3Fit, TokenCost
 from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, isoflop_key, lower_envelope
-from analysis.load import excluded, load_curves, load_sweep, usable
+from analysis.load import excluded, load_curves, load_runs_csv, load_sweep, usable
 from analysis.lr import lr_sweeps
 from analysis.uncertainty import (Approach1Stat, Approach2Stat, Approach3Stat, KaplanStat, backtest, bootstrap)
+from scaling.record import clean_json, write_json_atomic, write_text_atomic
 
 APPROACHES = (1, 2, 3)
-
-
-def _clean(x):
-    """JSON-safe: numpy scalars to floats, NaN/inf to None."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def _budget_axis(runs: pd.DataFrame) -> tuple[float, float] | None:
-    """Approach 2 groups a sweep's runs by their planned budget and fits N_opt, D_opt against that budget. When the
-    budgets are not in the table's C convention (a sweep planned in the chinchilla convention read with C = 6ND, say),
-    returns the range of C / budget over the runs, else None."""
-    if "budget" not in runs or not runs["budget"].notna().all():
-        return None
-    ratio = (runs["C"] / runs["budget"]).to_numpy(float)
-    if not np.isfinite(ratio).all() or np.median(np.abs(np.log(ratio))) <= 0.05:
-        return None
-    return float(ratio.min()), float(ratio.max())
+NO_CURVES = ("a run table (runs.csv) has no training curves, which Approach 1 needs (each run's metrics.jsonl): "
+             "report on the sweep directory to fit it")
 
 
 def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, n_bootstrap: int = 200,
             curves: pd.DataFrame | None = None, seed: int = 0, n_jobs: int = 2, isoflop_method: str = "parabola",
-            approach3_method: str = "huber", budget_convention: str | None = None) -> tuple[dict, dict]:
+            approach3_method: str = "huber", no_curves: str | None = None) -> tuple[dict, dict]:
     """Fit the requested approaches on the usable runs of `df`. Returns (results for JSON, fitted objects for
     plots). A fit that cannot run on this data is reported with its reason instead of failing the others.
 
-    Approach 2's C is the planned IsoFLOP budget when the runs have one. If those budgets are in another convention
-    than the table's C, Approach 2 is queried in the budgets' own convention (`budget_convention` names it, from the
-    sweep manifest): at `C` when given, else one decade beyond the largest budget; its result says so."""
-    C_given = C
+    Every approach fits against the table's C and is queried at the one `C_query` (`C`, else one decade beyond the
+    largest run). Approach 2 groups runs by their planned budget; each slice's C is in the table's convention
+    (analysis.fits.slice_C). `no_curves` says why Approach 1 has no curves when it has none."""
     runs = usable(df)
     if runs.empty:
         raise ValueError("no usable runs: every run is excluded (see the excluded list); nothing to fit")
@@ -92,22 +70,15 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
 
     def approach1():
         if curves is None:
-            raise ValueError("approach 1 needs training curves (metrics.jsonl); give a sweep directory")
+            raise ValueError(no_curves or "approach 1 needs training curves (metrics.jsonl); give a sweep directory")
         fitted["a1"] = fit_approach1(curves)
         stat = Approach1Stat(C=C)
         return _with_ci(stat, curves, boot, group="run")
 
     def approach2():
         fitted["a2"] = fit_approach2(runs, method=isoflop_method)
-        axis = _budget_axis(runs)
-        C2 = C if axis is None else (C_given if C_given is not None else float(runs["budget"].max()) * 10)
-        stat = Approach2Stat(C=C2, method=isoflop_method)
-        key = isoflop_key(runs)
-        out = _with_ci(stat, runs, boot, strata=key)
-        if axis is not None:
-            out["C_query"] = C2
-            out["C_axis"] = {"quantity": "planned IsoFLOP budget", "convention": budget_convention or "the sweep's own",
-                             "table_C_over_budget": list(axis)}
+        stat = Approach2Stat(C=C, method=isoflop_method)
+        out = _with_ci(stat, runs, boot, strata=isoflop_key(runs))
         fitted["a2_samples"] = out.pop("_samples", None)
         out["minima"] = fitted["a2"].minima[["C", "N_opt", "D_opt", "loss_opt", "n_runs"]].to_dict("records")
         out["skipped_budgets"] = fitted["a2"].skipped.to_dict("records")
@@ -138,7 +109,7 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
     for v in res.values():
         if isinstance(v, dict):
             v.pop("_samples", None)
-    return _clean(res), fitted
+    return clean_json(res), fitted
 
 
 def _with_ci(stat, table, boot, **kw) -> dict:
@@ -200,18 +171,11 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
             for law, f in d.items():
                 L.append(f"- {law}: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in f.items()))
             continue
-        axis = d.get("C_axis")
-        if axis:
-            lo, hi = axis["table_C_over_budget"]
-            L += [f"C here is the {axis['quantity']} ({axis['convention']} convention), which the minima and the power "
-                  f"laws are fitted against: the table's C ({conv['C']}) of these runs is {lo:.2g}-{hi:.2g} x their "
-                  "budget, so a, b, k_N, k_D and the query C below refer to budgets in that convention (and a + b "
-                  "need not be 1).", ""]
         if d.get("allocation"):
             L += [f"N_opt, D_opt, L_opt below: on the {d['allocation']}.", ""]
         if "N_opt" in d:
-            where = f"{d.get('C_query', res['C_query']):.3g}" + (f" ({axis['convention']} convention)" if axis else "")
-            L.append(f"N_opt, D_opt{', L_opt' if 'L_opt' in d else ''} at C = {where} FLOPs.")
+            L.append(f"N_opt, D_opt{', L_opt' if 'L_opt' in d else ''} at C = {res['C_query']:.3g} FLOPs "
+                     f"({conv['C']}).")
             L.append("")
         L += _table(d, keys)
         if d.get("n_resamples") is not None:
@@ -257,60 +221,52 @@ def _lr_markdown(sweeps: list[dict]) -> list[str]:
     return L
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def make_plots(runs: pd.DataFrame, fitted: dict, res: dict, out_dir: Path,
                curves: pd.DataFrame | None = None) -> list[Path]:
     paths = plots.plot_loss_vs_compute(runs, out_dir, fitted.get("kaplan_C"), curves)
     a2, a3 = fitted.get("a2"), fitted.get("a3")
     if a2 is not None:
         paths += plots.plot_isoflops(runs, a2, out_dir)
-        d2 = res.get("approach2") or {}
-        axis = d2.get("C_axis")
         paths += plots.plot_optimal_allocation(a2.minima, a2.N_opt, a2.D_opt, out_dir, fitted.get("a2_samples"),
-                                               extend_to=d2.get("C_query", res.get("C_query")),
-                                               xlabel=f"IsoFLOP budget C [FLOPs, {axis['convention']}]" if axis else None)
+                                               extend_to=res.get("C_query"))
     if isinstance(a3, Approach3Fit):
         paths += plots.plot_residuals(runs, a3, out_dir)
         paths += plots.plot_contours(runs, a3, out_dir)
     return paths
 
 
-def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, n: str = "non_embedding",
-                 c: str = "6ND", C: float | None = None, n_bootstrap: int = 200, backtest_below: float | None = None,
-                 n_jobs: int = 2, seed: int = 0) -> Path:
-    """Load a sweep directory, fit everything, and write report.md, results.json and figures/ into `out_dir`
-    (default SWEEP_DIR/report). Returns the report path."""
-    df = load_sweep(sweep_dir, n=n, c=c)
-    try:
-        curves = load_curves(sweep_dir, n=n, c=c)
-    except ValueError:
-        curves = None
-    manifest = Path(sweep_dir) / "sweep.json"
-    try:
-        budget_convention = json.loads(manifest.read_text()).get("convention") if manifest.exists() else None
-    except (OSError, ValueError, AttributeError):
-        budget_convention = None
+def write_report(source: str | Path, out_dir: str | Path | None = None, *, n: str = "non_embedding",
+                 c: str | None = None, C: float | None = None, n_bootstrap: int = 200,
+                 backtest_below: float | None = None, n_jobs: int = 2, seed: int = 0) -> Path:
+    """Load a sweep directory (or a runs.csv that `scaling.sweep collect` wrote), fit everything, and write
+    report.md, results.json and figures/ into `out_dir` (default: SWEEP_DIR/report, or report/ next to the CSV).
+    C is in the records' own convention unless `c` asks another. Returns the report path."""
+    source = Path(source)
+    no_curves = None
+    if source.is_file():  # a collected run table (load_runs_csv says so when it is not one)
+        df, curves, no_curves = load_runs_csv(source, n=n, c=c), None, NO_CURVES
+    else:
+        df = load_sweep(source, n=n, c=c)
+        try:
+            curves = load_curves(source, n=n, c=c)
+        except ValueError:
+            curves = None
     res, fitted = fit_all(df, C=C, n_bootstrap=n_bootstrap, curves=curves, n_jobs=n_jobs, seed=seed,
-                          budget_convention=budget_convention)
+                          no_curves=no_curves)
     sweeps = lr_sweeps(df)
     if sweeps:
-        res["lr_sweeps"] = _clean([s.as_dict() for s in sweeps])
+        res["lr_sweeps"] = clean_json([s.as_dict() for s in sweeps])
     runs = usable(df)
     if backtest_below is not None:
         try:
-            res["backtest"] = _clean(backtest(runs, backtest_below).summary())
+            res["backtest"] = clean_json(backtest(runs, backtest_below).summary())
         except ValueError as exc:
             res["backtest"] = {"error": str(exc)}
-    out = Path(out_dir) if out_dir else Path(sweep_dir) / "report"
+    out = Path(out_dir) if out_dir else (source.parent if source.is_file() else source) / "report"
     figs = plots.plot_lr_sweeps(sweeps, out / "figures") if sweeps else []
     figs += make_plots(runs, fitted, res, out / "figures", curves)
     rel = [str(p.relative_to(out)) for p in figs if p.suffix == ".png"]
-    _atomic_write(out / "results.json", json.dumps(res, indent=1))
+    write_json_atomic(out / "results.json", res, indent=1)
     report = out / "report.md"
-    _atomic_write(report, markdown(res, rel, Path(sweep_dir).name))
+    write_text_atomic(report, markdown(res, rel, source.parent.name if source.is_file() else source.name))
     return report

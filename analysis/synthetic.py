@@ -6,11 +6,13 @@ Chinchilla's published fit is the default truth: E = 1.69, A = 406.4, B = 410.7,
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from scaling.accounting import FLOPS_PER_PARAM_TOKEN as K6
+from scaling.record import write_manifest, write_record
 
 CHINCHILLA_TRUTH = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}  # Hoffmann et al. 2022 eq. 10
 
@@ -22,35 +24,42 @@ def chinchilla_loss(N, D, E, A, B, alpha, beta):
 def isoflop_runs(budgets=(1e17, 3e17, 1e18, 3e18, 1e19), n_per_budget: int = 9, noise: float = 0.01,
                  seed: int = 0, truth: dict | None = None, span: float = 1.2) -> pd.DataFrame:
     """An IsoFLOP grid: per budget C, `n_per_budget` sizes log-spaced spanning `span` decades around the true
-    N_opt(C), D = C / (6 N), loss = L(N, D) * exp(noise * z) (multiplicative noise, z ~ N(0, 1))."""
+    N_opt(C), D = C / (6 N), loss = L(N, D) * exp(noise * z) (multiplicative noise, z ~ N(0, 1)): C = 6ND."""
     t = truth or CHINCHILLA_TRUTH
     rng = np.random.default_rng(seed)
     G = (t["alpha"] * t["A"] / (t["beta"] * t["B"])) ** (1 / (t["alpha"] + t["beta"]))
     a = t["beta"] / (t["alpha"] + t["beta"])
     rows = []
     for C in budgets:
-        n_opt = G * (C / 6) ** a
+        n_opt = G * (C / K6) ** a
         for N in n_opt * np.logspace(-span / 2, span / 2, n_per_budget):
-            D = C / (6 * N)
+            D = C / (K6 * N)
             loss = chinchilla_loss(N, D, **t) * np.exp(noise * rng.standard_normal())
             rows.append({"name": f"isoflop-{C:.0e}-N{N:.3g}", "N": N, "D": D, "C": C, "budget": C, "loss": loss})
     df = pd.DataFrame(rows)
     df["status"], df["excluded"], df["reason"] = "completed", False, ""
-    df["flops_per_token"], df["N_convention"], df["C_convention"] = 6.0, "synthetic", "6ND"
+    df["flops_per_token"], df["N_convention"], df["C_convention"] = K6, "synthetic", "6ND"
     return df
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+# The real record's model and optim objects (scaling.model.ModelConfig, scaling.optim.OptimConfig defaults, written out
+# because analysis never imports the model; tests/test_record.py checks they still match the dataclasses).
+MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": None, "vocab_size": 512, "seq_len": 128,
+         "pos_encoding": "learned", "tie_embeddings": True, "use_bias": True, "dropout": 0.0, "param_dtype": "float32",
+         "compute_dtype": "float32", "remat": "none", "scan_layers": False, "attention": "auto", "rope_base": 10000.0}
+OPTIM = {"lr": 1e-3, "schedule": "cosine", "warmup_steps": None, "warmup_fraction": 0.02, "min_lr_ratio": 0.1,
+         "decay_fraction": 0.2, "b1": 0.9, "b2": 0.95, "eps": 1e-08, "weight_decay": 0.1, "decay_embeddings": False,
+         "decay_norms_and_biases": False, "grad_clip": 1.0}
+# C per FLOP convention relative to 6N, for fixtures (the real ratios depend on the shape; these only need to differ).
+FIXTURE_RATIOS = {"6N": 1.0, "kaplan": 1.05, "chinchilla": 1.1}
 
 
 def write_sweep(root: str | Path, runs: pd.DataFrame, *, n_steps: int = 20, seq_len: int = 128,
-                failed: int = 1, diverged: int = 1, sweep: str = "synthetic") -> Path:
-    """Write `runs` as run directories (record.json + metrics.jsonl, the run-record contract) under `root`, plus
-    `failed` failed and `diverged` diverged runs and a sweep.json manifest. Curves follow L(N, D(t)) of the truth
-    with a loss that decays to the run's final value."""
+                failed: int = 1, diverged: int = 1, sweep: str = "synthetic", convention: str = "6N") -> Path:
+    """Write `runs` as run directories (record.json through scaling.record.write_record + metrics.jsonl) under `root`,
+    plus `failed` failed and `diverged` diverged runs and a sweep.json manifest. The runs' C and budgets are in
+    `convention` (the one the sweep was planned in); the records' other conventions scale C by FIXTURE_RATIOS.
+    Curves follow L(N, D(t)) of the truth with a loss that decays to the run's final value."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     planned = []
@@ -72,24 +81,26 @@ def write_sweep(root: str | Path, runs: pd.DataFrame, *, n_steps: int = 20, seq_
                 if int(s) % 5 == 0:
                     line["eval_loss"] = float(l + 0.01)
                 fh.write(json.dumps(line) + "\n")
-        rec = {
+        # C per convention: the runs' own columns when given (C_6N, ...), else FIXTURE_RATIOS; C under `convention`.
+        C_by = {c: float(r[f"C_{c}"]) if f"C_{c}" in r else C * FIXTURE_RATIOS[c] / FIXTURE_RATIOS[convention]
+                for c in FIXTURE_RATIOS}
+        C_by[convention] = C  # exact
+        write_record(run_dir, {
             "name": r["name"], "status": status,
             "error": "RuntimeError: out of memory" if status == "failed" else None,
             "diverged_step": 7 if status == "diverged" else None,
-            "N": N, "N_total": N * 1.1, "N_embedding": N * 0.1, "tied_embeddings": False,
-            "D": D, "steps": n_steps, "batch_size": 8, "seq_len": seq_len, "tokens_per_step": D / n_steps,
-            "C": C, "C_convention": "6N", "C_6N": C, "C_kaplan": C * 1.05, "C_chinchilla": C * 1.1,
-            "flops_per_token": {"6N": 6 * N, "kaplan": 6.3 * N, "chinchilla": 6.6 * N},
-            "budget": {"kind": "flops", "value": float(r["budget"]), "convention": "6N"}, "sweep": sweep,
+            "N": N, "N_total": N * 1.1, "N_embedding": N * 0.1, "N_head": 0, "tied_embeddings": True,
+            "steps": n_steps, "tokens_per_step": D / n_steps, "D": D,
+            **{f"C_{c}": v for c, v in C_by.items()}, "batch_size": 8, "seq_len": seq_len,
+            "C": C, "C_convention": convention, "flops_per_token": {c: v / D for c, v in C_by.items()},
+            "budget": {"kind": "flops", "value": float(r["budget"]), "convention": convention}, "sweep": sweep,
+            "model": MODEL | {"seq_len": seq_len}, "optim": OPTIM, "seed": 0,
             "loss": None if status != "completed" else float(r["loss"]),
-            "train_loss": float(curve[-1]), "epochs": 0.5, "seed": 0,
-            "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": 256, "vocab_size": 512, "seq_len": seq_len,
-                      "pos_encoding": "rope"},
-            "optim": {"lr": 1e-3, "schedule": "cosine", "warmup": 10, "weight_decay": 0.1},
-        }
-        _write_json(run_dir / "record.json", rec)
+            "train_loss": float(curve[-1]), "epochs": 0.5,
+        })
         planned.append({"name": r["name"], "budget": float(r["budget"])})
     planned.append({"name": "never-ran", "budget": float(runs["budget"].iloc[0])})
-    _write_json(root / "sweep.json", {"name": sweep, "planned": planned, "rule": {"kind": "isoflop"},
-                                      "git_commit": "0" * 40})
+    write_manifest(root, {"name": sweep, "kind": "isoflop", "convention": convention,
+                          "budgets": sorted({float(b) for b in runs["budget"]}), "planned": planned,
+                          "rule": {"kind": "isoflop"}, "git_commit": "0" * 40})
     return root

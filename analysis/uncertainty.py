@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3, fit_approach3_vpnls
-from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum
+from analysis.fits import FLOPS_PER_TOKEN, fit_approach1, fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum
 
 Stat = Callable[[pd.DataFrame], dict]
 
@@ -34,7 +34,7 @@ class Approach3Stat:
     method: str = "huber"  # "huber" (the paper's fitter) or "vpnls"
     init: tuple | None = None  # warm start (E, A, B, alpha, beta), e.g. the full-data fit
     n_starts: int = 0  # extra grid starts besides `init` (the full grid is searched when there is no init)
-    flops_per_token: float = 6.0
+    flops_per_token: float = FLOPS_PER_TOKEN
     cost: TokenCost | None = None  # when given, N_opt, D_opt, L_opt lie on the family's budget line D = C / f(N)
     N_range: tuple[float, float] | None = None  # where that optimum is searched
 
@@ -209,11 +209,12 @@ def backtest(df: pd.DataFrame, threshold: float, *, approach3_method: str = "hub
         a2 = fit_approach2(train)
     except ValueError:
         a2 = None
-    for C, g in test.groupby(key):
+    for budget, g in test.groupby(key):
         try:
-            n_obs = isoflop_minimum(g, float(C))["N_opt"]
+            observed = isoflop_minimum(g, float(budget))
         except ValueError:
             continue  # this held-out budget does not bracket its minimum: nothing to compare against
+        C, n_obs = observed["C"], observed["N_opt"]  # C: the slice's, in the table's convention
         row = {"C": float(C), "N_opt_observed": n_obs, "N_opt_a3": float(f3.N_opt(C)),
                "rel_error_a3": float(f3.N_opt(C) / n_obs - 1)}
         if a2 is not None:

@@ -7,6 +7,10 @@ Conventions for training FLOPs per token (`FLOP_CONVENTIONS`):
   "kaplan"     C_forward = 2N + 2 n_layer n_ctx d_attn per token, training = 3x forward (Kaplan et al. 2020, Table 1).
   "chinchilla" every matmul incl. embeddings and head, attention logits, softmax; backward = 2x forward
                (Hoffmann et al. 2022, Appendix F).
+A run record carries C under each of them (C_6N, C_kaplan, C_chinchilla); analysis may also ask "6ND", 6 N D with the N
+it chose (total or non-embedding). Conversions between conventions go through `C_under` and `convert_C` only.
+
+JAX-free (the analysis package imports this module): ModelConfig is only a type here, jax is imported by the CPU probe.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
-from scaling.model import ModelConfig
+if TYPE_CHECKING:  # only read for its fields: importing scaling.model would load flax and jax
+    from scaling.model import ModelConfig
 
 FLOP_CONVENTIONS = ("6N", "kaplan", "chinchilla")
+C_CONVENTIONS = ("6ND",) + FLOP_CONVENTIONS  # what analysis may ask for; "6ND" = 6 N D with the chosen N
+# Training FLOPs per parameter per token: 2 forward + 4 backward multiply-adds (Kaplan et al. 2020 eq. 2.1, C ~ 6 N D).
+FLOPS_PER_PARAM_TOKEN = 6.0
 
 
 @dataclass(frozen=True)
@@ -72,10 +80,10 @@ def forward_matmul_flops_per_token(cfg: ModelConfig) -> float:
 def flops_per_token(cfg: ModelConfig, convention: str = "chinchilla") -> float:
     """Training FLOPs per token (forward + backward) under a named convention (module docstring)."""
     if convention == "6N":
-        return 6.0 * count_params(cfg).non_embedding
+        return FLOPS_PER_PARAM_TOKEN * count_params(cfg).non_embedding
     if convention == "kaplan":
         # Kaplan et al. 2020, Table 1: C_forward = 2N + 2 n_layer n_ctx d_attn, and C ~ 3 C_forward (Sec. 2.1).
-        return 6.0 * count_params(cfg).non_embedding + 6.0 * cfg.n_layers * cfg.seq_len * cfg.d_model
+        return FLOPS_PER_PARAM_TOKEN * count_params(cfg).non_embedding + 6.0 * cfg.n_layers * cfg.seq_len * cfg.d_model
     if convention == "chinchilla":
         return 3.0 * _chinchilla_forward_flops_per_sequence(cfg) / cfg.seq_len
     raise ValueError(f"FLOP convention {convention!r} is unknown: use one of {FLOP_CONVENTIONS}.")
@@ -103,6 +111,34 @@ def training_flops(cfg: ModelConfig, tokens: float, convention: str = "chinchill
 def tokens_for_flops(cfg: ModelConfig, flops: float, convention: str = "chinchilla") -> float:
     """D such that training on D tokens costs `flops` under the convention."""
     return float(flops) / flops_per_token(cfg, convention)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Conversions for analysis: from what a run record (or a collected row, or a wandb summary) carries, no model config.
+# Scalars or array-likes (pandas columns) alike.
+# --------------------------------------------------------------------------------------------------------------------
+def C_under(convention: str, C_by_convention: Mapping, N=None, D=None):
+    """A run's training FLOPs under `convention`: the record's own count (`C_by_convention[conv]`, i.e. its C_6N,
+    C_kaplan or C_chinchilla) for a FLOP convention; for "6ND", 6 N D with the N the caller chose (Kaplan et al. 2020
+    eq. 2.1 takes N non-embedding; with total N it is the common "6ND" of later papers)."""
+    if convention == "6ND":
+        if N is None or D is None:
+            raise ValueError('C under "6ND" needs N and D (6 N D with the chosen N)')
+        return FLOPS_PER_PARAM_TOKEN * N * D
+    if convention in FLOP_CONVENTIONS:
+        if convention not in C_by_convention:
+            raise ValueError(f"C under {convention!r} needs the run's C_{convention}; it is not in "
+                             f"{sorted(C_by_convention)}")
+        return C_by_convention[convention]
+    raise ValueError(f"C convention {convention!r} is unknown: use one of {C_CONVENTIONS}.")
+
+
+def convert_C(C, C_by_convention: Mapping, frm: str, to: str, N=None, D=None):
+    """C counted under `frm` for a run of this shape (e.g. the budget it was planned at), re-expressed under `to`:
+    C * C_to / C_frm of that run. Exact (C itself) when the conventions are the same."""
+    if frm == to:
+        return C
+    return C * C_under(to, C_by_convention, N, D) / C_under(frm, C_by_convention, N, D)
 
 
 # Peak dense bf16 FLOP/s per device (no structured sparsity), from the vendors' data sheets:

@@ -2,16 +2,15 @@
 
 The Hydra sweeper (`hydra_plugins/scaling_sweeper`) calls `expand_jobs` and `write_manifest`; everything here is plain
 Python so it is tested without Hydra. `python -m scaling.sweep collect multirun/<sweep>` writes `<sweep>/runs.csv`.
+The record, the manifest and the run-table columns are scaling.record's; their names are re-exported here.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
+import io
 import math
-import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,10 +19,10 @@ from typing import Optional
 import pandas as pd
 
 from scaling.plan import Plan, PlannedRun, fmt_sci
-
-MANIFEST = "sweep.json"
-RECORD = "record.json"
-FINAL = ("completed", "diverged")  # a relaunch leaves these alone: a diverged run would diverge again, bit for bit
+from scaling.record import COLUMNS, FINAL, git_commit, read_runs, write_manifest, write_text_atomic  # noqa: F401
+from scaling.record import MANIFEST_FILE as MANIFEST  # noqa: F401
+from scaling.record import RECORD_FILE as RECORD  # noqa: F401
+from scaling.record import record_status as run_status  # noqa: F401
 
 
 @dataclass(frozen=True)
@@ -78,13 +77,71 @@ def _varies(override: str, combos: list[list[str]]) -> bool:
     return len({o for combo in combos for o in combo if _key(o) == key}) > 1
 
 
-def git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+# --------------------------------------------------------------------------------------------------------------------
+# schedule: which jobs a launch starts, and which runs train together (pure; the Hydra plugin only adapts it)
+# --------------------------------------------------------------------------------------------------------------------
+VMAP_MODES = ("auto", "true", "false")
+
+
+def parse_vmap(value: str | bool) -> str:
+    """`hydra.sweeper.vmap` / train_group's vmap: auto (on for GPU/TPU, off on CPU), true or false."""
+    mode = str(value).lower()
+    if mode not in VMAP_MODES:
+        raise ValueError(f"vmap={value!r} is invalid: use auto (on for GPU/TPU, off on CPU), true or false "
+                         "(e.g. hydra.sweeper.vmap=auto).")
+    return mode
+
+
+def groups_runs(vmap: str | bool, plan_kind: str) -> bool:
+    """Whether same-shape runs form one job: always under vmap=true; under auto only for lr plans (whose runs differ
+    only in lr), the job then deciding from its device whether to vmap them (scaling.train.train_group)."""
+    mode = parse_vmap(vmap)
+    return mode == "true" or (mode == "auto" and plan_kind == "lr")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    groups: list[list[Job]]  # every planned job, in the group it trains with (singletons unless grouped)
+    singles: list[Job]  # unfinished runs of one-run groups: one ordinary job each
+    grouped: list[list[Job]]  # unfinished members of multi-run groups: one job per group (lead first)
+    finished: list[str]  # runs whose record is final: left alone
+
+    @property
+    def job_group(self) -> dict[str, str]:
+        """run name -> the name of its group's lead (the job that trains it), for the manifest."""
+        return {j.name: g[0].name for g in self.groups for j in g}
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.singles) + sum(map(len, self.grouped))
+
+    @property
+    def n_jobs(self) -> int:
+        return len(self.singles) + len(self.grouped)
+
+
+def schedule(jobs: list[Job], statuses: dict[str, Optional[str]], group_keys: Optional[dict[str, str]] = None,
+             max_k: int = 16, skip_finished: bool = True) -> Schedule:
+    """Jobs to launch from the plan's jobs and the status of each one's run directory (`record_status`).
+
+    `group_keys` (run name -> multi.group_key of its config; None: no grouping) puts runs with equal keys in groups
+    of at most `max_k`, in plan order. A relaunch leaves final runs alone, so a partly finished group launches only
+    its unfinished members (as a smaller group: scaling.train.train_runs).
+    """
+    if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
+        raise ValueError(f"hydra.sweeper.max_k={max_k!r} is invalid: use a positive integer (runs per vmapped group).")
+    if group_keys is None:
+        groups = [[j] for j in jobs]
+    else:
+        by_key: dict[str, list[Job]] = {}
+        for j in jobs:
+            by_key.setdefault(group_keys[j.name], []).append(j)
+        groups = [g[i:i + max_k] for g in by_key.values() for i in range(0, len(g), max_k)]
+    final = {j.name for j in jobs if skip_finished and statuses.get(j.name) in FINAL}
+    todo = [[j for j in g if j.name not in final] for g in groups]
+    return Schedule(groups=groups, singles=[t[0] for g, t in zip(groups, todo) if len(g) == 1 and t],
+                    grouped=[t for g, t in zip(groups, todo) if len(g) > 1 and t],
+                    finished=[j.name for j in jobs if j.name in final])
 
 
 def manifest(plan: Plan, sweep: str, jobs: list[Job], arguments: list[str]) -> dict:
@@ -115,94 +172,16 @@ def _asdict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def write_manifest(sweep_dir: Path, content: dict) -> None:
-    from scaling.tracking import write_json_atomic
-
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(sweep_dir / MANIFEST, content)
-
-
-def run_status(run_dir: Path) -> Optional[str]:
-    """The status in run_dir/record.json, None if there is none; an unreadable record reads as 'corrupt' (relaunched)."""
-    try:
-        return json.loads((Path(run_dir) / RECORD).read_text()).get("status")
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, AttributeError):
-        return "corrupt"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# collect: one row per run, the record-contract column names (analysis/load.py reads the same names)
-# --------------------------------------------------------------------------------------------------------------------
-COLUMNS = [
-    "name", "status", "sweep", "budget", "budget_kind", "N", "N_total", "N_embedding", "D", "steps", "batch_size",
-    "seq_len", "tokens_per_step", "C", "C_convention", "C_6N", "C_kaplan", "C_chinchilla", "loss", "train_loss",
-    "epochs", "d_model", "n_layers", "n_heads", "d_ff", "vocab_size", "lr", "schedule", "warmup_fraction", "seed",
-    "tokens_per_s", "mfu", "wall_s", "compile_s", "device_kind", "error", "diverged_step", "git_commit", "run_dir",
-]
-
-
-def _row(rec: dict, run_dir: Path) -> dict:
-    budget = rec.get("budget") or {}
-    model, optim = rec.get("model") or {}, rec.get("optim") or {}
-    row = {k: rec.get(k) for k in COLUMNS}
-    row.update(
-        name=rec.get("name") or run_dir.name,
-        # the nominal C of the IsoFLOP slice (analysis groups runs by it); NaN for step/token budgets
-        budget=budget.get("value") if budget.get("kind") == "flops" else math.nan,
-        budget_kind=budget.get("kind"),
-        d_model=model.get("d_model"), n_layers=model.get("n_layers"), n_heads=model.get("n_heads"),
-        d_ff=model.get("d_ff") or (4 * model["d_model"] if model.get("d_model") else None),
-        vocab_size=model.get("vocab_size"), lr=optim.get("lr"), schedule=optim.get("schedule"),
-        warmup_fraction=optim.get("warmup_fraction"), run_dir=str(run_dir),
-    )
-    return row
-
-
 def collect(sweep_dir: Path, skip_corrupt: bool = False) -> pd.DataFrame:
     """Every record.json below sweep_dir (any depth), plus a `missing` row per run planned in sweep.json without one."""
-    root = Path(sweep_dir)
-    if not root.is_dir():
-        raise ValueError(f"sweep directory {str(root)!r} does not exist: give the folder that holds the run directories.")
-    rows = []
-    for path in sorted(root.rglob(RECORD)):
-        try:
-            rec = json.loads(path.read_text())
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            if not skip_corrupt:
-                raise ValueError(f"{path} is not a readable run record ({e}): delete or rerun that run, or pass --skip-corrupt.") from None
-            rows.append({"name": path.parent.name, "status": "corrupt", "error": str(e), "run_dir": str(path.parent)})
-            continue
-        rows.append(_row(rec, path.parent))
-    manifest_path = root / MANIFEST
-    if manifest_path.exists():
-        try:
-            planned = json.loads(manifest_path.read_text()).get("planned", [])
-        except (OSError, ValueError, AttributeError) as e:
-            raise ValueError(f"{manifest_path} is not a readable sweep manifest ({e}): relaunch the sweep to rewrite it.") from None
-        found = {r["name"] for r in rows}
-        for p in planned:
-            if p.get("name") not in found:
-                rows.append({"name": p.get("name"), "status": "missing", "budget": p.get("budget"), "N": p.get("N"),
-                             "D": p.get("D"), "d_model": p.get("d_model"), "n_layers": p.get("n_layers")})
-    if not rows:
-        raise ValueError(f"sweep directory {str(root)!r} holds no record.json and no sweep.json: point at a sweep's folder.")
-    df = pd.DataFrame(rows)
-    for col in COLUMNS:
-        if col not in df.columns:
-            df[col] = None
-    return df[COLUMNS].sort_values(["budget", "N", "name"], na_position="last").reset_index(drop=True)
+    df = pd.DataFrame(read_runs(sweep_dir, skip_corrupt=skip_corrupt), columns=COLUMNS)
+    return df.sort_values(["budget", "N", "name"], na_position="last").reset_index(drop=True)
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)  # readers never see a half-written CSV
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    write_text_atomic(path, buf.getvalue())  # readers never see a half-written CSV
 
 
 def summary(df: pd.DataFrame) -> str:

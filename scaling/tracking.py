@@ -1,5 +1,5 @@
-"""Experiment tracking: metrics.jsonl (always) + optional Weights & Biases, a progress display,
-and the atomic JSON writer used for run records.
+"""Experiment tracking: metrics.jsonl (always) + optional Weights & Biases, and a progress display.
+JSON cleaning and atomic writes are scaling.record's (`write_json_atomic` is re-exported here).
 
 Files in ``run_dir``: ``metrics.jsonl`` (one ``{"step": s, ...}`` object per line), ``wandb_id``
 (the W&B run id, reused on resume) and ``wandb/`` (W&B's own run directories).
@@ -12,13 +12,14 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
+
+from scaling.record import clean_json, write_json_atomic, write_text_atomic  # noqa: F401 (write_json_atomic: re-export)
 
 BACKENDS = ("wandb", "jsonl", "none")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -68,47 +69,6 @@ class WandbUnavailableError(RuntimeError):
 # Files
 
 
-def _to_json_value(v: Any) -> Any:
-    """Plain Python value for JSON: unwraps numpy/jax scalars and 0-d arrays."""
-    if isinstance(v, (str, bool, int, float)) or v is None:
-        return v
-    if hasattr(v, "item") and getattr(v, "size", 1) == 1:  # numpy / jax scalar or 0-d array
-        return v.item()
-    if isinstance(v, dict):
-        return {str(k): _to_json_value(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_to_json_value(x) for x in v]
-    raise ValueError(f"value {v!r} of type {type(v).__name__} is not JSON-serializable: log numbers or strings")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write ``obj`` as JSON via a temp file in the same directory + ``os.replace``: readers see
-    either the old file or the complete new one, never a partial write."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"write_json_atomic({path}) got {type(obj).__name__}: pass a dict")
-    try:
-        text = json.dumps(_to_json_value(obj), indent=2) + "\n"
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"cannot write {path}: {e}") from None
-    _write_text_atomic(Path(path), text)
-
-
 def _parse_metrics(path: Path) -> tuple[list[dict], str | None]:
     """Rows of a metrics file and, if present, the unterminated last line a crash left behind."""
     text = Path(path).read_text(encoding="utf-8")
@@ -148,7 +108,7 @@ def truncate_metrics(path: Path, keep_through_step: int) -> int:
         return 0
     rows, _ = _parse_metrics(path)
     kept = [r for r in rows if r["step"] <= keep_through_step]
-    _write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     return len(kept)
 
 
@@ -173,7 +133,7 @@ class Tracker:
     def log(self, metrics: dict, step: int) -> None:
         if self._file is None:
             raise RuntimeError("Tracker.log() called after finish()")
-        row = {"step": int(step), **_to_json_value(dict(metrics))}
+        row = {"step": int(step), **clean_json(dict(metrics))}
         # One write + flush per line: a crash loses at most the line being written.
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -181,7 +141,7 @@ class Tracker:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
     def summary(self, values: dict) -> None:
-        values = _to_json_value(dict(values))
+        values = clean_json(dict(values))
         self.summary_values.update(values)
         if self.wandb_run is not None:
             self.wandb_run.summary.update(values)
@@ -234,7 +194,7 @@ def _init_wandb(cfg: LoggingConfig, run_dir: Path, config: dict, name: str, run_
             config=config,
             id=run_id,
             resume="allow" if run_id else None,
-            reinit="finish_previous",
+            reinit="create_new",  # a vmapped group holds one wandb run per model, all open at once
         )
     except wandb.Error as e:
         if cfg.wandb_mode != "online":
@@ -258,7 +218,7 @@ def build_tracker(
     id_path = run_dir / WANDB_ID_FILE
     if resume_step is None:
         # Fresh start: an earlier attempt that never checkpointed leaves nothing to continue.
-        _write_text_atomic(metrics_path, "")
+        write_text_atomic(metrics_path, "")
         run_id = None
     else:
         if isinstance(resume_step, bool) or not isinstance(resume_step, int) or resume_step < 0:
@@ -269,7 +229,7 @@ def build_tracker(
     wandb_run = None
     if cfg.backend == "wandb" and cfg.wandb_mode != "disabled":
         wandb_run = _init_wandb(cfg, run_dir, config, cfg.name or run_name, run_id)
-        _write_text_atomic(id_path, wandb_run.id + "\n")
+        write_text_atomic(id_path, wandb_run.id + "\n")
     return Tracker(run_dir, wandb_run)
 
 

@@ -1,7 +1,10 @@
-"""One training run: `python -m scaling.train [overrides]` (Hydra), or `train(cfg, run_dir)` from a notebook.
+"""Training: `python -m scaling.train [overrides]` (Hydra), or `train(cfg, run_dir)` / `train_runs(cfgs, run_dirs)`
+from a notebook.
 
-The loop in `train` reads top to bottom: resolve the budget, load tokens, init or resume, then for each step take the
-batch that is a pure function of (seed, step), update, log, evaluate, checkpoint; finally write record.json.
+There is one training loop, `_train_loop`, and it trains K runs of one shape at once: a plain run is K = 1; K > 1
+(runs that differ only in lr / seed, scaling.multi) steps one vmapped, stacked state. It reads top to bottom: resolve
+the budget, load tokens, init or resume, then for each step take the batch that is a pure function of (seed, step),
+update, log, check each run for divergence, evaluate, checkpoint; finally write each run's record.json.
 """
 
 from __future__ import annotations
@@ -10,30 +13,30 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import subprocess
 import time
 import traceback
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from scaling import multi
 from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token, peak_flops_per_device
 from scaling.checkpoint import Checkpointer
 from scaling.config import Budget, Config, resolve_budget, to_dict
 from scaling.data import TokenData, load_tokens
 from scaling.model import ModelConfig, init_params, loss_fn
+from scaling.record import (FINAL, RecordError, git_commit, read_record, record_status, summary_fields, write_json_atomic,
+                            write_record)
 from scaling.sharding import check_batch, constrain, initialize_distributed, init_sharded, make_mesh, put_batch, state_shardings
-from scaling.tracking import Progress, build_tracker, read_metrics, write_json_atomic
+from scaling.tracking import Progress, build_tracker, read_metrics
 
 log = logging.getLogger("scaling.train")
 
-RECORD = "record.json"
 CONFIG = "config.json"
 # Fields that may change between a run and its relaunch without making it another run.
 _RELAUNCH_FREE = ("logging", "sweep", "sharding")  # orbax restores a checkpoint onto any mesh
@@ -85,143 +88,287 @@ def train_step_fn(
     return step_fn
 
 
-def evaluate(eval_step, params, data: TokenData, cfg: Config, mesh=None) -> float:
-    batches = data.val_batches(cfg.train.eval_tokens, cfg.train.batch_size, cfg.model.seq_len)
-    put = jnp.asarray if mesh is None else (lambda b: put_batch(b, mesh, batch_axis=0))
-    return float(np.mean([float(eval_step(params, put(b))) for b in batches]))
-
-
+# --------------------------------------------------------------------------------------------------------------------
+# Entry points: one run, K runs of one shape, a sweep job's group
+# --------------------------------------------------------------------------------------------------------------------
 def train(cfg: Config, run_dir: Path) -> dict:
-    """Trains (or resumes, or skips a completed) run in `run_dir`; returns its record."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    initialize_distributed(cfg.sharding)  # a no-op on one host
-    existing = _read_json(run_dir / RECORD)
-    if existing and existing.get("status") in ("completed", "diverged"):  # deterministic: retraining repeats it
-        log.info("run %s already %s: nothing to train (delete record.json to retrain)", run_dir, existing["status"])
-        return existing
-    _check_same_run(cfg, run_dir)
+    """Trains (or resumes, or skips a finished) run in `run_dir`; returns its record. The K = 1 case of `train_runs`."""
+    return train_runs([cfg], [run_dir])[0]
 
-    budget = resolve_budget(cfg.model, cfg.train)
-    record = _static_record(cfg, budget)
-    tracker = None
-    try:
-        data = load_tokens(cfg.data)
-        data.check_model_vocab(cfg.model.vocab_size)
-        data.validate_batch_shape(cfg.train.batch_size, cfg.model.seq_len)
-        record.update(tokenizer=_tokenizer_record(data), data=_data_record(data))
-        record["epochs"] = data.epochs(budget.D)
 
-        mesh = make_mesh(cfg.sharding)  # one device or many: the same code below
-        check_batch(mesh, cfg.train.batch_size, cfg.train.grad_accum)
-        record["n_devices"] = mesh.size
-        optimizer = cfg.optim.build(budget.steps)
+def train_runs(cfgs: Sequence[Config], run_dirs: Sequence[Path]) -> list[dict]:
+    """Trains K configs that differ only in lr / seed / name (scaling.multi.FREE_FIELDS) in one loop; returns their
+    records. K = 1 is a plain run; K > 1 steps one vmapped state (one record, metrics.jsonl and wandb run each).
 
-        def init_state() -> TrainState:
-            params = init_params(cfg.model, jax.random.key(cfg.train.seed))
+    Finished runs (completed or diverged: retraining would repeat them bit for bit) are left alone and their record is
+    returned. K > 1 checkpoints the stacked state in `multi.group_checkpoint_dir`, so relaunching the same members
+    resumes it; another member set (some finished meanwhile) is another group and starts from step 0.
+    """
+    multi.check_group(cfgs)
+    run_dirs = [Path(d) for d in run_dirs]
+    if len(run_dirs) != len(cfgs) or len({d.absolute() for d in run_dirs}) != len(run_dirs):
+        raise ValueError(f"train: give one distinct run directory per config (got {len(run_dirs)} for {len(cfgs)}).")
+    initialize_distributed(cfgs[0].sharding)  # a no-op on one host
+    records: list[Any] = [None] * len(cfgs)
+    todo = []
+    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if record_status(run_dir) in FINAL:
+            records[i] = read_record(run_dir)
+            log.info("run %s already %s: nothing to train (delete its run directory to retrain)", run_dir,
+                     records[i]["status"])
+            continue
+        _check_same_run(cfg, run_dir)
+        todo.append(i)
+    if todo:
+        for i, record in zip(todo, _train_loop([cfgs[i] for i in todo], [run_dirs[i] for i in todo])):
+            records[i] = record
+    return records
+
+
+def train_group(cfgs: Sequence[Config], run_dirs: Sequence[Path], vmap: str | bool = "auto") -> list[dict]:
+    """One sweep job for runs that differ only in lr / seed (a planner's same-shape group); returns their records.
+
+    With vmap (`multi.use_vmap`: on GPU/TPU under `auto`) the unfinished members train as one K-run loop; without,
+    one after another, each the K = 1 case of the same loop. A failing member (sequential) is recorded and the others
+    still train; the job then raises.
+    """
+    multi.check_group(cfgs)
+    if multi.use_vmap(vmap):
+        log.info("training %d runs as one vmapped step: %s", len(cfgs), ", ".join(c.name for c in cfgs))
+        return train_runs(cfgs, run_dirs)
+    records, errors = [], []
+    for cfg, run_dir in zip(cfgs, run_dirs):
+        try:
+            records.append(train(cfg, run_dir))
+        except Exception as e:  # noqa: BLE001 - train wrote a failed record; the others still get their go
+            try:
+                records.append(read_record(run_dir))
+            except RecordError:
+                records.append(None)
+            errors.append(f"{cfg.name}: {type(e).__name__}: {e}")
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(cfgs)} runs of the group failed (their records say why):\n"
+                           + "\n".join(errors))
+    return records
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Stack:
+    """How K runs of one shape are held: K = 1 a plain state and step, K > 1 a state stacked on a leading K axis
+    and the same step vmapped over it (learning rates live in the state, scaling.multi.unit_lr_optimizer)."""
+
+    init: Callable[[], TrainState]
+    step: Callable  # (shardings) -> jitted step(state, batch, step) -> (state, {"train_loss": [K]?, "grad_norm"})
+    eval: Callable  # jitted (params, batch_BxLp1) -> loss ([] or [K])
+    leading_axes: int  # 0 or 1: the K axis is never sharded
+    batch_axis: int  # the microbatch-row axis of what batch_at returns
+
+
+def _build_stack(cfgs: Sequence[Config], num_steps: int) -> _Stack:
+    cfg0, K = cfgs[0], len(cfgs)
+    model, A, seed = cfg0.model, cfg0.train.grad_accum, cfg0.train.seed
+    eval_one = lambda params, batch_BxLp1: loss_fn(params, model, batch_BxLp1)  # noqa: E731
+    if K == 1:
+        optimizer = cfg0.optim.build(num_steps)
+
+        def init() -> TrainState:
+            params = init_params(model, jax.random.key(seed))
             return TrainState(params=params, opt_state=optimizer.init(params))
 
-        state, shardings = init_sharded(init_state, lambda s: state_shardings(s, mesh, cfg.sharding))
-        checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint)
+        return _Stack(init, lambda shardings: make_train_step(model, optimizer, A, seed, shardings),
+                      jax.jit(eval_one), leading_axes=0, batch_axis=1)
+    optimizer = multi.unit_lr_optimizer(cfg0.optim, num_steps)
+    seeds, lrs = [c.train.seed for c in cfgs], [c.optim.lr for c in cfgs]
+    shared = len(set(seeds)) == 1  # one data stream for all: the batch is broadcast, not stacked
+    return _Stack(lambda: multi.init_stacked(model, optimizer, seeds, lrs),
+                  lambda shardings: multi.make_multi_step(model, optimizer, A, seed, shared, shardings),
+                  jax.jit(jax.vmap(eval_one, in_axes=(0, None))), leading_axes=1, batch_axis=1 if shared else 2)
+
+
+def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
+    cfg0, K = cfgs[0], len(cfgs)
+    budget = resolve_budget(cfg0.model, cfg0.train)
+    records = [_static_record(c, budget) for c in cfgs]
+    if K > 1:
+        for k, r in enumerate(records):
+            r["vmap_group"] = {"K": K, "index": k}
+    trackers: list[Any] = []
+    try:
+        data = load_tokens(cfg0.data)
+        data.check_model_vocab(cfg0.model.vocab_size)
+        data.validate_batch_shape(cfg0.train.batch_size, cfg0.model.seq_len)
+        for r in records:
+            r.update(tokenizer=_tokenizer_record(data), data=_data_record(data), epochs=data.epochs(budget.D))
+
+        mesh = make_mesh(cfg0.sharding)  # one device or many: the same code below
+        check_batch(mesh, cfg0.train.batch_size, cfg0.train.grad_accum)
+        for r in records:
+            r["n_devices"] = mesh.size
+        stack = _build_stack(cfgs, budget.steps)
+        state, shardings = init_sharded(stack.init, lambda s: state_shardings(s, mesh, cfg0.sharding, stack.leading_axes))
+
+        # K = 1 checkpoints in its run dir; a group in one directory of its own, so a save is one atomic orbax step
+        # and a kill never leaves members at different steps (scaling.multi.group_checkpoint_dir).
+        members = multi.members(run_dirs)
+        if K == 1:
+            checkpoint_dir = run_dirs[0] / "checkpoints"
+        else:
+            group_dir = multi.group_checkpoint_dir(run_dirs)
+            write_json_atomic(group_dir / "members.json", {"members": members, "names": [c.name for c in cfgs]})
+            checkpoint_dir = group_dir / "checkpoints"
+        checkpointer = Checkpointer(checkpoint_dir, cfg0.train.checkpoint)
         restored = checkpointer.restore_latest(state)
-        start_step, first_loss = 0, None
+        start_step = 0
+        first_K, alive_K = np.full(K, np.nan), np.ones(K, bool)
         if restored is not None:
             start_step, state, meta = restored
-            first_loss = meta.get("first_loss")
-            log.info("resuming %s from step %d", run_dir, start_step)
-        tracker = (
-            build_tracker(cfg.logging, run_dir, to_dict(cfg), cfg.name, start_step if restored else None)
+            first_K, alive_K = _restore_meta(meta, members, records, checkpoint_dir)
+            log.info("resuming %s from step %d", run_dirs[0] if K == 1 else checkpoint_dir.parent, start_step)
+        trackers = [
+            build_tracker(c.logging, d, to_dict(c), c.name, start_step if restored else None)
             if jax.process_index() == 0
             else _SilentTracker()  # multi-host: one process writes metrics, wandb and the record
-        )
-        tracker.summary(_summary_fields(record))
+            for c, d in zip(cfgs, run_dirs)
+        ]
+        for tracker, r in zip(trackers, records):
+            tracker.summary(summary_fields(r))
 
-        micro = cfg.train.batch_size // cfg.train.grad_accum
-        train_step = make_train_step(cfg.model, optimizer, cfg.train.grad_accum, cfg.train.seed, shardings)
-        eval_step = jax.jit(lambda params, batch_BxLp1: loss_fn(params, cfg.model, batch_BxLp1))
+        A, L, B = cfg0.train.grad_accum, cfg0.model.seq_len, cfg0.train.batch_size
+        seeds = sorted({c.train.seed for c in cfgs}) if stack.batch_axis == 1 else [c.train.seed for c in cfgs]
 
-        def batch_at(step: int) -> jnp.ndarray:
-            tokens_BxLp1 = data.train_batch(cfg.train.seed, step, cfg.train.batch_size, cfg.model.seq_len)
-            return put_batch(tokens_BxLp1.reshape(cfg.train.grad_accum, micro, cfg.model.seq_len + 1), mesh, batch_axis=1)
+        def batch_at(step: int) -> jax.Array:
+            one = lambda seed: data.train_batch(seed, step, B, L).reshape(A, B // A, L + 1)  # noqa: E731
+            tokens = one(seeds[0]) if stack.batch_axis == 1 else np.stack([one(s) for s in seeds])
+            return put_batch(tokens, mesh, batch_axis=stack.batch_axis)
+
+        def evaluate_K(params) -> np.ndarray:
+            batches = data.val_batches(cfg0.train.eval_tokens, B, L)
+            losses = [np.atleast_1d(np.asarray(stack.eval(params, put_batch(b, mesh, batch_axis=0)))) for b in batches]
+            # per run, a float64 mean of Python floats (as the K = 1 loop always did: bit-identical records)
+            return np.array([float(np.mean([float(x[k]) for x in losses])) for k in range(K)])
 
         t0 = time.perf_counter()
-        train_step = train_step.lower(state, batch_at(start_step), jnp.asarray(start_step)).compile()
+        train_step = stack.step(shardings).lower(state, batch_at(start_step), jnp.asarray(start_step)).compile()
         compile_s = time.perf_counter() - t0
-        record["compile_s"] = compile_s
-
-        peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg.train.peak_flops) * mesh.size
-        fpt = flops_per_token(cfg.model, "chinchilla")
-        conv_fpt = flops_per_token(cfg.model, cfg.train.flops_convention)
-        lr_at = cfg.optim.schedule_fn(budget.steps)  # built once, not at every logged step
-        log_every = cfg.logging.log_every
-        window: list[jnp.ndarray] = []
-        window_t0, window_steps = time.perf_counter(), 0
-        train_s = 0.0
-        tokens_per_s = mfu = float("nan")
-        eval_loss = float("nan")
-        train_loss = float("nan")
-        status = "completed"
-        progress = Progress(cfg.logging, budget.steps, start_step)
+        peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg0.train.peak_flops) * mesh.size
+        fpt = flops_per_token(cfg0.model, "chinchilla")  # MFU counts every matmul
+        conv_fpt = flops_per_token(cfg0.model, cfg0.train.flops_convention)
+        lr_at = [c.optim.schedule_fn(budget.steps) for c in cfgs]  # built once, not at every logged step
+        log_every = cfg0.logging.log_every
+        window: list[jax.Array] = []
+        window_t0, train_s = time.perf_counter(), 0.0
+        tokens_per_s = float("nan")  # per run; the group trains K times this
+        train_loss_K, eval_loss_K = np.full(K, np.nan), np.full(K, np.nan)
+        progress = Progress(cfg0.logging, budget.steps, start_step)
 
         for step in range(start_step, budget.steps):
             state, metrics = train_step(state, batch_at(step), jnp.asarray(step))
             window.append(metrics["train_loss"])
-            window_steps += 1
             done = step + 1
             last = done == budget.steps
             if done % log_every == 0 or last:
-                train_loss = float(np.mean(jax.device_get(window)))
+                train_loss_K = np.array([float(np.mean(w)) for w in _per_run(jax.device_get(window), K)])
+                grad_norm_K = np.atleast_1d(np.asarray(jax.device_get(metrics["grad_norm"]), dtype=float))
                 elapsed = time.perf_counter() - window_t0
                 train_s += elapsed
-                tokens_per_s = window_steps * budget.tokens_per_step / elapsed
-                mfu = tokens_per_s * fpt / peak
-                first_loss = first_loss if first_loss is not None else train_loss
-                row = {
-                    "step": done,
-                    "tokens": done * budget.tokens_per_step,
-                    "flops": done * budget.tokens_per_step * conv_fpt,
-                    "lr": float(lr_at(step)),
-                    "train_loss": train_loss,
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "tokens_per_s": tokens_per_s,
-                    "mfu": mfu,
-                }
-                if not math.isfinite(train_loss) or train_loss > cfg.train.divergence_factor * first_loss:
-                    status = "diverged"
-                    record["diverged_step"] = done
-                    tracker.log(row, done)
-                    log.error("run diverged at step %d: train loss %s (first %.4f)", done, train_loss, first_loss)
+                tokens_per_s = len(window) * budget.tokens_per_step / elapsed
+                first_K = np.where(np.isnan(first_K), train_loss_K, first_K)
+                rows: dict[int, dict] = {}
+                for k in np.flatnonzero(alive_K):
+                    rows[k] = {
+                        "step": done,
+                        "tokens": done * budget.tokens_per_step,
+                        "flops": done * budget.tokens_per_step * conv_fpt,
+                        "lr": float(lr_at[k](step)),
+                        "train_loss": float(train_loss_K[k]),
+                        "grad_norm": float(grad_norm_K[k]),
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": tokens_per_s * fpt / peak,
+                    }
+                    loss_k = train_loss_K[k]
+                    if not math.isfinite(loss_k) or loss_k > cfg0.train.divergence_factor * first_K[k]:
+                        alive_K[k] = False  # in a group it keeps stepping inside the vmap; its NaNs touch no other run
+                        records[k].update(status="diverged", diverged_step=done, train_loss=float(loss_k))
+                        log.error("run %s diverged at step %d: train loss %s (first %.4f)", cfgs[k].name, done,
+                                  loss_k, first_K[k])
+                if alive_K.any() and (done % cfg0.train.eval_every == 0 or last):
+                    eval_loss_K = evaluate_K(state["params"])
+                    for k in np.flatnonzero(alive_K):
+                        rows[k]["eval_loss"] = float(eval_loss_K[k])
+                for k, row in rows.items():
+                    trackers[k].log(row, done)
+                if not alive_K.any():
                     break
-                if done % cfg.train.eval_every == 0 or last:
-                    eval_loss = evaluate(eval_step, state["params"], data, cfg, mesh)
-                    row["eval_loss"] = eval_loss
-                tracker.log(row, done)
-                progress.update(done, train_loss, tokens_per_s)
-                window, window_t0, window_steps = [], time.perf_counter(), 0
-            meta = {"tokens": done * budget.tokens_per_step, "first_loss": first_loss}
-            checkpointer.save(done, state, meta, force=last)
+                progress.update(done, float(np.min(train_loss_K[alive_K])), tokens_per_s)
+                window, window_t0 = [], time.perf_counter()
+            checkpointer.save(done, state, _checkpoint_meta(done, budget, first_K, alive_K, members, records), force=last)
         checkpointer.close()
         progress.close()
-        if start_step == budget.steps:  # killed after the final checkpoint, before the record: finish it, train nothing
-            last_row = (read_metrics(run_dir / "metrics.jsonl") or [{}])[-1]
-            train_loss, tokens_per_s, mfu = (last_row.get(k, float("nan")) for k in ("train_loss", "tokens_per_s", "mfu"))
-            eval_loss = evaluate(eval_step, state["params"], data, cfg, mesh)
+        if start_step == budget.steps:  # killed after the final checkpoint, before the records: finish, train nothing
+            last_rows = [(read_metrics(d / "metrics.jsonl") or [{}])[-1] for d in run_dirs]
+            train_loss_K = np.array([row.get("train_loss", np.nan) for row in last_rows], dtype=float)
+            tokens_per_s = float(last_rows[0].get("tokens_per_s", np.nan))
+            eval_loss_K = evaluate_K(state["params"])
 
-        record.update(
-            status=status,
-            loss=eval_loss if status == "completed" else float("nan"),
-            train_loss=train_loss,
-            tokens_per_s=tokens_per_s,
-            mfu=mfu,
-            wall_s=train_s + compile_s,
-        )
+        for k, r in enumerate(records):
+            completed = r["status"] == "running"
+            r.update(
+                status="completed" if completed else r["status"],
+                loss=float(eval_loss_K[k]) if completed else float("nan"),
+                # a diverged run keeps the train loss it diverged with, not a later NaN
+                train_loss=float(train_loss_K[k]) if completed else r["train_loss"],
+                tokens_per_s=tokens_per_s,
+                mfu=tokens_per_s * fpt / peak,
+                wall_s=train_s + compile_s,
+                compile_s=compile_s,
+            )
+            if K > 1:
+                r["group_tokens_per_s"] = K * tokens_per_s
     except Exception as e:  # noqa: BLE001 - every failure must leave a record saying so
-        record.update(status="failed", error=f"{type(e).__name__}: {e}")
+        for r in records:
+            r.update(status="failed", error=f"{type(e).__name__}: {e}")
         log.error("run failed: %s\n%s", e, traceback.format_exc())
-        _finish(run_dir, record, tracker)
+        for d, r, t in zip(run_dirs, records, trackers + [None] * (K - len(trackers))):
+            _finish(d, r, t)
         raise
-    _finish(run_dir, record, tracker)
-    return record
+    return [_finish(d, r, t) for d, r, t in zip(run_dirs, records, trackers)]
+
+
+def _per_run(window: list, K: int) -> list[np.ndarray]:
+    """The logging window's train losses of each run (K = 1: the losses are scalars)."""
+    losses = np.stack([np.atleast_1d(np.asarray(x)) for x in window])
+    return [np.ascontiguousarray(losses[:, k]) for k in range(K)]
+
+
+def _checkpoint_meta(done: int, budget: Budget, first_K, alive_K, members: list[str], records: list[dict]) -> dict:
+    diverged = [r["status"] == "diverged" for r in records]
+    return {
+        "tokens": done * budget.tokens_per_step,
+        "members": members,
+        "first_loss": [None if not math.isfinite(x) else float(x) for x in first_K],
+        "alive": [bool(a) for a in alive_K],
+        "diverged_step": [r["diverged_step"] if d else None for r, d in zip(records, diverged)],
+        "diverged_train_loss": [r["train_loss"] if d else None for r, d in zip(records, diverged)],
+    }
+
+
+def _restore_meta(meta: dict, members: list[str], records: list[dict], checkpoint_dir: Path):
+    """first losses and alive flags from a checkpoint's meta; diverged members' records restored."""
+    K = len(members)
+    if K > 1 and meta.get("members") != members:  # a hash collision: never resume another group's models
+        raise ValueError(f"checkpoint {checkpoint_dir} belongs to runs {meta['members']}, not {members}: move it away.")
+    first = meta.get("first_loss")
+    first = first if isinstance(first, list) else [first]  # checkpoints of one run written before groups shared the loop
+    first_K = np.array([np.nan if x is None else float(x) for x in first], dtype=float)
+    alive_K = np.array(meta.get("alive", [True] * K), bool)
+    for k, (step_k, loss_k) in enumerate(zip(meta.get("diverged_step", [None] * K), meta.get("diverged_train_loss", [None] * K))):
+        if step_k is not None:
+            records[k].update(status="diverged", diverged_step=step_k, train_loss=np.nan if loss_k is None else loss_k)
+    return first_K, alive_K
 
 
 class _SilentTracker:
@@ -230,17 +377,14 @@ class _SilentTracker:
     def finish(self, status: str) -> None: ...
 
 
-def _finish(run_dir: Path, record: dict, tracker) -> None:
+def _finish(run_dir: Path, record: dict, tracker) -> dict:
+    """Writes the record (process 0) and closes the run's tracker; returns the record as written (NaN -> null)."""
     if jax.process_index() == 0:
-        write_json_atomic(run_dir / RECORD, _jsonable(record))
+        record = write_record(run_dir, record)
     if tracker is not None:
-        tracker.summary(_summary_fields(record))
+        tracker.summary(summary_fields(record))
         tracker.finish(record["status"])
-
-
-def _summary_fields(record: dict) -> dict:
-    keys = ("N", "N_total", "D", "C", "C_convention", "loss", "train_loss", "status", "tokens_per_s", "mfu")
-    return {k: record[k] for k in keys if k in record}
+    return record
 
 
 def _static_record(cfg: Config, budget: Budget) -> dict:
@@ -262,6 +406,8 @@ def _static_record(cfg: Config, budget: Budget) -> dict:
         "C_convention": cfg.train.flops_convention,
         "flops_per_token": {c: flops_per_token(cfg.model, c) for c in FLOP_CONVENTIONS},
         "budget": _budget_spec(cfg),
+        "loss": None,
+        "train_loss": None,
         "sweep": cfg.sweep,
         "model": dataclasses.asdict(cfg.model),
         "optim": dataclasses.asdict(cfg.optim),
@@ -269,7 +415,7 @@ def _static_record(cfg: Config, budget: Budget) -> dict:
         "device_kind": jax.devices()[0].device_kind,
         "n_devices": jax.device_count(),
         "versions": _versions(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
 
 
@@ -327,19 +473,6 @@ def _read_json(path: Path) -> Optional[dict]:
         raise ValueError(f"{path} is not valid JSON ({e}): move it away or delete the run directory.") from None
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON: NaN/inf become null, numpy scalars become Python numbers."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
-
-
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tiktoken", "wandb", "hydra-core", "numpy")
 
 
@@ -351,15 +484,6 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def _git_commit() -> Optional[str]:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _quiet_library_loggers() -> None:
@@ -375,7 +499,8 @@ def main() -> None:
 
     register_configs()
 
-    @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent.parent / "configs"), config_name="config")
+    # configs/ ships as the package scaling.configs (pyproject.toml): the same lookup from a checkout and from a wheel.
+    @hydra.main(version_base="1.3", config_path="pkg://scaling.configs", config_name="config")
     def _app(node) -> Optional[float]:
         # Here, not before hydra.main: Hydra sets up logging per job, and joblib/submitit jobs are fresh processes.
         _quiet_library_loggers()

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from analysis.__main__ import main
@@ -15,13 +17,18 @@ REPO = Path(__file__).resolve().parents[1]
 TRUE_A = T["beta"] / (T["alpha"] + T["beta"])
 
 
-def test_import_and_fit_do_not_load_jax_or_trainer():
-    code = ("import sys, analysis.report, analysis.__main__\n"
-            "from analysis.synthetic import isoflop_runs\n"
+def test_import_and_fit_do_not_load_jax_or_trainer(tmp_path):
+    """analysis may import the JAX-free scaling.record and scaling.accounting, nothing else of scaling."""
+    code = ("import sys, analysis.report, analysis.__main__, analysis.predict, analysis.plots\n"
+            "from analysis.synthetic import isoflop_runs, write_sweep\n"
             "from analysis.report import fit_all\n"
+            "from analysis.load import load_sweep\n"
             "res, _ = fit_all(isoflop_runs(), n_bootstrap=4, n_jobs=1)\n"
             "assert 'approach3' in res and 'error' not in res['approach3'], res\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax', 'optax', 'scaling'))\n"
+            f"load_sweep(write_sweep({str(tmp_path / 's')!r}, isoflop_runs(n_per_budget=3)))\n"
+            "allowed = {'scaling', 'scaling.record', 'scaling.accounting'}\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax', 'orbax', "
+            "'hydra') or m.split('.')[0] == 'scaling' and m not in allowed)\n"
             "print(bad)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -88,10 +95,15 @@ def test_report_on_sweep_lists_excluded_runs_and_writes_figures(tmp_path):
     for needle in ("| failed-0 | failed | status failed: RuntimeError: out of memory |",
                    "| diverged-0 | diverged |", "| never-ran | missing |", "## Chinchilla Approach 1",
                    "## Chinchilla Approach 2", "## Chinchilla Approach 3", "| alpha |", "## Backtest",
-                   "N: non_embedding parameters; C: 6ND", "![contours](figures/contours.png)"):
+                   "N: non_embedding parameters; C: 6N", "![contours](figures/contours.png)"):
         assert needle in md, needle
     res = json.loads((sweep / "report" / "results.json").read_text())
     assert res["n_used"] == 21 and {e["name"] for e in res["excluded"]} == {"failed-0", "diverged-0", "never-ran"}
+    # One convention (the records' own, no flag) and one query C for every approach.
+    assert res["conventions"]["C"] == "6N" and "mismatch" not in md and "convention)" not in md
+    assert res["approach3"]["C"] == res["C_query"]
+    assert not any("C_query" in res[k] or "C_axis" in res[k] for k in ("approach1", "approach2", "approach3"))
+    assert md.count(f"at C = {res['C_query']:.3g} FLOPs (6N)") == 3
     figs = sweep / "report" / "figures"
     assert all((figs / f"{n}.png").stat().st_size > 10_000 for n in ("isoflops", "contours", "optimal_allocation"))
 
@@ -102,19 +114,83 @@ def test_report_on_missing_dir_fails_cleanly(tmp_path, capsys):
     assert not (tmp_path / "absent").exists()
 
 
-def test_approach2_on_budgets_in_another_convention_says_so_and_is_queried_in_it():
-    """A sweep planned in the chinchilla convention but read with C = 6ND: Approach 2 fits against the planned budgets,
-    so its N_opt is queried one decade beyond the largest budget (not the largest 6ND C) and the result says so."""
-    from analysis.report import fit_all, markdown
+def family_sweep(root, convention="chinchilla"):
+    """IsoFLOP runs of a tiny-model family planned in the chinchilla convention: C = f(N) D with a head cost that
+    makes C_6N / C_chinchilla vary with N (as in experiments/mix98)."""
+    from analysis.synthetic import chinchilla_loss
 
-    runs = isoflop_runs(budgets=(1e17, 1e18, 1e19), n_per_budget=7, noise=0.0)
-    res, _ = fit_all(runs, approaches=(2,), n_bootstrap=0)
-    assert "C_axis" not in res["approach2"] and "C_query" not in res["approach2"]  # budgets are the table's C
-    planned = runs.assign(budget=runs["budget"] * 3.0)  # e.g. embedding FLOPs counted in the plan, not in 6ND
-    res, _ = fit_all(planned, approaches=(2,), n_bootstrap=0, budget_convention="chinchilla")
-    a2 = res["approach2"]
-    assert a2["C_query"] == pytest.approx(3e20) and a2["C_axis"]["convention"] == "chinchilla"
-    assert a2["C_axis"]["table_C_over_budget"] == pytest.approx([1 / 3, 1 / 3])
-    assert res["C_query"] == pytest.approx(1e20)  # the other approaches keep the table's convention
-    text = markdown(res, [], "t")
-    assert "planned IsoFLOP budget (chinchilla convention)" in text and "C = 3e+20 (chinchilla convention)" in text
+    f = lambda N: 6 * N + 12 * 4096 * np.sqrt(N / 24)  # noqa: E731
+    rows = []
+    for C in (1e12, 1e13, 1e14):
+        for N in np.geomspace(2e3, 2e5, 7):
+            D = C / f(N)
+            rows.append({"name": f"C{C:.0e}-N{N:.4g}", "N": N, "D": D, "C": C, "budget": C,
+                         "loss": chinchilla_loss(N, D, E=2.0, A=60.0, B=300.0, alpha=0.4, beta=0.35),
+                         "C_6N": 6 * N * D, "C_kaplan": 6.3 * N * D, "C_chinchilla": C})
+    return write_sweep(root, pd.DataFrame(rows), failed=0, diverged=0, convention=convention), f
+
+
+def test_report_defaults_to_the_records_convention_and_queries_every_approach_at_one_C(tmp_path):
+    """A sweep planned (and recorded) in the chinchilla convention: no flag, C is chinchilla everywhere, Approach 2's
+    slices are the planned budgets themselves and every approach answers at the one C_query."""
+    from analysis.report import write_report
+
+    sweep, _ = family_sweep(tmp_path / "s")
+    write_report(sweep, tmp_path / "rep", C=1e15, n_bootstrap=0, n_jobs=1)
+    res = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert res["conventions"]["C"] == "chinchilla" and res["C_query"] == 1e15
+    assert [m["C"] for m in res["approach2"]["minima"]] == [1e12, 1e13, 1e14]
+    assert res["approach3"]["C"] == 1e15 and "C_query" not in res["approach2"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "C: chinchilla" in md and md.count("at C = 1e+15 FLOPs (chinchilla)") == 3
+
+
+def test_another_convention_converts_each_run_and_each_slice_through_accounting(tmp_path):
+    """--c-convention 6N on a chinchilla-planned sweep: each run's C is its C_6N, and each IsoFLOP slice's C is the C_6N
+    its compute-optimal run would have (budget x 6N/f(N) at the slice's N_opt); still one query C for all approaches."""
+    from analysis.fits import fit_approach2
+    from analysis.load import load_sweep, usable
+    from analysis.report import fit_all
+
+    sweep, f = family_sweep(tmp_path / "s")
+    runs = usable(load_sweep(sweep, c="6N"))
+    np.testing.assert_allclose(runs["C"], 6 * runs["N"] * runs["D"], rtol=1e-12)
+    np.testing.assert_allclose(runs["budget_C"], runs["budget"] * 6 * runs["N"] / f(runs["N"]), rtol=1e-12)
+    minima = fit_approach2(runs).minima
+    expected = minima["budget"] * 6 * minima["N_opt"] / f(minima["N_opt"])
+    np.testing.assert_allclose(minima["C"], expected, rtol=0.02)  # interpolated in log N between the runs' sizes
+    assert (minima["C"] < 0.5 * minima["budget"]).all()  # the head's FLOPs are not in 6N: far from the budgets
+    res, _ = fit_all(load_sweep(sweep, c="6N"), approaches=(2, 3), C=1e14, n_bootstrap=0)
+    assert res["conventions"]["C"] == "6N" and res["approach3"]["C"] == res["C_query"] == 1e14
+    assert not any(k in res["approach2"] for k in ("C_query", "C_axis"))
+    assert [m["C"] for m in res["approach2"]["minima"]] == pytest.approx(minima["C"].tolist())
+
+
+def _numbers(x, key="") -> dict:
+    """Every number of a JSON tree by its path (strings as they are)."""
+    if isinstance(x, dict):
+        return {k: v for kk, vv in x.items() for k, v in _numbers(vv, f"{key}.{kk}").items()}
+    if isinstance(x, list):
+        return {k: v for i, vv in enumerate(x) for k, v in _numbers(vv, f"{key}[{i}]").items()}
+    return {key: x}
+
+
+def test_report_on_a_collected_runs_csv_skips_approach1_and_matches_the_sweep(tmp_path):
+    from scaling.sweep import collect, write_csv
+
+    sweep, _ = family_sweep(tmp_path / "s")
+    write_csv(collect(sweep), tmp_path / "runs.csv")
+    assert main(["report", str(tmp_path / "runs.csv"), "--out", str(tmp_path / "csv"), "--bootstrap", "0",
+                 "--at-C", "1e15"]) == 0
+    assert main(["report", str(sweep), "--out", str(tmp_path / "dir"), "--bootstrap", "0", "--at-C", "1e15"]) == 0
+    from_csv = json.loads((tmp_path / "csv" / "results.json").read_text())
+    from_dir = json.loads((tmp_path / "dir" / "results.json").read_text())
+    for k in ("approach2", "approach3", "conventions", "C_query"):  # run order differs: fits agree to rounding
+        a, b = _numbers(from_csv[k]), _numbers(from_dir[k])
+        assert a.keys() == b.keys(), k
+        for path in a:
+            same = a[path] == b[path] if isinstance(b[path], str) else a[path] == pytest.approx(b[path], 1e-6, 1e-12)
+            assert same, (k, path, a[path], b[path])
+    md = (tmp_path / "csv" / "report.md").read_text()
+    assert "Not fitted: a run table (runs.csv) has no training curves" in md
+    assert "error" not in from_dir["approach1"]

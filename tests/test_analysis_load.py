@@ -32,7 +32,11 @@ def test_sweep_conventions_change_N_and_C(sweep):
     non_emb = usable(load_sweep(sweep)).set_index("name")
     total = usable(load_sweep(sweep, n="total", c="chinchilla")).set_index("name")
     np.testing.assert_allclose(total["N"], non_emb["N"] * 1.1)  # the fixture's N_total = 1.1 N
-    np.testing.assert_allclose(non_emb["C"], 6 * non_emb["N"] * non_emb["D"])
+    np.testing.assert_allclose(non_emb["C"], 6 * non_emb["N"] * non_emb["D"])  # the records' own: 6N
+    pd.testing.assert_frame_equal(load_sweep(sweep, c="record"), load_sweep(sweep))  # "record" = the default
+    six_nd = usable(load_sweep(sweep, n="total", c="6ND"))
+    np.testing.assert_allclose(six_nd["C"], 6 * six_nd["N"] * six_nd["D"])  # 6 N D with the chosen (total) N
+    assert set(non_emb["C_convention"]) == {"6N"} and set(six_nd["C_convention"]) == {"6ND"}
     np.testing.assert_allclose(total["C"], non_emb["C"] * 1.1)  # C_chinchilla from the record
     assert set(total["C_convention"]) == {"chinchilla"} and set(total["N_convention"]) == {"total"}
 
@@ -147,3 +151,133 @@ run.finish()
     assert not row["excluded"]
     with pytest.raises(ValueError, match="no .wandb run file"):
         load_wandb_offline(tmp_path / "elsewhere")
+
+
+def _family(budgets=(1e12, 1e13, 1e14), sizes=(3e3, 1e4, 3e4, 1e5)):
+    """Runs of a tiny-model family planned in the chinchilla convention (C_6N / C_chinchilla varies with N)."""
+    from analysis.synthetic import chinchilla_loss
+
+    rows = []
+    for C in budgets:
+        for N in sizes:
+            f = 6 * N + 12 * 4096 * np.sqrt(N / 24)
+            D = C / f
+            rows.append({"name": f"C{C:.0e}-N{N:.0e}", "N": N, "D": D, "C": C, "budget": C, "C_6N": 6 * N * D,
+                         "C_kaplan": 6.3 * N * D, "C_chinchilla": C,
+                         "loss": chinchilla_loss(N, D, E=2.0, A=60.0, B=300.0, alpha=0.4, beta=0.35)})
+    return pd.DataFrame(rows)
+
+
+def test_mixed_conventions_are_one_clear_error_and_an_explicit_one_converts(tmp_path):
+    write_sweep(tmp_path / "s" / "a", _family(budgets=(1e12,)), failed=0, diverged=0, convention="chinchilla")
+    write_sweep(tmp_path / "s" / "b", _family(budgets=(1e13,)), failed=0, diverged=0, convention="6N")
+    with pytest.raises(ValueError, match=r"carry different C conventions \(6N \(4 runs\), chinchilla \(4 runs\), "
+                                         r"field C_convention\); pick one with "
+                                         r"--c-convention 6ND\|6N\|kaplan\|chinchilla"):
+        load_sweep(tmp_path / "s")
+    df = usable(load_sweep(tmp_path / "s", c="chinchilla"))
+    assert set(df["C_convention"]) == {"chinchilla"}
+    np.testing.assert_allclose(df["C"], _family(budgets=(1e12, 1e13))["C_chinchilla"].to_numpy())
+    df6 = usable(load_sweep(tmp_path / "s", c="6ND"))
+    np.testing.assert_allclose(df6["C"], 6 * df6["N"] * df6["D"], rtol=1e-12)
+
+
+def test_csv_convention_flag(tmp_path):
+    p = _csv(tmp_path, "params,tokens,loss,flops,C_convention\n1e6,1e9,3.0,7e15,kaplan\n2e6,5e8,2.9,7e15,kaplan\n")
+    assert load_csv(p, N="params", D="tokens", loss="loss", C="flops")["C_convention"].iloc[0] == "kaplan"
+    df = load_csv(p, N="params", D="tokens", loss="loss", C="flops", c_convention="kaplan")
+    assert df["C"].tolist() == [7e15, 7e15] and df["budget"].tolist() == [7e15, 7e15]
+    with pytest.raises(ValueError, match="--c-convention chinchilla but its C_convention column says kaplan"):
+        load_csv(p, N="params", D="tokens", loss="loss", C="flops", c_convention="chinchilla")
+    q = _csv(tmp_path, "params,tokens,loss,flops\n1e6,1e9,3.0,7e15\n")
+    assert load_csv(q, N="params", D="tokens", loss="loss", C="flops")["C_convention"].iloc[0] == "column flops"
+    named = load_csv(q, N="params", D="tokens", loss="loss", C="flops", c_convention="6N")
+    assert named["C_convention"].iloc[0] == "6N"
+    with pytest.raises(ValueError, match="without --C the CSV's C is computed as 6ND from N and D"):
+        load_csv(q, N="params", D="tokens", loss="loss", c_convention="chinchilla")
+    with pytest.raises(ValueError, match="C convention 'flops' is unknown"):
+        load_csv(q, N="params", D="tokens", loss="loss", C="flops", c_convention="flops")
+
+
+def test_collected_runs_csv_reads_like_its_sweep(tmp_path):
+    from analysis.load import is_runs_csv, load_runs_csv
+    from scaling.sweep import collect, write_csv
+
+    sweep = write_sweep(tmp_path / "s", _family(), convention="chinchilla")
+    write_csv(collect(sweep), tmp_path / "runs.csv")
+    assert is_runs_csv(tmp_path / "runs.csv")
+    for c in (None, "6ND", "kaplan"):
+        a = load_runs_csv(tmp_path / "runs.csv", c=c).set_index("name").sort_index()
+        b = load_sweep(sweep, c=c).set_index("name").sort_index()
+        cols = ["status", "excluded", "reason", "N", "D", "C", "loss", "budget", "budget_C", "C_convention", "lr"]
+        pd.testing.assert_frame_equal(a[cols], b[cols], check_dtype=False)
+    # The mix98 run table of the previous format (39 columns, no budget_convention) reads in its own convention.
+    mix = load_runs_csv(Path(__file__).resolve().parents[1] / "experiments" / "mix98" / "runs.csv")
+    assert len(usable(mix)) == 29 and set(mix["C_convention"]) == {"chinchilla"}
+    assert (mix["budget_C"] == mix["budget"]).all()
+
+
+WANDB_SCRIPT = """
+import json, sys, wandb
+for r in json.load(open(sys.argv[1])):
+    run = wandb.init(mode="offline", dir=sys.argv[2], project="p", group="family", name=r["name"], config=r["config"])
+    run.summary.update(r["summary"])
+    run.finish(exit_code=0 if r["summary"]["status"] == "completed" else 1)
+"""
+
+
+def test_wandb_summaries_give_the_same_table_and_fit_as_the_records(tmp_path):
+    """Offline wandb runs whose summaries hold scaling.record.summary_fields (as the trainer logs them): the table
+    and the Approach 2 fit equal the records'. Half the runs lack the budget keys (older runs): the config's
+    train.flops and train.flops_convention stand in."""
+    from analysis.__main__ import main
+    from scaling.record import read_record, summary_fields
+
+    sweep = write_sweep(tmp_path / "s", _family(), failed=1, diverged=0, convention="chinchilla")
+    runs = []
+    for i, path in enumerate(sorted(sweep.rglob("record.json"))):
+        rec = read_record(path)
+        summary = summary_fields(rec)
+        if i % 2:
+            summary = {k: v for k, v in summary.items() if not k.startswith("budget")}
+        runs.append({"name": rec["name"], "summary": summary,
+                     "config": {"train": {"flops": rec["budget"]["value"], "flops_convention": "chinchilla"}}})
+    (tmp_path / "runs.json").write_text(json.dumps(runs))
+    subprocess.run([sys.executable, "-c", WANDB_SCRIPT, str(tmp_path / "runs.json"), str(tmp_path / "wandb")],
+                   check=True, capture_output=True, timeout=600,
+                   env={"WANDB_SILENT": "true", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    cols = ["status", "excluded", "reason", "N", "D", "C", "loss", "budget", "budget_C", "C_convention"]
+    for c in (None, "6N"):
+        w = load_wandb_offline(tmp_path / "wandb", c_convention=c).set_index("name").sort_index()
+        r = load_sweep(sweep, c=c).set_index("name").sort_index().drop(index="never-ran")
+        pd.testing.assert_frame_equal(w[cols], r[cols], check_dtype=False)
+    assert set(w["sweep"]) == {"family"} and w.loc["failed-0", "excluded"]
+    fits = {}
+    for src in (["--wandb", str(tmp_path / "wandb")], ["--sweep", str(sweep)]):
+        out = tmp_path / f"{src[0][2:]}.json"
+        assert main(["fit", *src, "--approach", "2", "--bootstrap", "0", "--at-C", "1e15", "--json", str(out)]) == 0
+        fits[src[0]] = json.loads(out.read_text())["approach2"]
+    assert "error" not in fits["--wandb"] and len(fits["--wandb"]["minima"]) >= 2
+    assert fits["--wandb"] == fits["--sweep"]
+
+
+def test_a_resumed_wandb_run_is_read_once_from_its_latest_file(tmp_path, monkeypatch):
+    import analysis.load as L
+
+    wandb_dir = tmp_path / "run" / "wandb"
+    for stamp in ("20260101_000000", "20260101_010000"):
+        d = wandb_dir / f"offline-run-{stamp}-abc"
+        d.mkdir(parents=True)
+        (d / "run-abc.wandb").write_bytes(b"")
+    seen = []
+
+    def fake_read(path):
+        seen.append(Path(path).parent.name)
+        return {"name": "r", "state": "finished", "group": "g", "history": [], "config": {},
+                "summary": {"N": 1e6, "D": 1e9, "loss": 3.0, "C": 7e15, "C_convention": "chinchilla",
+                            "status": "completed"}}
+
+    monkeypatch.setattr(L, "read_wandb_file", fake_read)
+    df = L.load_wandb_offline(tmp_path)
+    assert len(df) == 1 and seen == ["offline-run-20260101_010000-abc"]
+    assert (df["C"].iloc[0], df["C_convention"].iloc[0]) == (7e15, "chinchilla")

@@ -10,7 +10,8 @@ import pytest
 from analysis.__main__ import main
 from analysis.load import load_sweep
 from analysis.lr import fit_lr_curve, lr_sweeps
-from analysis.synthetic import isoflop_runs, write_sweep
+from analysis.synthetic import MODEL, OPTIM, isoflop_runs, write_sweep
+from scaling.record import write_record
 
 LR_OPT, L_OPT, CURV = 4e-3, 2.5, 0.08  # truth: loss = L_OPT + CURV (ln lr - ln LR_OPT)^2
 GRID = [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2]  # LR_OPT itself is not interior-centred on purpose below
@@ -22,13 +23,14 @@ def true_loss(lr):
 
 def _write_run(root: Path, name: str, *, N: float, D: float, lr: float, loss: float | None,
                status: str = "completed", budget: float = 2e9, **extra) -> None:
-    d = root / name
-    d.mkdir(parents=True)
+    C = 6 * N * D
     rec = {"name": name, "status": status, "error": None, "diverged_step": None, "N": N, "N_total": N * 1.1,
-           "D": D, "C": 6 * N * D, "C_convention": "6N", "budget": {"kind": "flops", "value": budget, "convention": "6N"},
-           "loss": loss, "train_loss": loss, "sweep": "lr_syn", "seed": 0,
-           "optim": {"lr": lr, "schedule": "cosine", "warmup_fraction": 0.05}} | extra
-    (d / "record.json").write_text(json.dumps(rec))
+           "D": D, "steps": 100, "C": C, "C_convention": "6N", "C_6N": C, "C_kaplan": 1.05 * C, "C_chinchilla": 1.1 * C,
+           "flops_per_token": {"6N": 6 * N, "kaplan": 6.3 * N, "chinchilla": 6.6 * N},
+           "budget": {"kind": "flops", "value": budget, "convention": "6N"},
+           "loss": loss, "train_loss": loss, "sweep": "lr_syn", "seed": 0, "model": MODEL,
+           "optim": OPTIM | {"lr": lr, "warmup_fraction": 0.05}} | extra
+    write_record(root / name, rec)
 
 
 def lr_sweep_dir(root: Path, lrs=GRID, *, N=25472.0, D=11520.0, shift=0.0, diverged=(), failed=()) -> Path:

@@ -147,8 +147,8 @@ def test_report_puts_approach3_optimum_on_the_budget_line_when_k_varies(tmp_path
     from analysis.report import write_report
 
     runs = family_runs([5e11, 1.5e12, 5e12, 1.5e13], noise=0.002)
-    write_sweep(tmp_path / "fit", runs, failed=0, diverged=0)
-    write_report(tmp_path / "fit", tmp_path / "rep", c="record", C=6e13, n_bootstrap=8, n_jobs=1)
+    write_sweep(tmp_path / "fit", runs, failed=0, diverged=0, convention="chinchilla")
+    write_report(tmp_path / "fit", tmp_path / "rep", C=6e13, n_bootstrap=8, n_jobs=1)  # the records' chinchilla C
     a3 = json.loads((tmp_path / "rep" / "results.json").read_text())["approach3"]
     assert "family budget line" in a3["allocation"]
     p = predict(runs, 6e13, n_bootstrap=2, n_jobs=1)
@@ -156,7 +156,7 @@ def test_report_puts_approach3_optimum_on_the_budget_line_when_k_varies(tmp_path
     assert a3["L_opt"] == pytest.approx(p["estimates"]["approach3.L_opt"], rel=1e-6)
     assert "on the family budget line" in (tmp_path / "rep" / "report.md").read_text()
     # In the 6ND convention one k describes every run: eq. 4's closed form, no note.
-    write_report(tmp_path / "fit", tmp_path / "rep6", C=6e13, n_bootstrap=4, n_jobs=1)
+    write_report(tmp_path / "fit", tmp_path / "rep6", c="6ND", C=6e13, n_bootstrap=4, n_jobs=1)
     assert "allocation" not in json.loads((tmp_path / "rep6" / "results.json").read_text())["approach3"]
 
 

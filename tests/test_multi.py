@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 
 from scaling.model import ModelConfig, init_params
-from scaling.multi import (check_group, group_by_shape, init_many, make_multi_step, train_group, train_many,
-                           unit_lr_optimizer, use_vmap)
+from scaling.multi import check_group, group_by_shape, init_many, make_multi_step, unit_lr_optimizer, use_vmap
 from scaling.optim import OptimConfig
 from scaling.tracking import read_metrics
-from scaling.train import make_train_step, train
+from scaling.record import read_record, write_record
+from scaling.train import make_train_step, train, train_group
+from scaling.train import train_runs as train_many  # K runs of one shape: the one loop with K > 1
+from test_tracking import inspect_summary, run_files, wandb_env  # noqa: F401 - a fixture
 from test_train import tiny_config
 
 MODEL = ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=64, seq_len=16)
@@ -112,8 +114,11 @@ def test_train_group_trains_only_unfinished_members_with_or_without_vmap(tmp_pat
         cfgs.append(cfg)
     dirs = [tmp_path / "sweep" / c.name for c in cfgs]
     # g1 already diverged in an earlier attempt: a relaunch leaves it alone (as the sweeper does); g0, g2 train.
+    diverging = dataclasses.replace(cfgs[1], optim=OptimConfig(lr=1e4, warmup_steps=0, grad_clip=None, schedule="constant"))
+    diverged = train(diverging, tmp_path / "diverged")
+    assert diverged["status"] == "diverged"
     dirs[1].mkdir(parents=True)
-    (dirs[1] / "record.json").write_text(json.dumps({"name": "g1", "status": "diverged"}))
+    write_record(dirs[1], read_record(tmp_path / "diverged"))
     records = train_group(cfgs, dirs, vmap=True)
     assert [r["status"] for r in records] == ["completed", "diverged", "completed"]
     assert records[0]["vmap_group"] == {"K": 2, "index": 0} and records[2]["vmap_group"] == {"K": 2, "index": 1}
@@ -134,10 +139,10 @@ _KILLED_GROUP = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import scaling.multi as multi
+import scaling.train as T
 from test_multi import _kill_group
 
-class KillAfter(multi.Checkpointer):
+class KillAfter(T.Checkpointer):
     def save(self, step, state, meta, force=False):
         saved = super().save(step, state, meta, force)
         if step == 6:  # after step 6 is logged; the newest checkpoint is step 4
@@ -145,9 +150,9 @@ class KillAfter(multi.Checkpointer):
             os.kill(os.getpid(), signal.SIGKILL)
         return saved
 
-multi.Checkpointer = KillAfter
+T.Checkpointer = KillAfter
 cfgs, dirs = _kill_group(Path({root!r}))
-multi.train_many(cfgs, dirs)
+T.train_runs(cfgs, dirs)
 """
 
 
@@ -188,7 +193,7 @@ def test_group_resumes_after_kill_9_bit_identical(tmp_path, caplog):
     assert group_checkpoint_dir(dirs[:2]) != group_checkpoint_dir(dirs)
     assert group_checkpoint_dir(dirs[::-1]) != group_checkpoint_dir(dirs)
 
-    with caplog.at_level("INFO", logger="scaling.multi"):
+    with caplog.at_level("INFO", logger="scaling.train"):
         resumed = train_many(cfgs, dirs)
     assert "from step 4" in caplog.text  # resumed, not retrained from step 0 (which would also match the reference)
     for b, d in zip(before, dirs):
@@ -222,3 +227,69 @@ def test_group_resumes_after_kill_9_bit_identical(tmp_path, caplog):
     for r, q in zip(ref, again):
         for key in ("loss", "train_loss"):
             assert np.asarray(r[key]).tobytes() == np.asarray(q[key]).tobytes(), (r["name"], key)
+
+
+def test_group_logs_one_wandb_run_per_member_in_the_sweep_group(wandb_env):
+    tmp_path = wandb_env
+    cfgs = []
+    for i, lr in enumerate([3e-3, 1e-2]):
+        cfg = tiny_config(tmp_path, steps=4)
+        cfg.name, cfg.sweep = f"w{i}", "sweepW"
+        cfg.optim = dataclasses.replace(cfg.optim, lr=lr)
+        cfg.logging = dataclasses.replace(cfg.logging, backend="wandb", wandb_mode="offline", group="sweepW")
+        cfgs.append(cfg)
+    dirs = [tmp_path / "sweepW" / c.name for c in cfgs]
+    records = train_many(cfgs, dirs)
+    ids = [(d / "wandb_id").read_text().strip() for d in dirs]
+    assert len(set(ids)) == 2  # one wandb run per member, all open in one process
+    for d, rec, run_id in zip(dirs, records, ids):
+        files = run_files(d)
+        assert [f.name for f in files] == [f"run-{run_id}.wandb"]
+        summary, _ = inspect_summary(files[0])
+        assert summary["summary"]["loss"] == pytest.approx(rec["loss"]) and summary["summary"]["status"] == "completed"
+        assert summary["summary"]["N"] == rec["N"]
+    from analysis.load import read_wandb_file
+
+    assert read_wandb_file(run_files(dirs[1])[0])["group"] == "sweepW"  # grouped by sweep on the dashboard
+
+
+_GROUP_ON_FOUR_DEVICES = """
+import dataclasses, json, sys
+from pathlib import Path
+import jax
+sys.path.insert(0, "tests")
+from test_train import tiny_config
+from scaling.sharding import ShardingConfig
+from scaling.train import train_runs
+
+assert jax.device_count() == 4
+tmp, out = Path(sys.argv[1]), {}
+for label, sh in [("one", ShardingConfig(n_devices=1)), ("dp", ShardingConfig(mode="dp")),
+                  ("fsdp", ShardingConfig(mode="fsdp", fsdp_min_params=64))]:
+    cfgs = []
+    for i, lr in enumerate([3e-3, 1e-2]):
+        cfg = tiny_config(tmp, steps=6)
+        cfg.name, cfg.sharding = f"{label}{i}", sh
+        cfg.optim = dataclasses.replace(cfg.optim, lr=lr)
+        cfgs.append(cfg)
+    records = train_runs(cfgs, [tmp / label / c.name for c in cfgs])
+    out[label] = [[r["loss"], r["n_devices"], r["vmap_group"]["K"]] for r in records]
+print(json.dumps(out))
+"""
+
+
+def test_vmapped_group_trains_on_a_data_parallel_and_fsdp_mesh(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _GROUP_ON_FOUR_DEVICES, str(tmp_path)], capture_output=True, text=True,
+                          timeout=600, cwd=Path(__file__).parent.parent, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for label in ("dp", "fsdp"):
+        for (loss, n_devices, K), (ref, _, _) in zip(out[label], out["one"]):
+            assert (n_devices, K) == (4, 2)
+            assert loss == pytest.approx(ref, rel=1e-4)  # the same maths, summed across devices in another order

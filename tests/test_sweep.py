@@ -11,7 +11,8 @@ import pytest
 
 from scaling.model import ModelConfig
 from scaling.plan import SweepSpec, plan_sweep
-from scaling.sweep import collect, expand_jobs, main as sweep_main, merge_overrides
+from scaling.record import COLUMNS
+from scaling.sweep import collect, expand_jobs, main as sweep_main, merge_overrides, parse_vmap, schedule
 
 REPO = Path(__file__).resolve().parent.parent
 # 2 budgets x 2 sizes of tiny models on the synthetic source (configs/experiment/isoflop_tiny.yaml): ~4 x 5 s.
@@ -85,8 +86,10 @@ def test_collect_writes_one_row_per_run_with_contract_columns(basic_sweep, tmp_p
     assert sweep_main(["collect", str(basic_sweep), "-o", str(out)]) == 0
     df = pd.read_csv(out)
     assert set(df["name"]) == NAMES and (df["status"] == "completed").all()
+    assert list(df.columns) == COLUMNS  # scaling.record's run-table columns, in order
+    assert (df["budget_convention"] == "chinchilla").all() and (df["C_convention"] == "chinchilla").all()
     for col in ("N", "N_total", "D", "C", "C_6N", "C_kaplan", "C_chinchilla", "loss", "budget", "sweep", "d_model",
-                "n_layers", "n_heads", "lr", "tokens_per_s"):
+                "n_layers", "n_heads", "lr", "tokens_per_s", "schema_version"):
         assert df[col].notna().all(), col
     recs = records(basic_sweep)
     for _, row in df.iterrows():
@@ -105,7 +108,8 @@ def test_collect_lists_missing_runs_and_refuses_corrupt_records(tmp_path, basic_
     (copy / "isoflop-C2e9-d16-L1-B8" / "record.json").write_text("{not json")
     assert sweep_main(["collect", str(copy)]) == 2
     err = capsys.readouterr().err
-    assert "isoflop-C2e9-d16-L1-B8/record.json is not a readable run record" in err
+    assert "isoflop-C2e9-d16-L1-B8/record.json is not a readable run record (not valid JSON" in err
+    assert "--skip-corrupt" in err
     assert not (copy / "runs.csv").exists()  # nothing half-written
     assert collect(copy, skip_corrupt=True).set_index("name").loc["isoflop-C2e9-d16-L1-B8", "status"] == "corrupt"
     with pytest.raises(ValueError, match="does not exist"):
@@ -187,12 +191,14 @@ def test_lr_sweep_relaunch_trains_nothing_then_only_the_unfinished_member(lr_swe
     assert "0 runs to launch, 4 already finished" in log and "Launching" not in log
     assert {p: p.stat().st_mtime_ns for p in copy.rglob("*.json*") if p.name != "sweep.json"} == \
         {p: t for p, t in stamps.items() if p.name != "sweep.json"}
-    # A group with one unfinished member: the job trains that member alone (K=1), the others stay untouched.
+    # A group with one unfinished member: the job trains that member alone, as a plain run (the K = 1 case of the one
+    # loop: no vmap_group, its own checkpoints), the others stay untouched.
     (copy / "lr-C2e9-d32-L2-B8-lr3e-3" / "record.json").unlink()
     log = launch_lr(copy, "hydra.sweeper.vmap=true", cache=cache)
     assert "1 runs to launch, 3 already finished (skipped), in 1 jobs" in log
     recs = records(copy)
-    assert recs["lr-C2e9-d32-L2-B8-lr3e-3"]["vmap_group"] == {"K": 1, "index": 0}
+    assert "vmap_group" not in recs["lr-C2e9-d32-L2-B8-lr3e-3"]
+    assert (copy / "lr-C2e9-d32-L2-B8-lr3e-3" / "checkpoints").is_dir()
     assert recs["lr-C2e9-d32-L2-B8-lr3e-3"]["optim"]["lr"] == 3e-3
     assert recs["lr-C2e9-d32-L2-B8-lr1e-3"]["vmap_group"]["K"] == 4
 
@@ -272,3 +278,55 @@ def test_submitit_slurm_sweep_of_three_runs(slurm, tmp_path):
                            capture_output=True, text=True, check=True).stdout.split()
     assert len(sacct) == 3 and all(line.endswith("|COMPLETED") for line in sacct), sacct
     assert "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# schedule: the pure function behind the Hydra plugin (plan + run-dir statuses -> jobs to launch, groups)
+# --------------------------------------------------------------------------------------------------------------------
+def _lr_jobs():
+    spec = SweepSpec(kind="lr", budgets=[2e9], sizes=[16, 24], lrs=[1e-3, 3e-3, 1e-2])
+    plan = plan_sweep(spec, ModelConfig(d_model=16, n_layers=1, n_heads=2, vocab_size=33, seq_len=16))
+    return expand_jobs(plan, "s", [])
+
+
+def test_schedule_without_grouping_launches_every_unfinished_run_as_its_own_job():
+    jobs = _lr_jobs()
+    statuses = {jobs[0].name: "completed", jobs[1].name: "diverged", jobs[2].name: "failed", jobs[3].name: "corrupt"}
+    s = schedule(jobs, statuses)
+    assert [j.name for j in s.singles] == [j.name for j in jobs[2:]]  # failed, corrupt and missing runs are retried
+    assert s.grouped == [] and s.finished == [jobs[0].name, jobs[1].name]
+    assert (s.n_runs, s.n_jobs) == (len(jobs) - 2, len(jobs) - 2)
+    assert s.job_group == {j.name: j.name for j in jobs}
+    # skip_finished=False relaunches everything (a finished run is still skipped inside train, by its record)
+    assert len(schedule(jobs, statuses, skip_finished=False).singles) == len(jobs)
+
+
+def test_schedule_groups_runs_with_equal_keys_and_launches_only_unfinished_members():
+    jobs = _lr_jobs()  # 2 sizes x 3 lrs: two groups of three by shape
+    keys = {j.name: j.run.group for j in jobs}  # the planner's own same-shape groups
+    s = schedule(jobs, {}, keys)
+    assert [[j.name for j in g] for g in s.grouped] == [[j.name for j in jobs[:3]], [j.name for j in jobs[3:]]]
+    assert s.singles == [] and (s.n_runs, s.n_jobs) == (6, 2)
+    assert {s.job_group[j.name] for j in jobs[:3]} == {jobs[0].name}
+    # the lead finished: the group launches its two unfinished members, led by the first of them
+    s = schedule(jobs, {jobs[0].name: "completed", jobs[4].name: "diverged"}, keys)
+    assert [[j.name for j in g] for g in s.grouped] == [[jobs[1].name, jobs[2].name], [jobs[3].name, jobs[5].name]]
+    assert s.job_group[jobs[1].name] == jobs[0].name  # the manifest keeps the planned grouping
+    # max_k splits a group; a group of one planned run is an ordinary job
+    s = schedule(jobs, {}, keys, max_k=2)
+    assert [len(g) for g in s.groups] == [2, 1, 2, 1] and [j.name for j in s.singles] == [jobs[2].name, jobs[5].name]
+    # everything finished: nothing to launch
+    s = schedule(jobs, {j.name: "completed" for j in jobs}, keys)
+    assert (s.n_runs, s.n_jobs, len(s.finished)) == (0, 0, 6)
+
+
+@pytest.mark.parametrize("bad", [0, -1, True, 2.5])
+def test_schedule_rejects_bad_max_k(bad):
+    with pytest.raises(ValueError, match=r"hydra.sweeper.max_k=.* is invalid: use a positive integer"):
+        schedule(_lr_jobs(), {}, None, max_k=bad)
+
+
+def test_parse_vmap():
+    assert [parse_vmap(v) for v in ("auto", "TRUE", False, True)] == ["auto", "true", "false", "true"]
+    with pytest.raises(ValueError, match=r"vmap='sometimes' is invalid: use auto .*, true or false"):
+        parse_vmap("sometimes")

@@ -3,7 +3,7 @@
 Hydra imports every module under `hydra_plugins` at start-up, so this one imports JAX-heavy code only inside `sweep`.
 
 `vmap`: runs that differ only in lr / seed (an lr plan's runs of one shape and budget, `scaling.multi.group_by_shape`)
-go to the launcher as ONE job per group, which calls `scaling.multi.train_group`: one vmapped step for the group on a
+go to the launcher as ONE job per group, which calls `scaling.train.train_group`: one vmapped step for the group on a
 GPU/TPU, or the runs one after another on CPU (`auto`, the default, decides in the job from its device; `true` forces
 the vmapped step, `false` gives one job per run as for other plans). `auto` groups only lr plans.
 """
@@ -49,9 +49,9 @@ class PlanSweeper(Sweeper):
         self.skip_finished = skip_finished
         self.fail_on_error = fail_on_error
         self.dry_run = dry_run
-        self.vmap = str(vmap).lower()
-        if self.vmap not in ("auto", "true", "false"):
-            raise ValueError(f"hydra.sweeper.vmap={vmap!r} is invalid: use auto (on for GPU/TPU, off on CPU), true or false.")
+        from scaling.sweep import parse_vmap  # JAX-free
+
+        self.vmap = parse_vmap(vmap)
         self.max_k = max_k
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -65,10 +65,12 @@ class PlanSweeper(Sweeper):
         )
 
     def sweep(self, arguments: List[str]) -> Any:
+        """Hydra's side only: parse overrides, compose each job's config, launch; scaling.sweep decides the rest."""
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
         from scaling import sweep as S
         from scaling.plan import SweepSpec, plan_sweep
+        from scaling.record import FINAL, record_status, write_manifest
 
         loader = self.hydra_context.config_loader
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
@@ -84,49 +86,37 @@ class PlanSweeper(Sweeper):
             log.info("dry run, nothing launched; the jobs:\n%s", "\n".join(f"  {j.name}: {' '.join(j.overrides)}" for j in jobs))
             return []
 
-        # Each job's directory comes from its own composed config (hydra.sweep.dir / subdir), as the launcher sees it.
-        grouping = self.vmap == "true" or (self.vmap == "auto" and spec.kind == "lr")
-        run_dirs, sweep_dirs, cfgs = {}, set(), {}
-        for job in jobs:
-            cfg = loader.load_sweep_config(self.config, job.overrides)
-            sweep_dirs.add(Path(cfg.hydra.sweep.dir))
-            run_dirs[job.name] = (Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)).absolute()
-            if grouping:
-                cfgs[job.name] = _run_config(cfg)
+        # Each job's directory (and, to group runs, its typed config) from its own composed config, as the launcher sees it.
+        grouping = S.groups_runs(self.vmap, spec.kind)
+        composed = {j.name: loader.load_sweep_config(self.config, j.overrides) for j in jobs}
+        run_dirs = {name: (Path(c.hydra.sweep.dir) / str(c.hydra.sweep.subdir)).absolute() for name, c in composed.items()}
+        sweep_dirs = {str(Path(c.hydra.sweep.dir)) for c in composed.values()}
         if len(sweep_dirs) != 1:
-            raise ValueError(f"the runs of sweep {sweep_name!r} resolve to several sweep dirs {sorted(map(str, sweep_dirs))}: "
+            raise ValueError(f"the runs of sweep {sweep_name!r} resolve to several sweep dirs {sorted(sweep_dirs)}: "
                              "hydra.sweep.dir must not depend on per-run keys.")
-        sweep_dir = sweep_dirs.pop()
+        sweep_dir = Path(sweep_dirs.pop())
+        cfgs = {name: _run_config(c) for name, c in composed.items()} if grouping else {}
+        keys = None
         if grouping:
-            from scaling.multi import group_by_shape
+            from scaling.multi import group_key
 
-            groups = [[jobs[i] for i in g] for g in group_by_shape([cfgs[j.name] for j in jobs], self.max_k)]
-        else:
-            groups = [[j] for j in jobs]
+            keys = {name: group_key(cfg) for name, cfg in cfgs.items()}
+        plan_ = S.schedule(jobs, {j.name: record_status(run_dirs[j.name]) for j in jobs}, keys, self.max_k,
+                           self.skip_finished)
+
         content = S.manifest(plan, sweep_name, jobs, arguments)
-        lead = {m.name: g[0].name for g in groups for m in g}
         for entry in content["planned"]:
-            entry["job_group"] = lead[entry["name"]]  # the runs trained by one job (one vmapped step on a GPU)
+            entry["job_group"] = plan_.job_group[entry["name"]]  # the runs trained by one job (one vmapped step on a GPU)
         content["vmap"] = self.vmap
-        S.write_manifest(sweep_dir, content)
+        write_manifest(sweep_dir, content)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        log.info("sweep dir %s: %d runs to launch, %d already finished (skipped), in %d jobs", sweep_dir, plan_.n_runs,
+                 len(plan_.finished), plan_.n_jobs)
 
-        # A job per group of unfinished runs: a relaunch skips finished runs, and a partly finished group trains only
-        # its unfinished members (scaling.multi.train_group).
-        units = []
-        for g in groups:
-            todo = [j for j in g if not (self.skip_finished and S.run_status(run_dirs[j.name]) in S.FINAL)]
-            if todo:
-                units.append(todo)
-        n_todo = sum(map(len, units))
-        log.info("sweep dir %s: %d runs to launch, %d already finished (skipped), in %d jobs", sweep_dir, n_todo,
-                 len(jobs) - n_todo, len(units))
-        group_size = {m.name: len(g) for g in groups for m in g}
-        singles = [u for u in units if group_size[u[0].name] == 1]
-        grouped = [u for u in units if group_size[u[0].name] > 1]
-        size = self.max_batch_size or max(1, len(units))
         returns, failed, offset = [], [], 0
-        for kind, batch_units in (("run", singles), ("group", grouped)):
+        size = self.max_batch_size or max(1, plan_.n_jobs)
+        units = [("run", [[j] for j in plan_.singles]), ("group", plan_.grouped)]
+        for kind, batch_units in units:
             if not batch_units:
                 continue
             launcher = self.launcher
@@ -142,7 +132,7 @@ class PlanSweeper(Sweeper):
                 results = launcher.launch([u[0].overrides for u in batch], initial_job_idx=offset + start)
                 for u, r in zip(batch, results):
                     if r.status == JobStatus.FAILED:  # the runs wrote failed records; the others carry on
-                        bad = [j.name for j in u if S.run_status(run_dirs[j.name]) not in S.FINAL] or [j.name for j in u]
+                        bad = [j.name for j in u if record_status(run_dirs[j.name]) not in FINAL] or [j.name for j in u]
                         failed += [f"{name}: {r._return_value!r}" for name in bad]
                 returns.append(results)
             offset += len(batch_units)
@@ -151,7 +141,7 @@ class PlanSweeper(Sweeper):
         df = df[df["name"].isin([j.name for j in jobs])]
         log.info("sweep %s: %s", sweep_name, S.summary(df))
         if failed and self.fail_on_error:
-            raise RuntimeError(f"{len(failed)} of {n_todo} runs failed (their records say why; the rest finished):\n"
+            raise RuntimeError(f"{len(failed)} of {plan_.n_runs} runs failed (their records say why; the rest finished):\n"
                                + "\n".join(failed))
         return returns
 
@@ -180,7 +170,7 @@ class GroupTask:
 
     def __call__(self, node: DictConfig) -> Dict[str, Any]:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
-        from scaling.multi import train_group
+        from scaling.train import train_group
 
         cfgs, run_dirs = self.groups[node.name]
         records = train_group(cfgs, run_dirs, self.vmap)
