@@ -40,7 +40,9 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
     if bad:
         raise ValueError(f"approach {bad} is unknown; choose from 1, 2, 3 (e.g. --approach 2,3)")
     fpt = float(np.median(runs["flops_per_token"]))
-    C = C if C is not None else float(runs["C"].max()) * 10  # default: one decade beyond the largest run
+    if C is None:  # default: one decade beyond the largest planned budget (IsoFLOP sweeps), else the largest run
+        largest = runs["budget_C"].max() if "budget_C" in runs and runs["budget_C"].notna().all() else np.nan
+        C = float(largest if np.isfinite(largest) else runs["C"].max()) * 10
     res = {"conventions": {"N": str(df["N_convention"].iloc[0]), "C": str(df["C_convention"].iloc[0]),
                            "flops_per_token": fpt},
            "n_runs": int(len(df)), "n_used": int(len(runs)), "C_query": C,

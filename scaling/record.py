@@ -80,9 +80,18 @@ def write_json_atomic(path: Path | str, obj: Any, *, indent: int = 2) -> None:
 
 
 def git_commit(path: Path | str | None = None) -> Optional[str]:
-    """HEAD of the git checkout holding `path` (default: this package); None outside one (e.g. an installed wheel)."""
-    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    """HEAD of the git checkout whose tracked files include `path` (default: this module); None otherwise.
+
+    Tracked, not merely inside: a wheel installed into a venv that sits (git-ignored) in some other repository must not
+    stamp that repository's commit on its runs.
+    """
+    target = Path(path) if path is not None else Path(__file__).resolve()
+    cwd = target if target.is_dir() else target.parent
     try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(target)], cwd=cwd, capture_output=True,
+                                 text=True, timeout=5)
+        if tracked.returncode != 0:
+            return None
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None

@@ -144,6 +144,18 @@ def test_git_commit_inside_and_outside_a_checkout(tmp_path):
     head = R.git_commit()
     assert head is None or len(head) == 40
     assert R.git_commit(tmp_path) is None
+    # A package inside another repository but not tracked by it (a wheel in a git-ignored .venv) has no commit.
+    import subprocess
+
+    repo = tmp_path / "user_repo"
+    (repo / ".venv" / "scaling").mkdir(parents=True)
+    (repo / ".gitignore").write_text(".venv/\n")
+    (repo / ".venv" / "scaling" / "record.py").write_text("# installed copy\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    for cmd in (["init", "-q"], ["add", ".gitignore"], ["commit", "-q", "-m", "init"]):
+        subprocess.run(git + cmd, cwd=repo, check=True, capture_output=True)
+    assert R.git_commit(repo / ".venv" / "scaling" / "record.py") is None
+    assert len(R.git_commit(repo / ".gitignore")) == 40  # a tracked file of that repository does have one
 
 
 def test_record_row_has_the_contract_columns_in_order():
