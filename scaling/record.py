@@ -158,6 +158,12 @@ def validate_record(rec: Any, path: Path | str) -> dict:
                           f"({SCHEMA_VERSION}); update the scaling package (git pull, or pip install -U) to read it")
     if version == 1 and "loss" not in rec and rec.get("status") in ("failed", "running"):
         rec = {**rec, "loss": None}  # version 1 wrote no loss for a run that failed before its evaluation
+    if rec.get("status") == "failed" and rec.get("phase") == "start":
+        # A run that failed before it started (a bad config value): no shape or budget to record, only why.
+        for field in ("name", "error"):
+            if not (isinstance(rec.get(field), str) and rec[field]):
+                raise RecordError(f"{path}: field {field!r} of a failed-start record must be a non-empty string")
+        return rec if "schema_version" in rec else {**rec, "schema_version": version}
     for field, (ok, what) in REQUIRED.items():
         if field not in rec:
             if version < SCHEMA_VERSION:
@@ -171,6 +177,12 @@ def validate_record(rec: Any, path: Path | str) -> dict:
         raise RecordError(f"{path}: field 'loss' is null but status is completed; a completed run has a final "
                           "validation loss: rerun that run (delete record.json and relaunch)")
     return rec if "schema_version" in rec else {**rec, "schema_version": version}
+
+
+def failed_start_record(name: str, error: str) -> dict:
+    """The record of a run refused before it started (its config did not validate): `collect` and the report list it
+    as failed with its error, and a corrected relaunch starts it afresh (failed is not final)."""
+    return {"name": name, "status": "failed", "phase": "start", "error": error, "loss": None}
 
 
 def write_record(run_dir: Path | str, rec: dict) -> dict:

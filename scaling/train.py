@@ -13,6 +13,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import shutil
+import sys
 import time
 import traceback
 from importlib import metadata
@@ -29,9 +32,10 @@ from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token, 
 from scaling.checkpoint import Checkpointer
 from scaling.config import Budget, Config, resolve_budget, to_dict
 from scaling.data import TokenData, load_tokens
+from scaling.lock import DirLock
 from scaling.model import ModelConfig, init_params, loss_fn
-from scaling.record import (FINAL, RecordError, git_commit, read_record, record_status, summary_fields, write_json_atomic,
-                            write_record)
+from scaling.record import (FINAL, RecordError, failed_start_record, git_commit, read_record, record_status,
+                            summary_fields, write_json_atomic, write_record)
 from scaling.sharding import check_batch, constrain, initialize_distributed, init_sharded, make_mesh, put_batch, state_shardings
 from scaling.tracking import Progress, build_tracker, read_metrics
 
@@ -108,21 +112,37 @@ def train_runs(cfgs: Sequence[Config], run_dirs: Sequence[Path]) -> list[dict]:
     run_dirs = [Path(d) for d in run_dirs]
     if len(run_dirs) != len(cfgs) or len({d.absolute() for d in run_dirs}) != len(run_dirs):
         raise ValueError(f"train: give one distinct run directory per config (got {len(run_dirs)} for {len(cfgs)}).")
+    for cfg in cfgs:  # a bad budget fails here, before anything is written (a corrected command then starts clean)
+        resolve_budget(cfg.model, cfg.train)
     initialize_distributed(cfgs[0].sharding)  # a no-op on one host
     records: list[Any] = [None] * len(cfgs)
-    todo = []
-    for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if record_status(run_dir) in FINAL:
-            records[i] = read_record(run_dir)
-            log.info("run %s already %s: nothing to train (delete its run directory to retrain)", run_dir,
-                     records[i]["status"])
-            continue
-        _check_same_run(cfg, run_dir)
-        todo.append(i)
-    if todo:
-        for i, record in zip(todo, _train_loop([cfgs[i] for i in todo], [run_dirs[i] for i in todo])):
-            records[i] = record
+    todo, locks = [], []
+    try:
+        for i, (cfg, run_dir) in enumerate(zip(cfgs, run_dirs)):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if record_status(run_dir) not in FINAL and jax.process_count() == 1:
+                # One trainer per run directory, across processes and hosts (two sweeps launched into one sweep dir,
+                # a SLURM requeue): a run another live process holds is left to it. Multi-host runs train one run
+                # dir from every process, so they rely on their launcher instead.
+                lock = DirLock(run_dir)
+                if not lock.acquire():
+                    log.warning("run %s is being trained by %s: left to it", run_dir, lock.describe())
+                    records[i] = {"name": cfg.name, "status": "locked", "error": f"being trained by {lock.describe()}"}
+                    continue
+                locks.append(lock)
+            if record_status(run_dir) in FINAL:  # (re-read under the lock: another process may just have finished it)
+                records[i] = read_record(run_dir)
+                log.info("run %s already %s: nothing to train (delete its run directory to retrain)", run_dir,
+                         records[i]["status"])
+                continue
+            _check_same_run(cfg, run_dir)
+            todo.append(i)
+        if todo:
+            for i, record in zip(todo, _train_loop([cfgs[i] for i in todo], [run_dirs[i] for i in todo])):
+                records[i] = record
+    finally:
+        for lock in locks:
+            lock.release()
     return records
 
 
@@ -203,6 +223,7 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
         data.validate_batch_shape(cfg0.train.batch_size, cfg0.model.seq_len)
         for r in records:
             r.update(tokenizer=_tokenizer_record(data), data=_data_record(data), epochs=data.epochs(budget.D))
+        identity = _data_identity(data)
 
         mesh = make_mesh(cfg0.sharding)  # one device or many: the same code below
         check_batch(mesh, cfg0.train.batch_size, cfg0.train.grad_accum)
@@ -226,7 +247,7 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
         first_K, alive_K = np.full(K, np.nan), np.ones(K, bool)
         if restored is not None:
             start_step, state, meta = restored
-            first_K, alive_K = _restore_meta(meta, members, records, checkpoint_dir)
+            first_K, alive_K = _restore_meta(meta, members, records, checkpoint_dir, identity)
             log.info("resuming %s from step %d", run_dirs[0] if K == 1 else checkpoint_dir.parent, start_step)
         trackers = [
             build_tracker(c.logging, d, to_dict(c), c.name, start_step if restored else None)
@@ -305,7 +326,7 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
                     break
                 progress.update(done, float(np.min(train_loss_K[alive_K])), tokens_per_s)
                 window, window_t0 = [], time.perf_counter()
-            checkpointer.save(done, state, _checkpoint_meta(done, budget, first_K, alive_K, members, records), force=last)
+            checkpointer.save(done, state, _checkpoint_meta(done, budget, first_K, alive_K, members, records, identity), force=last)
         checkpointer.close()
         progress.close()
         if start_step == budget.steps:  # killed after the final checkpoint, before the records: finish, train nothing
@@ -344,10 +365,17 @@ def _per_run(window: list, K: int) -> list[np.ndarray]:
     return [np.ascontiguousarray(losses[:, k]) for k in range(K)]
 
 
-def _checkpoint_meta(done: int, budget: Budget, first_K, alive_K, members: list[str], records: list[dict]) -> dict:
+def _data_identity(data: TokenData) -> dict:
+    """What the tokens are: the source's content hash and the tokenizer's identity (the token cache is keyed by them)."""
+    return {"source": data.meta.get("source"), "tokenizer": data.tokenizer.identity, "train_tokens": int(len(data.train))}
+
+
+def _checkpoint_meta(done: int, budget: Budget, first_K, alive_K, members: list[str], records: list[dict],
+                     identity: dict) -> dict:
     diverged = [r["status"] == "diverged" for r in records]
     return {
         "tokens": done * budget.tokens_per_step,
+        "data": identity,
         "members": members,
         "first_loss": [None if not math.isfinite(x) else float(x) for x in first_K],
         "alive": [bool(a) for a in alive_K],
@@ -356,9 +384,15 @@ def _checkpoint_meta(done: int, budget: Budget, first_K, alive_K, members: list[
     }
 
 
-def _restore_meta(meta: dict, members: list[str], records: list[dict], checkpoint_dir: Path):
+def _restore_meta(meta: dict, members: list[str], records: list[dict], checkpoint_dir: Path, identity: dict):
     """first losses and alive flags from a checkpoint's meta; diverged members' records restored."""
     K = len(members)
+    saved = meta.get("data")  # None in checkpoints written before the data identity was stored
+    if saved is not None and saved != identity:
+        changed = ", ".join(f"{k} {saved.get(k)!r} -> {identity.get(k)!r}" for k in identity if saved.get(k) != identity[k])
+        raise ValueError(f"{checkpoint_dir} was trained on other data than the run's config gives now ({changed}): "
+                         "resuming would continue on other tokens. Restore the original corpus / tokenizer, or start "
+                         "over in a new run directory (name=...).")
     if K > 1 and meta.get("members") != members:  # a hash collision: never resume another group's models
         raise ValueError(f"checkpoint {checkpoint_dir} belongs to runs {meta['members']}, not {members}: move it away.")
     first = meta.get("first_loss")
@@ -494,6 +528,7 @@ def _quiet_library_loggers() -> None:
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from scaling.config import from_omegaconf, register_configs
 
@@ -504,12 +539,41 @@ def main() -> None:
     def _app(node) -> Optional[float]:
         # Here, not before hydra.main: Hydra sets up logging per job, and joblib/submitit jobs are fresh processes.
         _quiet_library_loggers()
-        cfg = from_omegaconf(node)
-        record = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        hydra_cfg = HydraConfig.get()
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        try:
+            try:
+                cfg = from_omegaconf(node)
+                resolve_budget(cfg.model, cfg.train)
+            except ValueError as e:  # refused before anything of the run is written
+                _failed_start(run_dir, str(node.get("name") or run_dir.name), e, hydra_cfg.mode == RunMode.MULTIRUN)
+                raise
+            record = train(cfg, run_dir)
+        except ValueError as e:
+            # Our errors name the key / file and the fix: one line and exit 2 for a single run; a sweep's launcher
+            # records the job as failed and goes on. HYDRA_FULL_ERROR=1 keeps the traceback for debugging.
+            if hydra_cfg.mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        if record["status"] == "locked":
+            print(f"[{cfg.name}] left to the process training it ({record['error']})")
+            return None
         print(f"[{cfg.name}] status={record['status']} loss={record.get('loss')} N={record['N']} D={record['D']} C={record['C']:.3g}")
         return record.get("loss")
 
     _app()
+
+
+def _failed_start(run_dir: Path, name: str, error: Exception, in_sweep: bool) -> None:
+    """A sweep job refused at start-up gets a failed record (collect lists it as failed, not missing); a refused single
+    run leaves nothing behind: the folder Hydra just made for it (.hydra, the log) is removed if that is all it holds."""
+    if in_sweep:
+        if record_status(run_dir) not in FINAL:  # never overwrite a finished run's record
+            write_record(run_dir, failed_start_record(name, f"{type(error).__name__}: {error}"))
+        return
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -141,6 +141,21 @@ def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path):
     assert recs["isoflop-C2e9-d24-L2-B8"]["status"] == "completed"
 
 
+def test_a_run_refused_at_start_is_recorded_failed_and_a_corrected_relaunch_trains_it(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    out = launch(sweep_dir, "hydra.sweeper.plan.budgets=[2e9]",
+                 "++hydra.sweeper.run_overrides={isoflop-*-d16-*:['train.eval_every=0']}", check=False)
+    assert out.returncode != 0 and "1 of 2 runs failed" in out.stderr
+    bad = sweep_dir / "isoflop-C2e9-d16-L1-B8"
+    rec = json.loads((bad / "record.json").read_text())
+    assert (rec["status"], rec["phase"]) == ("failed", "start") and "train.eval_every=0 is invalid" in rec["error"]
+    assert not (bad / "config.json").exists()  # nothing of the refused config is kept to block the corrected one
+    df = collect(sweep_dir)
+    assert dict(zip(df["name"], df["status"])) == {"isoflop-C2e9-d16-L1-B8": "failed", "isoflop-C2e9-d24-L2-B8": "completed"}
+    assert launch(sweep_dir, "hydra.sweeper.plan.budgets=[2e9]").returncode == 0
+    assert records(sweep_dir)["isoflop-C2e9-d16-L1-B8"]["status"] == "completed"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # learning-rate sweeps (configs/experiment/lr_tiny.yaml): one job per same-shape group, scaling.multi.train_group
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from scaling.accounting import count_params, flops_per_token
 from scaling.checkpoint import CheckpointConfig, Checkpointer
 from scaling.config import Config, TrainConfig, resolve_budget
 from scaling.data import DataConfig
+from scaling.tokenizers import TokenizerConfig
 from scaling.model import ModelConfig, init_params, loss_fn
 from scaling.optim import OptimConfig
 from scaling.synthetic import SyntheticConfig
@@ -234,3 +235,62 @@ def test_killed_after_final_checkpoint_before_record_finishes_without_training(t
     assert again["status"] == "completed"
     assert again["loss"] == first["loss"] and again["train_loss"] == first["train_loss"]
     assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [2, 4, 6, 8, 10, 12]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# One trainer per run directory, the data a run resumes on, failed starts
+# --------------------------------------------------------------------------------------------------------------------
+def test_a_run_another_process_holds_is_left_to_it(tmp_path):
+    from scaling.lock import DirLock
+
+    cfg, run_dir = tiny_config(tmp_path, steps=4), tmp_path / "run"
+    held = DirLock(run_dir)
+    assert held.acquire()  # a live trainer (this pid stands in for it)
+    record = train(cfg, run_dir)
+    assert record["status"] == "locked" and "being trained by" in record["error"]
+    assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "record.json").exists()  # nothing touched
+    held.release()
+    assert train(cfg, run_dir)["status"] == "completed"
+    assert not (run_dir / ".lock").exists()
+
+
+def _local_corpus_config(tmp_path: Path, corpus: Path) -> Config:
+    cfg = tiny_config(tmp_path, steps=8)
+    cfg.data = DataConfig(source="local", path=str(corpus), cache_dir=str(tmp_path / "cache"), val_fraction=0.1,
+                          doc_bytes=2000, tokenizer=TokenizerConfig(kind="bytes"))
+    cfg.model = cfg.model.replace(vocab_size=257)
+    return cfg
+
+
+def test_resume_refuses_other_data_at_the_same_path(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    paragraphs = [f"Paragraph {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(400)]
+    corpus.write_text("\n\n".join(paragraphs))
+    cfg, run_dir = _local_corpus_config(tmp_path, corpus), tmp_path / "run"
+    train(cfg, run_dir)
+    (run_dir / "record.json").unlink()  # as if killed after its final checkpoint
+    corpus.write_text("\n\n".join(p.upper() for p in paragraphs))  # same path, other content
+    with pytest.raises(ValueError, match=r"was trained on other data than the run's config gives now \(source "):
+        train(cfg, run_dir)
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [2, 4, 6, 8]  # nothing already written is lost
+    corpus.write_text("\n\n".join(paragraphs))  # the original data back: the run finishes from its checkpoint
+    assert train(cfg, run_dir)["status"] == "completed"
+
+
+def test_refused_single_run_prints_one_line_exits_2_and_leaves_nothing(tmp_path):
+    common = ["model=tiny", "data=synthetic", "logging=none", "model.vocab_size=33", "data.synthetic.vocab_size=32",
+              "data.synthetic.n_tokens=50000", f"data.cache_dir={tmp_path / 'cache'}", "name=probe",
+              "train.batch_size=8", "train.eval_tokens=2048"]
+    out = subprocess.run([sys.executable, "-m", "scaling.train", *common, "train.flops=2e9", "train.tokens=1e4"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: train: give exactly one budget among train.steps, train.tokens and train.flops (got ['tokens', "
+        "'flops']): set the others to null, e.g. train.tokens=null."]
+    assert not (tmp_path / "runs" / "probe").exists()
+    # the corrected command is not refused by anything the failed one left
+    out = subprocess.run([sys.executable, "-m", "scaling.train", *common, "train.flops=null", "train.tokens=1e4"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "runs" / "probe" / "record.json").read_text())["status"] == "completed"
