@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--name", default=None, help="CSV column naming runs (bootstrap resamples runs by it)")
     f.add_argument("--dropna", action="store_true", help="drop CSV rows with empty values instead of failing")
     _common(f)
+    _sweep_reading(f)
     f.add_argument("--approach", type=_approaches, default=(2, 3), help="comma list of 1,2,3 [2,3]; 1 needs --sweep")
     f.add_argument("--json", type=Path, help="write results (paper symbols, ci95 intervals) here")
     f.add_argument("--plots", type=Path, help="write figures (PNG + SVG) into this folder")
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("sweep_dir", type=Path, help="a sweep directory, or the runs.csv `scaling.sweep collect` wrote")
     r.add_argument("--out", type=Path, help="output folder [SWEEP_DIR/report]")
     _common(r)
+    _sweep_reading(r)
 
     pr = sub.add_parser("predict", help="commit a prediction: the compute-optimal N, D and loss at a larger budget")
     pr.add_argument("sweep_dir", type=Path)
@@ -75,11 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--bootstrap", type=int, default=200)
     pr.add_argument("--jobs", type=int, default=2)
     pr.add_argument("--seed", type=int, default=0)
+    _sweep_reading(pr)
 
     v = sub.add_parser("verify", help="score a committed prediction on the runs trained at its budget")
     v.add_argument("prediction", type=Path, help="prediction.json written by `predict`")
     v.add_argument("sweep_dir", type=Path, help="the verification sweep (runs at the predicted budget)")
     v.add_argument("--out", type=Path, required=True, help="folder for verification.json and verification.md")
+    _sweep_reading(v)
 
     b = sub.add_parser("bench", help="time the Approach 3 bootstrap (200 resamples of 250 points by default)")
     b.add_argument("--resamples", type=int, default=200)
@@ -94,6 +98,27 @@ def _c_convention(p: argparse.ArgumentParser) -> None:
                    help="C in this FLOP convention, each run's C and budget converted through scaling.accounting "
                         "(6ND: 6*N*D with the chosen N) [the runs' own: the convention they were planned and recorded "
                         "in; 'record' says the same]. For a CSV with --C it names that column's convention")
+
+
+def _sweep_reading(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-corrupt", action="store_true", dest="skip_corrupt",
+                   help="list an unreadable record.json as a 'corrupt' run (left out of fits) instead of failing")
+    p.add_argument("--allow-mixed-data", action="store_true", dest="mixed_data",
+                   help="fit runs trained on different data or tokenizers together (refused by default: their "
+                        "losses are not comparable)")
+
+
+def _check_args(a: argparse.Namespace) -> None:
+    """Values argparse's types let through but no fit can use: one ValueError naming the flag and the fix."""
+    for flag, dest in (("--at-C", "at_C"), ("--backtest-below", "backtest_below")):
+        v = getattr(a, dest, None)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{flag} {v:g}: give a positive, finite number of FLOPs, e.g. {flag} 1e21")
+    n = getattr(a, "bootstrap", None)
+    least = 2 if a.cmd == "predict" else 0  # a prediction is committed with its intervals
+    if n is not None and (n < least or n == 1):
+        raise ValueError(f"--bootstrap {n}: give " + ("" if least else "0 (no intervals) or ") +
+                         "a number of resamples of at least 2 (200 is the default)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -137,14 +162,18 @@ def cmd_fit(a) -> int:
     from analysis.report import fit_all, make_plots
 
     curves = None
+    if not a.sweep and (a.skip_corrupt or a.mixed_data):
+        raise ValueError("--skip-corrupt and --allow-mixed-data read run records: use them with --sweep")
     if a.csv and a.C is None and is_runs_csv(a.csv):  # a collected run table: every convention, the budgets
         df = load_runs_csv(a.csv, n=a.n_convention, c=a.c_convention)
     elif a.csv:
         df = load_csv(a.csv, N=a.N, D=a.D, loss=a.loss, C=a.C, name=a.name, dropna=a.dropna,
                       c_convention=a.c_convention)
     elif a.sweep:
-        df = load_sweep(a.sweep, n=a.n_convention, c=a.c_convention)
-        curves = load_curves(a.sweep, n=a.n_convention, c=a.c_convention) if 1 in a.approach else None
+        df = load_sweep(a.sweep, n=a.n_convention, c=a.c_convention, skip_corrupt=a.skip_corrupt,
+                        mixed_data=a.mixed_data)
+        curves = (load_curves(a.sweep, n=a.n_convention, c=a.c_convention, mixed_data=a.mixed_data)
+                  if 1 in a.approach else None)
     else:
         df = load_wandb_offline(a.wandb, N="N_total" if a.n_convention == "total" and a.N == "N" else a.N, D=a.D,
                                 loss=a.loss, C=a.C, budget=a.C, c_convention=a.c_convention)
@@ -170,7 +199,8 @@ def cmd_report(a) -> int:
     from analysis.report import write_report
 
     path = write_report(a.sweep_dir, a.out, n=a.n_convention, c=a.c_convention, C=a.at_C, n_bootstrap=a.bootstrap,
-                        backtest_below=a.backtest_below, n_jobs=a.jobs, seed=a.seed)
+                        backtest_below=a.backtest_below, n_jobs=a.jobs, seed=a.seed, skip_corrupt=a.skip_corrupt,
+                        mixed_data=a.mixed_data)
     print(f"wrote {path}")
     return 0
 
@@ -207,7 +237,8 @@ def _write_json_and_markdown(out: Path, stem: str, obj: dict, md: str) -> int:
 def cmd_predict(a) -> int:
     from analysis.predict import predict, prediction_markdown
 
-    runs = usable(load_sweep(a.sweep_dir, n=a.n_convention, c=a.c_convention))
+    runs = usable(load_sweep(a.sweep_dir, n=a.n_convention, c=a.c_convention, skip_corrupt=a.skip_corrupt,
+                             mixed_data=a.mixed_data))
     if runs.empty:
         raise ValueError(f"{a.sweep_dir}: no usable runs to fit; finish the sweep first")
     conventions = {"N": a.n_convention, "C": str(runs["C_convention"].iloc[0]), "sweep": str(a.sweep_dir)}
@@ -218,15 +249,12 @@ def cmd_predict(a) -> int:
 
 def cmd_verify(a) -> int:
     from analysis.plots import plot_verification
-    from analysis.predict import verification_markdown, verify
+    from analysis.predict import read_prediction, verification_markdown, verify
 
-    try:
-        prediction = json.loads(a.prediction.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{a.prediction}: cannot read the prediction ({exc}); give the prediction.json that "
-                         "`python -m analysis predict` wrote") from None
+    prediction = read_prediction(a.prediction)
     conv = prediction.get("conventions", {})
-    runs = usable(load_sweep(a.sweep_dir, n=conv.get("N", "non_embedding"), c=conv.get("C")))
+    runs = usable(load_sweep(a.sweep_dir, n=conv.get("N", "non_embedding"), c=conv.get("C"),
+                             skip_corrupt=a.skip_corrupt, mixed_data=a.mixed_data))
     v = verify(prediction, runs)
     plot_verification(v, a.out / "figures")
     return _write_json_and_markdown(a.out, "verification", v, verification_markdown(v))
@@ -235,6 +263,7 @@ def cmd_verify(a) -> int:
 def main(argv=None) -> int:
     a = _parser().parse_args(argv)
     try:
+        _check_args(a)
         return {"fit": cmd_fit, "report": cmd_report, "predict": cmd_predict, "verify": cmd_verify,
                 "bench": cmd_bench}[a.cmd](a)
     except ValueError as exc:

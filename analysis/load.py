@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -164,11 +165,52 @@ def runs_table(rows: Iterable[dict], *, n: str = "non_embedding", c: str | None 
     return _finish(out, n, conv)
 
 
+def _data_identity(run_dir: str) -> tuple[str, str, str] | None:
+    """(source identity, tokenizer identity, source description) of a run's record; None when it has none (records
+    written before data identity, planned or corrupt runs)."""
+    try:
+        rec = R.read_record(run_dir)
+    except (FileNotFoundError, R.RecordError):
+        return None
+    data, tok = rec.get("data"), rec.get("tokenizer")
+    source = _str(data.get("source")) if isinstance(data, dict) else ""
+    tokenizer = _str(tok.get("identity")) if isinstance(tok, dict) else ""
+    if not (source or tokenizer):
+        return None
+    return source, tokenizer, _str(data.get("source_description")) if isinstance(data, dict) else ""
+
+
+def check_one_data(rows: list[dict], where: str) -> None:
+    """Losses on different corpora or tokenizers are not comparable (nats per token of another token set): runs whose
+    records name different data (`data.source`, its content hash included) or tokenizers (`tokenizer.identity`) are
+    one clear error naming the groups and where each lives."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        ident = _data_identity(r["run_dir"]) if _str(r.get("run_dir")) else None
+        if ident:
+            groups.setdefault(ident[:2], []).append(r | {"_desc": ident[2]})
+    if len(groups) < 2:
+        return
+    parts = []
+    for (source, tokenizer), members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        dirs = [str(Path(m["run_dir"]).parent) for m in members]
+        home = os.path.commonpath(dirs) if len(set(dirs)) > 1 else dirs[0]
+        parts.append(f"{len(members)} run(s) on {members[0]['_desc'] or source} (data.source {source}) with tokenizer "
+                     f"{tokenizer or '?'}, under {home}")
+    raise ValueError(f"{where}: the runs were trained on different data or tokenizers, whose losses are not "
+                     f"comparable: {'; '.join(parts)}. Point at a folder holding one group's runs, or pass "
+                     "--allow-mixed-data (mixed_data=True) to fit them together anyway")
+
+
 def load_sweep(sweep_dir: str | Path, *, n: str = "non_embedding", c: str | None = None,
-               skip_corrupt: bool = False) -> pd.DataFrame:
-    """All runs below `sweep_dir` (any depth, found by record.json), plus planned runs without a record."""
+               skip_corrupt: bool = False, mixed_data: bool = False) -> pd.DataFrame:
+    """All runs below `sweep_dir` (any depth, found by record.json), plus planned runs without a record. Runs on
+    different data or tokenizers are refused unless `mixed_data` (`check_one_data`)."""
     _check_conventions(n, c)
-    return runs_table(R.read_runs(sweep_dir, skip_corrupt=skip_corrupt), n=n, c=c, where=str(sweep_dir))
+    rows = R.read_runs(sweep_dir, skip_corrupt=skip_corrupt)
+    if not mixed_data:
+        check_one_data(rows, str(sweep_dir))
+    return runs_table(rows, n=n, c=c, where=str(sweep_dir))
 
 
 RUN_TABLE_COLUMNS = ("name", "status", "N", "D", "C", "C_convention", "loss")  # what makes a CSV a collected run table
@@ -198,7 +240,7 @@ def load_runs_csv(path: str | Path, *, n: str = "non_embedding", c: str | None =
 
 
 def load_curves(sweep_dir: str | Path, *, loss: str = "train_loss", n: str = "non_embedding",
-                c: str | None = None) -> pd.DataFrame:
+                c: str | None = None, mixed_data: bool = False) -> pd.DataFrame:
     """Training curves of usable runs (for Chinchilla Approach 1): columns run, N, C, D, loss, one row per step.
 
     metrics.jsonl `flops` is cumulative C under the run's own convention; it is rescaled to the chosen C convention
@@ -206,7 +248,7 @@ def load_curves(sweep_dir: str | Path, *, loss: str = "train_loss", n: str = "no
     """
     if loss not in ("train_loss", "eval_loss"):
         raise ValueError(f"curve loss {loss!r} is unknown; use 'train_loss' or 'eval_loss'")
-    runs = usable(load_sweep(sweep_dir, n=n, c=c, skip_corrupt=True))
+    runs = usable(load_sweep(sweep_dir, n=n, c=c, skip_corrupt=True, mixed_data=mixed_data))
     frames = []
     for r in runs.itertuples():
         path = Path(r.run_dir) / "metrics.jsonl"

@@ -15,7 +15,9 @@ Intervals: percentile bootstrap over runs within budgets (analysis.uncertainty).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -135,6 +137,48 @@ def predict(runs: pd.DataFrame, C: float, *, headline: str = "auto", n_bootstrap
     a = float(est["approach2.a"])
     out["prior_fit"] = [out["prediction"]["N_opt"] / C ** a, a]
     return out
+
+
+# What `verify` reads of a prediction.json: (object, key) or (key,) -> "number" | "interval" (two numbers, low <= high).
+PREDICTION_KEYS = {("C",): "number", **{("prediction", k): "number" for k in ("N_opt", "D_opt", "L_opt")},
+                   ("prediction_ci95", "N_opt"): "interval", ("prediction_ci95", "L_opt"): "interval",
+                   **{("estimates", f"approach3.{k}"): "number" for k in ("E", "A", "B", "alpha", "beta")}}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def read_prediction(path: str | Path) -> dict:
+    """prediction.json as `predict` wrote it, checked for every key `verify` reads (a hand-edited or truncated file is
+    one ValueError naming the file, the key and the fix)."""
+    fix = ("give the prediction.json that `python -m analysis predict` wrote (restore it from your commit if it was "
+           "edited)")
+    try:
+        p = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the prediction ({exc}); {fix}") from None
+    if not isinstance(p, dict):
+        raise ValueError(f"{path}: holds a JSON {type(p).__name__}, not the prediction object; {fix}")
+    for keys, kind in PREDICTION_KEYS.items():
+        parent, key = (p, keys[0]) if len(keys) == 1 else (p.get(keys[0]), ".".join(keys))
+        if not isinstance(parent, dict):
+            raise ValueError(f"{path}: key {keys[0]!r} is {'missing' if parent is None else repr(parent)[:60]}, "
+                             f"expected an object; {fix}")
+        v = parent.get(keys[-1])
+        ok = (_is_number(v) and (key != "C" or v > 0) if kind == "number" else
+              isinstance(v, list) and len(v) == 2 and all(map(_is_number, v)) and v[0] <= v[1])
+        if not ok:
+            want = ("a positive number of FLOPs" if key == "C" else "a number" if kind == "number" else
+                    "an interval [low, high] of two numbers")
+            raise ValueError(f"{path}: key {key!r} is {'missing' if v is None else repr(v)[:60]}, expected {want}; "
+                             f"{fix}")
+    conv = p.get("conventions", {})
+    if not isinstance(conv, dict) or not all(isinstance(v, str) for v in conv.values()):
+        raise ValueError(f"{path}: key 'conventions' is {repr(conv)[:60]}, expected an object of names (N, C); {fix}")
+    if not isinstance(p.get("headline", ""), str):
+        raise ValueError(f"{path}: key 'headline' is {repr(p['headline'])[:60]}, expected a name; {fix}")
+    return p
 
 
 def verify(prediction: dict, runs: pd.DataFrame) -> dict:

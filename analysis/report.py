@@ -239,18 +239,20 @@ def make_plots(runs: pd.DataFrame, fitted: dict, res: dict, out_dir: Path,
 
 def write_report(source: str | Path, out_dir: str | Path | None = None, *, n: str = "non_embedding",
                  c: str | None = None, C: float | None = None, n_bootstrap: int = 200,
-                 backtest_below: float | None = None, n_jobs: int = 2, seed: int = 0) -> Path:
+                 backtest_below: float | None = None, n_jobs: int = 2, seed: int = 0, skip_corrupt: bool = False,
+                 mixed_data: bool = False) -> Path:
     """Load a sweep directory (or a runs.csv that `scaling.sweep collect` wrote), fit everything, and write
     report.md, results.json and figures/ into `out_dir` (default: SWEEP_DIR/report, or report/ next to the CSV).
-    C is in the records' own convention unless `c` asks another. Returns the report path."""
+    C is in the records' own convention unless `c` asks another; `skip_corrupt` and `mixed_data` as in load_sweep.
+    Returns the report path."""
     source = Path(source)
     no_curves = None
     if source.is_file():  # a collected run table (load_runs_csv says so when it is not one)
         df, curves, no_curves = load_runs_csv(source, n=n, c=c), None, NO_CURVES
     else:
-        df = load_sweep(source, n=n, c=c)
+        df = load_sweep(source, n=n, c=c, skip_corrupt=skip_corrupt, mixed_data=mixed_data)
         try:
-            curves = load_curves(source, n=n, c=c)
+            curves = load_curves(source, n=n, c=c, mixed_data=mixed_data)
         except ValueError:
             curves = None
     res, fitted = fit_all(df, C=C, n_bootstrap=n_bootstrap, curves=curves, n_jobs=n_jobs, seed=seed,

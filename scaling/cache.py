@@ -106,8 +106,12 @@ def tokenize_source(source: Source, tokenizer: Tokenizer, val_fraction: float, o
             raise ValueError(f"{source.description}: no documents (the text is empty or only whitespace); "
                              "give a source with text")
         if index < 2:
+            # A .txt source packs its blank-line paragraphs into documents of about data.doc_bytes bytes, so a
+            # blank line alone makes a second document only when the text exceeds that size.
             raise ValueError(f"{source.description}: only 1 document, but the validation split is held out by "
-                             "document; give at least 2 (separate documents with a blank line, or add files)")
+                             "document; give at least 2: add files (or records, for .jsonl/.parquet), or for text "
+                             "set data.doc_bytes=0 (one document per blank-line-separated paragraph) or below the "
+                             f"text's size ({n_bytes:,} bytes)")
         if counts["val"][0] == 0:  # fewer documents than the stride: the last one becomes validation
             write("val", pending)
             val_docs.append(index - 1)

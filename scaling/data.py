@@ -62,9 +62,17 @@ class DataConfig:
         self.synthetic.validate()
 
     def resolved_cache_dir(self) -> Path:
+        """The token cache folder (created on first use); one error naming the setting when it cannot be one."""
         if self.cache_dir == DEFAULT_CACHE_DIR and os.environ.get("SCALING_CACHE"):
-            return Path(os.environ["SCALING_CACHE"]).expanduser()
-        return Path(self.cache_dir).expanduser()
+            path, name = Path(os.environ["SCALING_CACHE"]).expanduser(), "SCALING_CACHE"
+        else:
+            path, name = Path(self.cache_dir).expanduser(), "data.cache_dir"
+        # The nearest existing ancestor must be a folder: the cache's subfolders are created below it.
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            raise ValueError(f"{name}={str(path)!r}: {str(existing)!r} is a file, not a folder; point {name} at a "
+                             f"folder (created if missing), e.g. {DEFAULT_CACHE_DIR}")
+        return path
 
 
 class TokenData:

@@ -69,7 +69,11 @@ def generate(
         raise ValueError("the prompt is empty: give at least one token (text, or a few-shot file).")
     if max_new_tokens >= cfg.seq_len:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be below the model's seq_len={cfg.seq_len}.")
-    prompt = prompt[-(cfg.seq_len - max_new_tokens) :]  # the model attends over at most seq_len positions
+    room = cfg.seq_len - max_new_tokens  # the model attends over at most seq_len positions
+    if len(prompt) > room:
+        raise ValueError(f"the prompt is {len(prompt)} tokens, but the model's context (seq_len={cfg.seq_len}) holds "
+                         f"at most {room} prompt tokens with max_new_tokens={max_new_tokens}: shorten the prompt, "
+                         f"lower --max-new-tokens, or pass --truncate-prompt to keep its last {room} tokens.")
     model = cfg.build()
     rng = jax.random.key(seed)
     out = list(prompt)
@@ -109,6 +113,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--truncate-prompt", action="store_true",
+                        help="keep only the prompt's last tokens that fit the context (said on stderr) instead of "
+                             "refusing a prompt longer than seq_len - max_new_tokens")
     args = parser.parse_args(argv)
     try:
         from scaling.data import load_tokens
@@ -124,6 +131,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             )
         text = (args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else "") + args.prompt
         prompt = tokenizer.encode(text) if text else [tokenizer.eot]
+        room = cfg.model.seq_len - args.max_new_tokens
+        if args.truncate_prompt and 0 < room < len(prompt):
+            print(f"note: --truncate-prompt: the prompt is {len(prompt)} tokens; kept its last {room} (seq_len "
+                  f"{cfg.model.seq_len} - max_new_tokens {args.max_new_tokens})", file=sys.stderr)
+            prompt = prompt[-room:]
+            text = tokenizer.decode(prompt)  # what the model saw
         for n in range(args.num_samples):
             ids = generate(cfg.model, params, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed + n)
             print(f"--- sample {n} ---\n{text}{tokenizer.decode(ids)}")

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # A real single-node SLURM on this machine (Debian slurm-wlm + munge, with slurmdbd + MariaDB so `sacct` works and
 # submitit sees killed jobs instead of waiting forever). Needs root; no systemd, no cgroups.
-#   scripts/slurm_local.sh start   # install what is missing (apt-get), start the daemons, wait for an idle node
-#   scripts/slurm_local.sh stop    # cancel jobs, stop the daemons
+#   scripts/slurm_local.sh start [--force]   # install what is missing (apt-get), start the daemons, wait for idle
+#   scripts/slurm_local.sh stop              # cancel the jobs of its partition, stop the daemons it started
 #   scripts/slurm_local.sh status
-# Exit 3: apt-get could not install the packages (no network): callers may skip.
+# What it changes on the system: installs the packages in PKGS; writes /etc/slurm/slurm.conf and
+# /etc/slurm/slurmdbd.conf (each marked by its first line, MARK below; a file it replaces is first copied to
+# <file>.bak-<timestamp>, and a file without the mark is never replaced unless --force); creates the munge key if
+# there is none; creates the MariaDB user 'slurm'@'localhost' (database slurm_acct_db) with a random password kept
+# only in slurmdbd.conf (mode 600); keeps its state, logs and pid files in $SLURM_LOCAL_DIR (/var/lib/scaling-slurm).
+# Exit 3: apt-get could not install the packages (no network): callers may skip. Exit 4: refused (not its config).
 set -euo pipefail
 
 W=${SLURM_LOCAL_DIR:-/var/lib/scaling-slurm}
+ETC=${SLURM_LOCAL_ETC:-/etc/slurm}  # where SLURM reads its config; another folder only for tests of the refusals
 PKGS="slurmctld slurmd slurm-client munge slurmdbd mariadb-server"
+PARTITION=debug  # the partition configs/hydra/launcher/slurm_local.yaml submits to; `stop` cancels only its jobs
+MARK="# written by scaling scripts/slurm_local.sh (remove this line to keep the script from replacing the file)"
+FORCE=0
 
 log() { echo "[slurm_local] $*" >&2; }
 
@@ -25,8 +34,11 @@ install() {
 }
 
 idle() { [ "$(sinfo -h -o %T 2>/dev/null | head -1)" = "idle" ] || [ "$(sinfo -h -o %T 2>/dev/null | head -1)" = "mixed" ]; }
+busy() { case "$(sinfo -h -o %T 2>/dev/null | head -1)" in allocated|completing) return 0 ;; *) return 1 ;; esac; }
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+running() {  # running PIDFILE: its process is alive (an exited daemon not yet reaped does not count)
+  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null && ! ps -o stat= -p "$(cat "$1")" | grep -q '^Z'
+}
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   local n=$1 what=$2; shift 2
@@ -34,15 +46,50 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
   log "timed out waiting for $what"; return 1
 }
 
+ours() {  # ours FILE: written by this script (its mark; or, before the mark existed, its state paths under $W)
+  [ "$(head -1 "$1" 2>/dev/null)" = "$MARK" ] || grep -qxE "(StateSaveLocation=$W/state|PidFile=$W/slurmdbd.pid)" "$1"
+}
+
+check_writable() {  # check_writable FILE: refuse (exit 4) to replace a configuration this script did not write
+  local f=$1
+  if [ -e "$f" ] && ! ours "$f" && [ "$FORCE" -ne 1 ]; then
+    log "refusing to replace $f: this script did not write it (its first line is not '${MARK%% (*}'), so it" \
+        "belongs to another SLURM setup; keep it, or rerun '$0 start --force' to replace it (the old file is kept" \
+        "as $f.bak-<timestamp>)"
+    exit 4
+  fi
+}
+
+write_conf() {  # write_conf FILE MODE < content: back up what it replaces, then write atomically
+  local f=$1 mode=$2 tmp
+  tmp=$(mktemp "$f.new-XXXXXX")
+  { echo "$MARK"; cat; } > "$tmp"
+  chmod "$mode" "$tmp"
+  if [ -e "$f" ] && ! cmp -s "$f" "$tmp"; then
+    local bak; bak="$f.bak-$(date +%Y%m%d-%H%M%S)"
+    [ ! -e "$bak" ] || bak="$bak-$$"
+    cp -p "$f" "$bak"
+    log "replacing $f (previous version kept as $bak)"
+  fi
+  mv -f "$tmp" "$f"
+}
+
+started_by_us() { grep -qx "$1" "$W/started" 2>/dev/null; }
+
 start() {
-  if idle && running "$W/slurmctld.pid"; then log "already up"; sinfo; return 0; fi
+  if { idle || busy; } && running "$W/slurmctld.pid"; then log "already up"; sinfo; return 0; fi
+  check_writable "$ETC/slurm.conf"
+  check_writable "$ETC/slurmdbd.conf"
   install
   local H; H=$(hostname)
-  mkdir -p "$W/state" "$W/spool" "$W/log" /etc/slurm /var/run/munge /var/run/mysqld
+  mkdir -p "$W/state" "$W/spool" "$W/log" "$ETC" /var/run/munge /var/run/mysqld
   chown munge:munge /var/run/munge && chown mysql:mysql /var/run/mysqld
+  touch "$W/started"
 
   [ -f /etc/munge/munge.key ] || /usr/sbin/mungekey --create
-  running /var/run/munge/munged.pid || runuser -u munge -- /usr/sbin/munged
+  if ! running /var/run/munge/munged.pid; then
+    runuser -u munge -- /usr/sbin/munged && echo munged >> "$W/started"
+  fi
   wait_for 10 munge sh -c 'munge -n | unmunge'
 
   # Accounting database: `sacct` needs it, and submitit polls sacct to notice jobs that died without a result.
@@ -50,12 +97,23 @@ start() {
     [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql >/dev/null
     /usr/sbin/mariadbd --user=mysql --skip-networking --socket=/var/run/mysqld/mysqld.sock \
       --pid-file=/var/run/mysqld/mysqld.pid --log-error=/var/run/mysqld/error.log >/dev/null 2>&1 &
+    echo mariadbd >> "$W/started"
     wait_for 30 mariadb mysqladmin --socket=/var/run/mysqld/mysqld.sock ping
   fi
-  mysql --socket=/var/run/mysqld/mysqld.sock -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'slurmpw';
-    GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
-  umask 077
-  cat > /etc/slurm/slurmdbd.conf <<EOF
+  # The database password: the one in its own slurmdbd.conf, else a new random one (never a fixed string).
+  local pw="" new_pw=0
+  if [ "$(head -1 "$ETC/slurmdbd.conf" 2>/dev/null)" = "$MARK" ]; then
+    pw=$(sed -n 's/^StoragePass=//p' "$ETC/slurmdbd.conf")
+  fi
+  [ -n "$pw" ] || { pw=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n'); new_pw=1; }
+  # On stdin, not the command line, so the password never shows in `ps`.
+  mysql --socket=/var/run/mysqld/mysqld.sock <<SQL
+CREATE USER IF NOT EXISTS 'slurm'@'localhost';
+ALTER USER 'slurm'@'localhost' IDENTIFIED BY '$pw';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
+FLUSH PRIVILEGES;
+SQL
+  write_conf "$ETC/slurmdbd.conf" 600 <<EOF
 AuthType=auth/munge
 DbdHost=localhost
 SlurmUser=root
@@ -64,16 +122,19 @@ PidFile=$W/slurmdbd.pid
 StorageType=accounting_storage/mysql
 StorageHost=localhost
 StorageUser=slurm
-StoragePass=slurmpw
+StoragePass=$pw
 StorageLoc=slurm_acct_db
 EOF
-  umask 022
+  if running "$W/slurmdbd.pid" && [ "$new_pw" -eq 1 ]; then  # it holds the old password: restart it on the new one
+    local old; old=$(cat "$W/slurmdbd.pid")
+    kill "$old"; wait_for 10 "slurmdbd to exit" sh -c "! kill -0 $old" || true
+  fi
   running "$W/slurmdbd.pid" || /usr/sbin/slurmdbd
   sleep 1
 
   # The node line from `slurmd -C`, so CPUs and RealMemory fit this machine (too much memory drains the node).
   local node; node=$(/usr/sbin/slurmd -C | head -1)
-  cat > /etc/slurm/slurm.conf <<EOF
+  write_conf "$ETC/slurm.conf" 644 <<EOF
 ClusterName=local
 SlurmctldHost=$H
 SlurmUser=root
@@ -98,7 +159,7 @@ ReturnToService=2
 KillWait=5
 MpiDefault=none
 $node State=UNKNOWN
-PartitionName=debug Nodes=$H Default=YES MaxTime=INFINITE State=UP
+PartitionName=$PARTITION Nodes=$H Default=YES MaxTime=INFINITE State=UP
 EOF
   running "$W/slurmctld.pid" || /usr/sbin/slurmctld
   running "$W/slurmd.pid" || /usr/sbin/slurmd
@@ -107,17 +168,34 @@ EOF
 }
 
 stop() {
-  scancel --user=root 2>/dev/null || true
-  wait_for 30 "an empty queue" sh -c '[ -z "$(squeue -h 2>/dev/null)" ]' || true
-  for f in "$W/slurmd.pid" "$W/slurmctld.pid" "$W/slurmdbd.pid" /var/run/mysqld/mysqld.pid /var/run/munge/munged.pid; do
+  if [ -e "$ETC/slurm.conf" ] && ! ours "$ETC/slurm.conf"; then
+    log "refusing to stop: $ETC/slurm.conf was not written by this script, so the running SLURM is not its own"
+    exit 4
+  fi
+  # Only the jobs of its own cluster's partition (the sweeps' jobs), not every job of the user.
+  scancel --partition="$PARTITION" 2>/dev/null || true
+  wait_for 30 "an empty $PARTITION queue" sh -c "[ -z \"\$(squeue -h -p $PARTITION 2>/dev/null)\" ]" || true
+  local pids=("$W/slurmd.pid" "$W/slurmctld.pid" "$W/slurmdbd.pid")
+  started_by_us mariadbd && pids+=(/var/run/mysqld/mysqld.pid)
+  started_by_us munged && pids+=(/var/run/munge/munged.pid)
+  for f in "${pids[@]}"; do
     if running "$f"; then kill "$(cat "$f")"; fi
   done
+  rm -f "$W/started"
   log "stopped"
 }
 
-case "${1:-start}" in
+[ "${BASH_SOURCE[0]}" = "$0" ] || return 0  # sourced (tests): the functions only
+
+cmd=${1:-start}
+case "${2:-}" in
+  "") ;;
+  --force) FORCE=1 ;;
+  *) echo "usage: $0 start [--force] | stop | status" >&2; exit 2 ;;
+esac
+case "$cmd" in
   start) start ;;
   stop) stop ;;
   status) sinfo && squeue ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--force] | stop | status" >&2; exit 2 ;;
 esac

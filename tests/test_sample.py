@@ -82,3 +82,34 @@ def test_cli_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path)])
     assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_prompt_longer_than_the_context_unless_told_to_truncate(tmp_path, capsys):
+    """A prompt past seq_len - max_new_tokens was cut silently; now refused, or cut with --truncate-prompt, said."""
+    import dataclasses
+
+    from scaling.data import DataConfig
+    from scaling.tokenizers import TokenizerConfig
+
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"paragraph {i} of a tiny corpus." for i in range(40)))
+    cfg = tiny_config(tmp_path, steps=4)
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, vocab_size=257),
+        data=DataConfig(source="local", path=str(tmp_path / "corpus.txt"), doc_bytes=0, val_fraction=0.1,
+                        tokenizer=TokenizerConfig(kind="bytes"), cache_dir=str(tmp_path / "cache")))
+    run = tmp_path / "run"
+    train(cfg, run)
+    prompt = "abcdefghijklmnopqrst"  # 20 byte tokens; seq_len 16 - 4 new tokens leaves room for 12
+    with pytest.raises(SystemExit) as exc:
+        main([str(run), "--prompt", prompt, "--max-new-tokens", "4", "--temperature", "0"])
+    assert exc.value.code == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.splitlines() == [
+        "error: the prompt is 20 tokens, but the model's context (seq_len=16) holds at most 12 prompt tokens with "
+        "max_new_tokens=4: shorten the prompt, lower --max-new-tokens, or pass --truncate-prompt to keep its last 12 "
+        "tokens."]
+    main([str(run), "--prompt", prompt, "--max-new-tokens", "4", "--temperature", "0", "--truncate-prompt"])
+    out = capsys.readouterr()
+    assert out.err == ("note: --truncate-prompt: the prompt is 20 tokens; kept its last 12 (seq_len 16 - "
+                       "max_new_tokens 4)\n")
+    assert out.out.startswith("--- sample 0 ---\nijklmnopqrst")  # the text the model saw, then its continuation
