@@ -50,6 +50,7 @@ def build_once(folder: Path, build: Callable[[Path], dict]) -> Path:
         tmp.mkdir()
         try:
             meta = build(tmp)
+            meta["integrity"] = {split: fingerprint(tmp / f"{split}.bin", meta["dtype"]) for split in ("train", "val")}
             meta["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             meta["builder_pid"] = os.getpid()
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -145,6 +146,32 @@ def read_meta(folder: Path) -> dict:
     except (OSError, KeyError, TypeError, json.JSONDecodeError, ValueError) as e:
         raise ValueError(f"{folder}: corrupt token cache ({e}); delete the folder to rebuild it") from e
     return meta
+
+
+def fingerprint(path: Path, dtype: str) -> dict:
+    """The largest token id and a checksum of a token file: together they prove every id fits the vocabulary without
+    a pass over the tokens at each run start (a same-size corruption changes the checksum)."""
+    tokens = np.fromfile(path, dtype=dtype)
+    return {"max_id": int(tokens.max()) if tokens.size else -1,
+            "blake2b": hashlib.blake2b(tokens.tobytes(), digest_size=16).hexdigest()}
+
+
+def check_tokens(folder: Path, meta: dict, n_vocab: int) -> None:
+    """Refuse a cache whose meta.json disagrees with the tokenizer or whose token files were changed after the build:
+    out-of-range ids would train to NaN and be recorded as a diverged run."""
+    fix = "delete the folder to rebuild it (load_tokens / python -m scaling.data does)"
+    if meta.get("n_vocab") != n_vocab:
+        raise ValueError(f"{folder}/meta.json: n_vocab is {meta.get('n_vocab')!r}, but its tokenizer has {n_vocab}; "
+                         f"the file was edited or belongs to another cache: {fix}")
+    for split in ("train", "val"):
+        expected = (meta.get("integrity") or {}).get(split)
+        actual = fingerprint(folder / f"{split}.bin", meta["dtype"])
+        if expected is not None and expected != actual:
+            raise ValueError(f"{folder}/{split}.bin changed after the cache was built (its checksum or largest token "
+                             f"id {actual['max_id']} differs from meta.json's {expected.get('max_id')}): {fix}")
+        if actual["max_id"] >= n_vocab:  # caches built before the integrity field: the ids are still checked
+            raise ValueError(f"{folder}/{split}.bin holds token id {actual['max_id']}, outside the vocabulary of "
+                             f"{n_vocab}: {fix}")
 
 
 def open_tokens(folder: Path, split: str, meta: dict) -> np.ndarray:

@@ -83,6 +83,7 @@ class TokenData:
                 f"{folder}: the token cache was built with tokenizer {meta['tokenizer']}, not {tokenizer.identity}; "
                 "use the tokenizer it was built with, or rebuild the cache for this one (load_tokens does)"
             )
+        cache.check_tokens(folder, meta, tokenizer.n_vocab)
         self.folder = folder
         self.meta = meta
         self.tokenizer = tokenizer

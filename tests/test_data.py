@@ -236,6 +236,29 @@ def test_corrupt_cache_is_refused(markers):
         TokenData(markers.folder, bytes_tokenizer())
 
 
+def test_same_size_corruption_and_an_edited_meta_are_refused(markers):
+    folder, tok = markers.folder, bytes_tokenizer()
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["integrity"]["train"]["max_id"] == int(np.asarray(markers.train).max()) < tok.n_vocab
+    train = np.fromfile(folder / "train.bin", dtype=meta["dtype"])
+    # an id outside the vocabulary, file size unchanged: it would train to NaN and read as a diverged run
+    bad = train.copy()
+    bad[5] = 60000
+    bad.tofile(folder / "train.bin")
+    with pytest.raises(ValueError, match=r"train.bin changed after the cache was built .*largest token id 60000"):
+        TokenData(folder, tok)
+    # a cache from before the integrity field: the ids are still checked against the vocabulary
+    legacy = {k: v for k, v in meta.items() if k != "integrity"}
+    (folder / "meta.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match=r"train.bin holds token id 60000, outside the vocabulary of 257"):
+        TokenData(folder, tok)
+    train.tofile(folder / "train.bin")
+    TokenData(folder, tok)  # repaired: accepted
+    (folder / "meta.json").write_text(json.dumps({**meta, "n_vocab": 50000}))
+    with pytest.raises(ValueError, match=r"meta.json: n_vocab is 50000, but its tokenizer has 257"):
+        TokenData(folder, tok)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="data.source='s3'"):
         DataConfig(source="s3")
