@@ -46,7 +46,8 @@ def isoflop_runs(budgets=(1e17, 3e17, 1e18, 3e18, 1e19), n_per_budget: int = 9, 
 # because analysis never imports the model; tests/test_record.py checks they still match the dataclasses).
 MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": None, "vocab_size": 512, "seq_len": 128,
          "pos_encoding": "learned", "tie_embeddings": True, "use_bias": True, "dropout": 0.0, "param_dtype": "float32",
-         "compute_dtype": "float32", "remat": "none", "scan_layers": False, "attention": "auto", "rope_base": 10000.0}
+         "compute_dtype": "float32", "remat": "none", "scan_layers": False, "attention": "auto", "attention_block": 64,
+         "head_loss": "auto", "rope_base": 10000.0}
 OPTIM = {"lr": 1e-3, "schedule": "cosine", "warmup_steps": None, "warmup_fraction": 0.02, "min_lr_ratio": 0.1,
          "decay_fraction": 0.2, "b1": 0.9, "b2": 0.95, "eps": 1e-08, "weight_decay": 0.1, "decay_embeddings": False,
          "decay_norms_and_biases": False, "grad_clip": 1.0}

@@ -1,14 +1,24 @@
-"""Throughput benchmark: `python -m scaling.bench --preset cpu|gpu|tiny [--json OUT]`.
+"""Throughput benchmark: `python -m scaling.bench --preset nanogpt|cpu|gpu|tiny [--json OUT]`.
 
-For each model shape it compiles the real train step (scaling.train.make_train_step: AdamW, clipping, donation),
-runs warm-up steps, then times steady-state steps with block_until_ready, and prints one table: N, tokens/s, step ms,
-achieved FLOP/s (chinchilla convention, scaling.accounting), MFU against the device peak (datasheet on GPU/TPU, the
-measured XLA matmul peak on CPU), compile seconds, peak memory and the attention implementation that actually ran
-(read from the compiled HLO, never assumed). With --torch, a nanoGPT-style PyTorch model of the identical shape (same
-init, tied head, AdamW, clipping) is timed in the same run. The vmap section times K models in one step
-(scaling.multi) against one model.
+For each model shape it times this project's train step (scaling.train.make_train_step: AdamW, clipping, donation)
+and, on CPU, the reference steps of scaling/bench_refs.py on the same shape: a plain Flax linen + optax step, nanoGPT's
+PyTorch model eager and under torch.compile. Every measurement runs in its own process (`--worker`), one after the
+other, with the same threads (`--threads`, default every core: the process is pinned to that many cores and
+OMP/MKL/torch are told the same number), so no framework's thread pool competes with another's.
 
-JAX is imported lazily (inside functions) because --preset gpu must set XLA_FLAGS before JAX starts.
+The machine's load is part of every figure: the 1-minute load average is read before the run (above `--max-load` the
+run is refused unless `--allow-busy`) and before and after each measurement, and the CPU time other processes used
+*during* each measurement is measured (/proc/stat less the worker's own CPU time). The load average cannot judge a
+single measurement, since after the first one it counts our own worker's threads too; the other processes' CPU time
+can, and a row where it exceeds `--max-load` cores is marked BUSY in the table.
+
+Per row: N, tokens/s (median step), step ms, achieved FLOP/s (chinchilla convention, scaling.accounting), MFU against
+the device peak (datasheet on GPU/TPU, the measured XLA matmul peak on CPU), compile seconds, peak memory, the
+attention implementation that actually ran (read from the compiled HLO, never assumed), and the ratios to the
+references. `--profile` adds a per-op profile of one step (jax.profiler, grouped by model part). The vmap section
+times K models in one step (scaling.multi) against one model.
+
+JAX is imported lazily (inside functions): the GPU preset sets XLA_FLAGS, and the parent process never starts JAX.
 """
 
 from __future__ import annotations
@@ -17,9 +27,12 @@ import argparse
 import json
 import os
 import platform
+import resource
+import statistics
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 # XLA flags of the GPU preset, each one checked to exist in this XLA build (an unknown flag aborts at start-up):
@@ -43,9 +56,16 @@ class Shape:
     batch: int
 
 
-# CPU: ~100k to ~10M non-embedding params with the 4096-token BPE of the default data; GPU: GPT-2 small and medium.
+# nanogpt: the four shapes of issue 15 (batch 16, vocab 4096, head dim 32); cpu: ~100k to ~10M non-embedding params
+# with the 4096-token BPE of the default data; gpu: GPT-2 small and medium.
 PRESETS = {
     "tiny": [Shape("tiny", 32, 2, 2, 32, 256, 4)],
+    "nanogpt": [
+        Shape("d64-L2-T128", 64, 2, 2, 128, 4096, 16),
+        Shape("d128-L4-T128", 128, 4, 4, 128, 4096, 16),
+        Shape("d256-L4-T256", 256, 4, 8, 256, 4096, 16),
+        Shape("d384-L6-T256", 384, 6, 12, 256, 4096, 16),
+    ],
     "cpu": [
         Shape("cpu-100k", 64, 2, 2, 128, 4096, 16),
         Shape("cpu-1M", 128, 6, 4, 128, 4096, 16),
@@ -60,6 +80,7 @@ PRESETS = {
 # (label, ModelConfig overrides) run for every shape of the preset.
 VARIANTS = {
     "tiny": [("f32", {})],
+    "nanogpt": [("f32", {})],
     "cpu": [("f32", {})],
     "gpu": [
         ("bf16-cudnn", {"compute_dtype": "bfloat16", "attention": "cudnn"}),
@@ -67,7 +88,11 @@ VARIANTS = {
     ],
 }
 VMAP_SHAPE = {"tiny": PRESETS["tiny"][0], "cpu": Shape("vmap-100k", 64, 2, 2, 128, 4096, 8),
-              "gpu": Shape("vmap-3M", 192, 6, 6, 256, 4096, 16)}
+              "nanogpt": Shape("vmap-100k", 64, 2, 2, 128, 4096, 8), "gpu": Shape("vmap-3M", 192, 6, 6, 256, 4096, 16)}
+# The reference steps (scaling/bench_refs.py), timed on the first variant of every shape; column titles.
+REFERENCES = {"linen": "linen", "torch": "torch eager", "torch-compile": "torch.compile"}
+DEFAULT_REFS = {"tiny": ["linen", "torch"], "nanogpt": list(REFERENCES), "cpu": list(REFERENCES), "gpu": []}
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def model_config(shape: Shape, overrides: dict):
@@ -81,21 +106,28 @@ def attention_used(model, hlo_text: str) -> str:
     """What the compiled step really calls: cuDNN's fused attention shows up as a custom call."""
     if "__cudnn$fmha" in hlo_text or "cudnn$fmha" in hlo_text:
         return "cudnn"
-    return "einsum" if model.attention == "einsum" else "xla"
+    from scaling.model import resolve_attention
+
+    impl = resolve_attention(model.attention)
+    return impl if impl in ("einsum", "blocked") else "xla"
 
 
 def _timed(fn, state, batch, warmup: int, steps: int):
+    """Median seconds of one step (each step waited for: a median resists a neighbour's burst), the last metrics and
+    the last state (the step donates its input state)."""
     import jax
     import jax.numpy as jnp
 
     for i in range(warmup):
         state, _ = fn(state, batch, jnp.asarray(i))
     jax.block_until_ready(state)
-    t0 = time.perf_counter()
+    times = []
     for i in range(steps):
+        t0 = time.perf_counter()
         state, metrics = fn(state, batch, jnp.asarray(warmup + i))
-    jax.block_until_ready((state, metrics))
-    return (time.perf_counter() - t0) / steps, metrics
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), metrics, state
 
 
 def _peak_memory(compiled, device) -> Optional[int]:
@@ -109,7 +141,7 @@ def _peak_memory(compiled, device) -> Optional[int]:
         return None
 
 
-def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: float) -> dict:
+def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: float, profile: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -138,7 +170,8 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
     used = attention_used(model, compiled.as_text())
     if model.attention == "cudnn" and used != "cudnn":
         raise RuntimeError("model.attention=cudnn was requested but the compiled step holds no cuDNN attention call.")
-    step_s, metrics = _timed(compiled, state, batch, warmup, steps)
+    step_s, metrics, state = _timed(compiled, state, batch, warmup, steps)
+    ops = profile_step(compiled, state, batch) if profile else None
     tokens_per_s = shape.batch * shape.seq_len / step_s
     achieved = tokens_per_s * flops_per_token(model, "chinchilla")
     return {
@@ -147,6 +180,7 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
         "flops_per_s": achieved, "mfu": achieved / peak, "compile_s": compile_s,
         "peak_memory_bytes": _peak_memory(compiled, jax.devices()[0]), "attention": used,
         "compute_dtype": model.compute_dtype, "remat": model.remat, "loss": float(metrics["train_loss"]),
+        **({"profile": ops} if ops else {}),
     }
 
 
@@ -164,94 +198,175 @@ def bench_vmap(shape: Shape, ks: list[int], warmup: int, steps: int) -> list[dic
     tokens = shape.batch * shape.seq_len
     opt = OptimConfig(warmup_steps=0).build(10_000)
     params = init_params(model, jax.random.key(0))
-    single_s, _ = _timed(make_train_step(model, opt, 1, 0), {"params": params, "opt_state": opt.init(params)},
+    single_s, _, _ = _timed(make_train_step(model, opt, 1, 0), {"params": params, "opt_state": opt.init(params)},
                          batch, warmup, steps)
     rows = [{"K": 1, "mode": "single", "step_ms": 1e3 * single_s, "tokens_per_s": tokens / single_s, "speedup": 1.0}]
     unit = unit_lr_optimizer(OptimConfig(warmup_steps=0), 10_000)
     for k in ks:
         state = init_many(model, unit, list(range(k)), [3e-3 * 2 ** (i / 2) for i in range(k)])
-        step_s, _ = _timed(make_multi_step(model, unit, 1, 0, shared_batch=True), state, batch, warmup, steps)
+        step_s, _, _ = _timed(make_multi_step(model, unit, 1, 0, shared_batch=True), state, batch, warmup, steps)
         rows.append({"K": k, "mode": "vmap", "step_ms": 1e3 * step_s, "tokens_per_s": k * tokens / step_s,
                      "speedup": k * single_s / step_s})
     return rows
 
 
+def profile_step(compiled, state, batch, steps: int = 2) -> list[dict]:
+    """Where one step's time goes: jax.profiler's per-thunk (XLA fusion / library call) times, grouped by the model
+    part each fusion came from (its HLO op_name metadata) and by forward / backward. Milliseconds per step."""
+    import collections
+    import glob
+    import gzip
+    import re
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+
+    origin = {}  # fusion name -> op_name of its metadata
+    for line in compiled.as_text().splitlines():
+        m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{op_name="([^"]*)"', line)
+        if m:
+            origin.setdefault(m.group(1), m.group(2))
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for i in range(steps):
+                state, _ = compiled(state, batch, jnp.asarray(10_000 + i))
+            jax.block_until_ready(state)
+        with gzip.open(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]) as f:
+            events = json.load(f)["traceEvents"]
+    ms = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in origin:
+            ms[profile_group(e["name"], origin[e["name"]])] += e["dur"] / 1e3 / steps
+    total = sum(ms.values())
+    return [{"group": g, "ms": t, "share": t / total} for g, t in ms.most_common()]
+
+
+def profile_group(fusion: str, op_name: str) -> str:
+    """'fwd|bwd <model part> <matmul|other>' from a fusion's op_name, e.g. 'bwd attn other', 'fwd mlp/fc matmul'."""
+    import re
+
+    direction = "bwd" if "transpose(" in op_name else "fwd"
+    kind = "matmul" if ("dot_general" in op_name.rsplit("/", 1)[-1] and "ynn" in fusion) or fusion.startswith(
+        "dot") else "other"
+    for part, pattern in (("attn/qkv", "/attn/qkv/"), ("attn/proj", "/attn/proj/"), ("attn core", "/attn/"),
+                          ("mlp/fc", "/mlp/fc/"), ("mlp/proj", "/mlp/proj/"), ("mlp gelu", "/mlp/"),
+                          ("layernorm", r"/ln_(1|2|f)/"), ("head (wte.attend)", "wte.attend"),
+                          ("embedding", "/wte/|/wpe/")):
+        if re.search(pattern, op_name):
+            return f"{direction} {part} {kind}"
+    if "Transformer" not in op_name and direction == "fwd":
+        return "optimizer, loss & rest"
+    return f"{direction} residual/loss/other {kind}"
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# nanoGPT-style PyTorch reference (Karpathy's nanoGPT model.py): the same shape, init, tied head and AdamW.
+# One measurement per process.
 
 
-def bench_torch(shape: Shape, warmup: int, steps: int, compile_model: bool) -> dict:
-    import torch
-    import torch.nn as tnn
-    import torch.nn.functional as F
+def _pin_threads(threads: int) -> None:
+    """Every implementation gets the same cores: the process is pinned to `threads` of them (XLA sizes its pool by
+    the cores it may use), and OMP/MKL (set by the parent's environment) and torch are told the same number."""
+    if hasattr(os, "sched_setaffinity") and threads < len(os.sched_getaffinity(0)):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    torch.manual_seed(0)
-    D, H, L, V = shape.d_model, shape.n_heads, shape.seq_len, shape.vocab_size
 
-    class Block(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln_1, self.ln_2 = tnn.LayerNorm(D), tnn.LayerNorm(D)
-            self.c_attn, self.attn_proj = tnn.Linear(D, 3 * D), tnn.Linear(D, D)
-            self.c_fc, self.mlp_proj = tnn.Linear(D, 4 * D), tnn.Linear(4 * D, D)
-
-        def forward(self, x):
-            B, T, _ = x.shape
-            q, k, v = self.c_attn(self.ln_1(x)).split(D, dim=2)
-            q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
-            x = x + self.attn_proj(y)
-            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
-
-    class GPT(tnn.Module):
-        def __init__(self):
-            super().__init__()
-            self.wte, self.wpe = tnn.Embedding(V, D), tnn.Embedding(L, D)
-            self.blocks = tnn.ModuleList(Block() for _ in range(shape.n_layers))
-            self.ln_f = tnn.LayerNorm(D)
-            for name, p in self.named_parameters():  # GPT-2 init, as scaling/model.py
-                if p.dim() >= 2:
-                    std = 0.02 / (2 * shape.n_layers) ** 0.5 if name.endswith("proj.weight") else 0.02
-                    tnn.init.normal_(p, std=std)
-                elif name.endswith("bias"):
-                    tnn.init.zeros_(p)
-
-        def forward(self, idx, targets):
-            x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
-            for block in self.blocks:
-                x = block(x)
-            logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head
-            return F.cross_entropy(logits.view(-1, V), targets.reshape(-1))
-
-    model = GPT()
-    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not model.wte.weight]
-    rest = [p for p in model.parameters() if p.dim() < 2 or p is model.wte.weight]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                            lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
-    fwd = torch.compile(model) if compile_model else model
-    tokens = torch.randint(0, V, (shape.batch, L + 1))
-    x, y = tokens[:, :-1], tokens[:, 1:]
-
-    def step():
-        loss = fwd(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss
-
+def _time_reference(step, warmup: int, steps: int) -> dict:
     t0 = time.perf_counter()
     step()
-    compile_s = time.perf_counter() - t0
+    first_s = time.perf_counter() - t0
     for _ in range(warmup):
         step()
-    t0 = time.perf_counter()
+    times = []
     for _ in range(steps):
+        t0 = time.perf_counter()
         loss = step()
-    step_s = (time.perf_counter() - t0) / steps
-    return {"torch_tokens_per_s": shape.batch * L / step_s, "torch_step_ms": 1e3 * step_s,
-            "torch_first_step_s": compile_s, "torch_loss": float(loss.detach()), "torch_compiled": compile_model}
+        times.append(time.perf_counter() - t0)
+    return {"step_ms": 1e3 * statistics.median(times), "first_step_s": first_s, "loss": loss}
+
+
+def worker(spec: dict) -> dict:
+    """Runs one measurement (spec from `_measure`) in this process and returns its row, with the process id and the
+    cores it was allowed."""
+    _pin_threads(spec["threads"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        return {**_run_one(spec), "pid": os.getpid(), "cores": cores}
+    except ImportError as e:  # only the optional PyTorch reference may be missing
+        return {"error": f"{e.name or e} not installed (pip install -e '.[bench]')", "pid": os.getpid()}
+
+
+def _run_one(spec: dict) -> dict:
+    shape, impl = Shape(**spec["shape"]), spec["impl"]
+    if impl == "jax":
+        import jax
+
+        from scaling.accounting import PEAK_FLOPS, peak_flops_per_device
+
+        kind = jax.devices()[0].device_kind
+        peak = peak_flops_per_device(kind, spec["peak_flops"])
+        row = bench_jax(shape, spec["overrides"], spec["warmup"], spec["steps"], peak, spec.get("profile", False))
+        on_table = spec["peak_flops"] or any(k.lower() in kind.lower() for k in PEAK_FLOPS)
+        return {**row, "device_kind": kind, "platform": jax.devices()[0].platform, "n_devices": jax.device_count(),
+                "peak_flops": peak, "peak_source": "datasheet/override" if on_table else "measured XLA f32 matmul",
+                "jax": jax.__version__}
+    if impl == "vmap":
+        return {"rows": bench_vmap(shape, spec["ks"], spec["warmup"], spec["steps"])}
+    from scaling import bench_refs
+    from scaling.accounting import count_params
+
+    dims = dict(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, seq_len=shape.seq_len,
+                vocab_size=shape.vocab_size, batch=shape.batch,
+                expected_params=count_params(model_config(shape, {})).total)
+    if impl == "linen":
+        step = bench_refs.linen_step(**dims)
+        version = __import__("flax").__version__
+    else:
+        import torch
+
+        torch.set_num_threads(spec["threads"])
+        step = bench_refs.torch_step(**dims, compile_model=impl == "torch-compile")
+        version = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    row = _time_reference(step, spec["warmup"], spec["steps"])
+    return {**row, "tokens_per_s": shape.batch * shape.seq_len / (row["step_ms"] / 1e3), "version": version}
+
+
+def _busy_cpu_seconds() -> Optional[float]:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(spec: dict, env: dict, timeout: float) -> dict:
+    """One worker process: its row plus the load around it (1-minute load average before/after, and the cores that
+    other processes kept busy while it ran)."""
+    load_before, busy0, wall0 = os.getloadavg(), _busy_cpu_seconds(), time.perf_counter()
+    own0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cmd = [sys.executable, "-m", "scaling.bench", "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, timeout=timeout)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_ROW ")]
+        row = json.loads(lines[-1][len("BENCH_ROW "):]) if lines else {
+            "error": f"worker exited with {done.returncode} (its stderr is above)"}
+    except subprocess.TimeoutExpired:
+        row = {"error": f"worker timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - wall0
+    own1, busy1 = resource.getrusage(resource.RUSAGE_CHILDREN), _busy_cpu_seconds()
+    own = (own1.ru_utime + own1.ru_stime) - (own0.ru_utime + own0.ru_stime)
+    others = None if busy0 is None else max(0.0, (busy1 - busy0 - own) / wall)
+    return {**row, "load": {"loadavg_before": load_before, "loadavg_after": os.getloadavg(), "other_cores": others}}
+
+
+def _worker_env(threads: int) -> dict:
+    env = {**os.environ, **{name: str(threads) for name in THREAD_ENV}}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                         *filter(None, [os.environ.get("PYTHONPATH")])])
+    return env
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,11 +381,27 @@ def _fmt(x: Any, unit: str = "") -> str:
     return f"{x:.3g}{unit}"
 
 
+def row_busy(row: dict, max_load: float) -> bool:
+    """Any measurement of the row (ours or a reference's) ran while other processes kept > max_load cores busy."""
+    loads = [row.get("load")] + [ref.get("load") for ref in row.get("refs", {}).values()]
+    return any(ld and ld["other_cores"] is not None and ld["other_cores"] > max_load for ld in loads)
+
+
+def _load_cell(row: dict, max_load: float) -> str:
+    loads = [ld for ld in [row.get("load")] + [r.get("load") for r in row.get("refs", {}).values()] if ld]
+    if not loads:
+        return "-"
+    others = [ld["other_cores"] for ld in loads if ld["other_cores"] is not None]
+    first, last = loads[0]["loadavg_before"][0], loads[-1]["loadavg_after"][0]
+    cell = f"{first:.1f}->{last:.1f}" + (f", others {max(others):.2f}" if others else "")
+    return cell + (" BUSY" if row_busy(row, max_load) else "")
+
+
 def format_table(report: dict) -> str:
-    head = ["shape", "variant", "N", "BxL", "tokens/s", "step ms", "FLOP/s", "MFU", "compile s", "peak mem", "attention"]
-    torch_on = any("torch_tokens_per_s" in r or "torch_note" in r for r in report["rows"])
-    if torch_on:
-        head += ["torch tok/s", "jax/torch"]
+    refs = report.get("refs", [])
+    head = ["shape", "variant", "N", "BxL", "tokens/s", "step ms", "FLOP/s", "MFU", "compile s", "peak mem",
+            "attention"]
+    head += [f"{REFERENCES[r]} tok/s" for r in refs] + [f"x {REFERENCES[r]}" for r in refs] + ["load"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in report["rows"]:
         if "error" in r:
@@ -279,12 +410,22 @@ def format_table(report: dict) -> str:
         cells = [r["shape"], r["variant"], _fmt(r["N"]), f"{r['batch']}x{r['seq_len']}", f"{r['tokens_per_s']:,.0f}",
                  f"{r['step_ms']:.1f}", _fmt(r["flops_per_s"]), f"{100 * r['mfu']:.1f}%", f"{r['compile_s']:.1f}",
                  _fmt(r["peak_memory_bytes"], "B"), r["attention"]]
-        if torch_on:
-            t = r.get("torch_tokens_per_s")
-            cells += [f"{t:,.0f}" if t else r.get("torch_note", "-"), f"{r['tokens_per_s'] / t:.2f}x" if t else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    out = [f"device: {report['device_kind']} x{report['n_devices']}, peak {_fmt(report['peak_flops'])}FLOP/s "
-           f"({report['peak_source']}), load avg {report['loadavg_start']} -> {report['loadavg_end']}", *lines]
+        theirs = [r.get("refs", {}).get(name, {}) for name in refs]
+        cells += [f"{t['tokens_per_s']:,.0f}" if "tokens_per_s" in t else t.get("error", "-")[:60] for t in theirs]
+        cells += [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" if "tokens_per_s" in t else "-" for t in theirs]
+        lines.append("| " + " | ".join(cells + [_load_cell(r, report["max_load"])]) + " |")
+    out = [f"device: {report.get('device_kind')} x{report.get('n_devices')}, peak {_fmt(report.get('peak_flops'))}"
+           f"FLOP/s ({report.get('peak_source')}), {report['threads']} threads; 1-minute load average "
+           f"{report['loadavg_start'][0]:.2f} at the start, {report['loadavg_end'][0]:.2f} at the end", *lines]
+    if any(row_busy(r, report["max_load"]) for r in report["rows"]):
+        out.append(f"BUSY: other processes kept more than {report['max_load']} cores busy during a measurement of "
+                   "that row: its figures are not those of a quiet machine.")
+    for r in report["rows"]:
+        if r.get("profile"):
+            out += ["", f"profile of one step, {r['shape']} {r['variant']} ({r['step_ms']:.0f} ms wall; "
+                    "ms summed over XLA thunks, which may overlap on the threads):",
+                    "| group | ms | share |", "|---|---|---|"]
+            out += [f"| {p['group']} | {p['ms']:.1f} | {100 * p['share']:.1f}% |" for p in r["profile"]]
     if report.get("vmap"):
         v = report["vmap"]
         out += ["", f"vmap over K models ({v['shape']}, N={_fmt(v['N'])}, {v['batch']}x{v['seq_len']} tokens per model "
@@ -296,95 +437,130 @@ def format_table(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> dict:
-    import jax
+    from scaling.accounting import count_params
 
-    from scaling.accounting import PEAK_FLOPS, count_params, peak_flops_per_device
-
-    device = jax.devices()[0]
-    peak = peak_flops_per_device(device.device_kind, args.peak_flops)
-    on_table = args.peak_flops or any(k.lower() in device.device_kind.lower() for k in PEAK_FLOPS)
+    load = os.getloadavg()
+    if load[0] > args.max_load and not args.allow_busy:
+        raise SystemExit(
+            f"refusing to benchmark: the 1-minute load average is {load[0]:.2f} > --max-load {args.max_load} "
+            f"on {os.cpu_count()} cores, so other processes would share the cores and every figure would be "
+            "theirs as much as ours. Wait for a quiet machine, or pass --allow-busy to measure anyway (rows "
+            "measured while others were busy are marked BUSY)."
+        )
     report = {
         "command": " ".join(["python -m scaling.bench", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "device_kind": device.device_kind, "platform": device.platform, "n_devices": jax.device_count(),
-        "cpu_count": os.cpu_count(), "host": platform.processor() or platform.machine(), "peak_flops": peak,
-        "peak_source": "datasheet/override" if on_table else "measured XLA f32 matmul",
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax": jax.__version__, "loadavg_start": os.getloadavg(),
-        "rows": [],
+        "cpu_count": os.cpu_count(), "threads": args.threads, "host": platform.processor() or platform.machine(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "loadavg_start": load, "max_load": args.max_load,
+        "refs": args.refs, "rows": [],
     }
+    env = _worker_env(args.threads)
+    base = {"threads": args.threads, "warmup": args.warmup, "steps": args.steps, "peak_flops": args.peak_flops}
     shapes = [s for s in PRESETS[args.preset] if not args.shapes or s.name in args.shapes]
-    torch_note = None
-    if args.torch:
-        try:
-            import torch  # noqa: F401
-
-            report["torch"] = torch.__version__
-        except ImportError:
-            torch_note = "torch not installed (pip install -e '.[bench]')"
-            print(f"note: PyTorch column skipped: {torch_note}", file=sys.stderr)
     variants = list(VARIANTS[args.preset])
     if args.scan if args.scan is not None else args.preset == "gpu":
         # The same step with nn.scan over the layers: compile time no longer grows with depth; compare both rows.
         variants += [(f"{label}-scan", {**o, "scan_layers": True}) for label, o in VARIANTS[args.preset]]
     for shape in shapes:
-        for label, overrides in variants:
+        for i, (label, overrides) in enumerate(variants):
             if args.attention:
                 overrides = {**overrides, "attention": args.attention}
-            try:
-                row = bench_jax(shape, overrides, args.warmup, args.steps, peak)
-            except Exception as e:  # noqa: BLE001 - one failing shape (OOM, missing cuDNN) must not lose the others
-                if args.strict:
-                    raise
-                row = {"shape": shape.name, "error": f"{type(e).__name__}: {e}"}
-            row["variant"] = label
-            if args.torch and "error" not in row and label == VARIANTS[args.preset][0][0]:
-                if torch_note:
-                    row["torch_note"] = torch_note
-                else:
-                    row.update(bench_torch(shape, args.warmup, args.steps, args.torch_compile))
+            overrides = {**overrides, **args.set}
+            spec = {**base, "impl": "jax", "shape": asdict(shape), "overrides": overrides, "profile": args.profile}
+            row = {"shape": shape.name, **_measure(spec, env, args.timeout), "variant": label}
+            if "error" in row and args.strict:
+                raise RuntimeError(f"{shape.name} {label}: {row['error']}")
+            for key in ("device_kind", "platform", "n_devices", "peak_flops", "peak_source", "jax"):
+                if key in row:
+                    report.setdefault(key, row.pop(key))
+            if i == 0 and "error" not in row:
+                row["refs"] = {name: _measure({**base, "impl": name, "shape": asdict(shape)}, env, args.timeout)
+                               for name in args.refs}
             report["rows"].append(row)
-            print(format_table({**report, "rows": [row], "loadavg_end": os.getloadavg()}).splitlines()[-1], flush=True)
+            print(format_table({**report, "rows": [row], "loadavg_end": os.getloadavg()}).splitlines()[3],
+                  flush=True)
     if args.vmap:
         shape = VMAP_SHAPE[args.preset]
+        done = _measure({**base, "impl": "vmap", "shape": asdict(shape), "ks": args.vmap}, env, args.timeout)
         report["vmap"] = {"shape": shape.name, "N": count_params(model_config(shape, {})).non_embedding,
-                          "batch": shape.batch, "seq_len": shape.seq_len,
-                          "rows": bench_vmap(shape, args.vmap, args.warmup, args.steps)}
+                          "batch": shape.batch, "seq_len": shape.seq_len, "rows": done.get("rows", []),
+                          "load": done["load"], **({"error": done["error"]} if "error" in done else {})}
     report["loadavg_end"] = os.getloadavg()
     return report
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scaling.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="nanogpt")
     p.add_argument("--shapes", nargs="*", help="only these shape names of the preset")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: cpu 5, gpu 20, tiny 3)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps, median reported (default: gpu 20, else 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    p.add_argument("--attention", choices=["auto", "xla", "cudnn", "einsum"], help="override every variant's attention")
-    p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
-                   help="time nanoGPT-style PyTorch on the same shapes (default: on for cpu/tiny)")
-    p.add_argument("--torch-compile", action="store_true", help="torch.compile the PyTorch model (nanoGPT's default)")
+    p.add_argument("--attention", choices=["auto", "xla", "cudnn", "einsum", "blocked"],
+                   help="override every variant's attention")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="ModelConfig overrides for this project's step, e.g. --set attention=xla head_loss=reference "
+                        "(the step before the CPU work of issue 15)")
+    p.add_argument("--refs", type=lambda s: [r for r in s.split(",") if r], default=None,
+                   help=f"reference steps, comma-separated from {','.join(REFERENCES)} (default: all on CPU presets, "
+                        "none on gpu; empty string: none)")
+    p.add_argument("--no-torch", action="store_true", help="drop the PyTorch references")
+    p.add_argument("--torch-compile", action="store_true", help="(kept for old commands: torch.compile is a default "
+                                                                "reference now)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="cores every implementation may use")
+    p.add_argument("--max-load", type=float, default=1.0,
+                   help="refuse to start above this 1-minute load average; mark rows BUSY when other processes kept "
+                        "more cores than this busy during a measurement")
+    p.add_argument("--allow-busy", action="store_true", help="measure even above --max-load (rows marked BUSY)")
+    p.add_argument("--profile", action="store_true", help="add a per-op profile of one step of every JAX row")
     p.add_argument("--vmap", type=lambda s: [int(k) for k in s.split(",") if k], default=None,
-                   help="K values for the vmap section, e.g. 4,8,16 (default 4,8,16; empty string: skip)")
+                   help="K values for the vmap section, e.g. 4,8,16 (default: 4,8,16 on cpu/gpu, none on nanogpt; "
+                        "empty string: skip)")
     p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=None,
                    help="also time every variant with model.scan_layers=true (default: on for the gpu preset)")
     p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU")
     p.add_argument("--xla-flags", choices=["default", "none"], default="default",
                    help="gpu preset: add GPU_XLA_FLAGS to XLA_FLAGS (default) or leave XLA_FLAGS as is")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds one measurement (one process) may take")
     p.add_argument("--strict", action="store_true", help="raise on the first failing shape instead of reporting it")
     p.add_argument("--json", help="also write the report as JSON to this path")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement's spec, as JSON
     args = p.parse_args(argv)
+    if args.worker:
+        return args
+    try:
+        args.set = {k: _literal(v) for k, v in (item.split("=", 1) for item in args.set)}
+    except ValueError:
+        p.error(f"--set takes FIELD=VALUE pairs, got {args.set}")
     if args.steps is None:
-        args.steps = {"cpu": 5, "gpu": 20, "tiny": 3}[args.preset]
-    if args.torch is None:
-        args.torch = args.preset != "gpu"
+        args.steps = 20 if args.preset == "gpu" else 10
+    if args.refs is None:
+        args.refs = list(DEFAULT_REFS[args.preset])
+    if args.no_torch:
+        args.refs = [r for r in args.refs if not r.startswith("torch")]
+    unknown = [r for r in args.refs if r not in REFERENCES]
+    if unknown:
+        p.error(f"--refs {','.join(unknown)} unknown: choose from {','.join(REFERENCES)}")
     if args.vmap is None:
-        args.vmap = [4, 8, 16]
+        args.vmap = [] if args.preset == "nanogpt" else [4, 8, 16]
     if args.steps <= 0 or args.warmup < 0:
         p.error(f"--steps={args.steps} must be positive and --warmup={args.warmup} non-negative")
+    if not 1 <= args.threads <= (os.cpu_count() or 1):
+        p.error(f"--threads={args.threads} must be between 1 and the {os.cpu_count()} cores of this machine")
     return args
+
+
+def _literal(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
+    if args.worker:
+        row = worker(json.loads(args.worker))
+        print("BENCH_ROW " + json.dumps(row, default=str), flush=True)
+        return row
     if args.preset == "gpu" and args.xla_flags == "default":
         flags = " ".join(f"{k}={v}" for k, v in GPU_XLA_FLAGS.items())
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()

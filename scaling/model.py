@@ -21,10 +21,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from scaling.attention import blocked_causal_attention
+from scaling.head_loss import head_cross_entropy
+
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "full", "dots_saveable")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+# "auto": blocked on CPU (training), jax.nn.dot_product_attention's default elsewhere; "blocked": scaling.attention's
+# causal query blocks (CPU-fast, training only: decoding uses the "xla" path); "einsum": the reference path.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked")
+# "auto": "chunked" for float32 on CPU, else "reference"; "chunked": scaling.head_loss (the head's matmul and the
+# cross-entropy as one op over token chunks); "reference": the logits, then `cross_entropy`.
+HEAD_LOSS_IMPLS = ("auto", "chunked", "reference")
 
 
 # unsafe_hash: hashable (a static jit argument) yet not frozen, which OmegaConf would make read-only.
@@ -44,11 +52,13 @@ class ModelConfig:
     compute_dtype: str = "float32"
     remat: str = "none"
     scan_layers: bool = False  # nn.scan over one stacked block: compile time independent of depth
-    attention: str = "auto"  # "auto"/"xla"/"cudnn": jax.nn.dot_product_attention; "einsum": the reference path
+    attention: str = "auto"  # see ATTENTION_IMPLS
+    attention_block: int = 64  # query block length of the "blocked" attention (scaling/attention.py)
+    head_loss: str = "auto"  # see HEAD_LOSS_IMPLS (the training loss only: the model's logits are the same)
     rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "seq_len"):
+        for name in ("d_model", "n_layers", "n_heads", "vocab_size", "seq_len", "attention_block"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"model.{name}={value!r} is invalid: it must be a positive integer.")
@@ -73,6 +83,8 @@ class ModelConfig:
             raise ValueError(f"model.remat={self.remat!r} is unknown: use one of {REMAT_POLICIES}.")
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"model.attention={self.attention!r} is unknown: use one of {ATTENTION_IMPLS}.")
+        if self.head_loss not in HEAD_LOSS_IMPLS:
+            raise ValueError(f"model.head_loss={self.head_loss!r} is unknown: use one of {HEAD_LOSS_IMPLS}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout!r} is invalid: it must be in [0, 1).")
 
@@ -139,6 +151,14 @@ def einsum_attention(
     return jnp.einsum("bhls,bshk->blhk", att_BxHxLxS, v_BxSxHxK)
 
 
+def resolve_attention(attention: str, decode: bool = False) -> str:
+    """The implementation that `attention` runs: "auto" is "blocked" for CPU training (XLA:CPU has no fused
+    attention, see scaling/attention.py) and jax.nn.dot_product_attention's own choice (cuDNN / XLA) on GPU and TPU."""
+    if attention == "blocked" or (attention == "auto" and jax.default_backend() == "cpu"):
+        return "auto" if decode else "blocked"  # against a KV cache the keys are not causal blocks of the queries
+    return attention
+
+
 class CausalSelfAttention(nn.Module):
     cfg: ModelConfig
 
@@ -162,10 +182,12 @@ class CausalSelfAttention(nn.Module):
             k_BxSxHxK, v_BxSxHxK = k_BxLxHxK, v_BxLxHxK
             mask_LxS = jnp.tril(jnp.ones((L, L), bool))
 
-        if cfg.attention == "einsum":
+        impl = resolve_attention(cfg.attention, decode)
+        if impl == "einsum":
             y_BxLxHxK = einsum_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_LxS)
+        elif impl == "blocked":
+            y_BxLxHxK = blocked_causal_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, cfg.attention_block)
         else:
-            impl = None if cfg.attention == "auto" else cfg.attention
             # is_causal lets cuDNN use its causal kernel; the explicit mask is only needed against a KV cache.
             y_BxLxHxK = jax.nn.dot_product_attention(
                 q_BxLxHxK,
@@ -173,7 +195,7 @@ class CausalSelfAttention(nn.Module):
                 v_BxSxHxK,
                 mask=mask_LxS[None, None] if decode else None,
                 is_causal=not decode,
-                implementation=impl,
+                implementation=impl if impl in ("xla", "cudnn") else None,
             )
         y_BxLxD = y_BxLxHxK.reshape(B, L, D)
         return dense(D, name="proj", residual=True)(y_BxLxD)
@@ -283,8 +305,10 @@ class Transformer(nn.Module):
         *,
         decode: bool = False,
         deterministic: bool = True,
+        head: bool = True,
     ) -> jnp.ndarray:
-        """Returns logits_BxLxV in float32. `positions_L` (absolute positions) is only needed when decoding."""
+        """Returns logits_BxLxV in float32, or with head=False the final LayerNorm's output x_BxLxD (which the chunked
+        head + loss of `loss_fn` consumes). `positions_L` (absolute positions) is only needed when decoding."""
         cfg = self.cfg
         B, L = tokens_BxL.shape
         if positions_L is None:
@@ -318,6 +342,8 @@ class Transformer(nn.Module):
             for i in range(cfg.n_layers):
                 x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, positions_L, decode, deterministic)
         x_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
+        if not head:
+            return x_BxLxD
 
         if cfg.tie_embeddings:
             logits_BxLxV = wte.attend(x_BxLxD)
@@ -359,5 +385,19 @@ def loss_fn(
     inputs_BxL, targets_BxL = batch_BxLp1[:, :-1], batch_BxLp1[:, 1:]
     deterministic = dropout_rng is None or cfg.dropout == 0.0
     rngs = None if deterministic else {"dropout": dropout_rng}
+    if resolve_head_loss(cfg) == "chunked":
+        x_BxLxD = cfg.build().apply({"params": params}, inputs_BxL, deterministic=deterministic, rngs=rngs, head=False)
+        w_VxD = params["wte"]["embedding"] if cfg.tie_embeddings else params["head"]["kernel"].T
+        B, L, D = x_BxLxD.shape
+        return head_cross_entropy(x_BxLxD.reshape(B * L, D), w_VxD, targets_BxL.reshape(B * L))
     logits_BxLxV = cfg.build().apply({"params": params}, inputs_BxL, deterministic=deterministic, rngs=rngs)
     return cross_entropy(logits_BxLxV, targets_BxL)
+
+
+def resolve_head_loss(cfg: ModelConfig) -> str:
+    """"auto" is "chunked" for float32 on CPU (scaling/head_loss.py); GPU/TPU and bfloat16 logits keep the reference
+    path and its kernels."""
+    if cfg.head_loss == "auto":
+        f32 = cfg.compute_dtype == "float32" and cfg.param_dtype == "float32"
+        return "chunked" if f32 and jax.default_backend() == "cpu" else "reference"
+    return cfg.head_loss

@@ -1,57 +1,107 @@
 import json
+import math
+import os
 
 import pytest
 
-from scaling import bench
+from scaling import bench, bench_refs
 from scaling.accounting import count_params, flops_per_token
+
+TINY = bench.PRESETS["tiny"][0]
+QUICK = ["--preset", "tiny", "--steps", "1", "--warmup", "0", "--vmap", "", "--allow-busy"]
 
 
 def test_tiny_bench_prints_every_column_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    report = bench.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--vmap", "2", "--no-torch",
-                         "--json", str(out)])
+    report = bench.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--vmap", "2", "--refs", "linen",
+                         "--allow-busy", "--json", str(out)])
     printed = capsys.readouterr().out
-    for column in ("tokens/s", "step ms", "FLOP/s", "MFU", "compile s", "peak mem", "attention", "speed-up"):
+    for column in ("tokens/s", "step ms", "FLOP/s", "MFU", "compile s", "peak mem", "attention", "linen tok/s",
+                   "x linen", "load", "speed-up"):
         assert column in printed, column
     on_disk = json.loads(out.read_text())
     assert on_disk["rows"] == json.loads(json.dumps(report["rows"]))
     row = on_disk["rows"][0]
-    model = bench.model_config(bench.PRESETS["tiny"][0], {})
+    model = bench.model_config(TINY, {})
     assert row["N"] == count_params(model).non_embedding
     # achieved FLOP/s is tokens/s times the chinchilla FLOPs per token, and MFU divides it by the stated peak
     assert row["flops_per_s"] == pytest.approx(row["tokens_per_s"] * flops_per_token(model, "chinchilla"))
     assert row["mfu"] == pytest.approx(row["flops_per_s"] / on_disk["peak_flops"])
     assert row["tokens_per_s"] == pytest.approx(row["batch"] * row["seq_len"] / (row["step_ms"] / 1e3))
-    assert row["attention"] == "xla" and row["compile_s"] > 0 and row["peak_memory_bytes"] > 0
+    assert row["attention"] == "blocked" and row["compile_s"] > 0 and row["peak_memory_bytes"] > 0
     assert [r["K"] for r in on_disk["vmap"]["rows"]] == [1, 2]
     assert len(on_disk["loadavg_start"]) == 3
+    for measured in (row, row["refs"]["linen"]):
+        assert len(measured["load"]["loadavg_before"]) == 3 and len(measured["load"]["loadavg_after"]) == 3
+    assert row["refs"]["linen"]["tokens_per_s"] > 0
 
 
-def test_torch_column_is_explained_when_torch_is_missing(monkeypatch, capsys):
+def test_every_implementation_runs_in_its_own_process_on_the_same_cores():
+    pytest.importorskip("torch")
+    report = bench.main([*QUICK, "--refs", "linen,torch", "--threads", "1"])
+    row = report["rows"][0]
+    pids = {row["pid"], row["refs"]["linen"]["pid"], row["refs"]["torch"]["pid"], os.getpid()}
+    assert len(pids) == 4
+    assert row["cores"] == row["refs"]["linen"]["cores"] == row["refs"]["torch"]["cores"] == 1
+    assert "1 threads" in row["refs"]["torch"]["version"]
+
+
+def test_busy_machine_is_refused_unless_allowed(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0))
+    with pytest.raises(SystemExit, match="1-minute load average is 3.50 > --max-load 1.0"):
+        bench.main(["--preset", "tiny", "--refs", ""])
+
+
+def test_rows_measured_while_others_were_busy_are_marked():
+    quiet = {"loadavg_before": (0.1, 0, 0), "loadavg_after": (1.9, 0, 0), "other_cores": 0.05}
+    busy = {**quiet, "other_cores": 1.6}
+    row = {"shape": "s", "variant": "f32", "N": 1, "batch": 1, "seq_len": 1, "tokens_per_s": 2.0, "step_ms": 1.0,
+           "flops_per_s": 1.0, "mfu": 0.1, "compile_s": 1.0, "peak_memory_bytes": 1, "attention": "blocked",
+           "load": quiet, "refs": {"torch": {"tokens_per_s": 1.0, "load": quiet}}}
+    report = {"rows": [row], "refs": ["torch"], "max_load": 1.0, "threads": 2, "loadavg_start": (0.1, 0, 0),
+              "loadavg_end": (1.9, 0, 0)}
+    table = bench.format_table(report)
+    assert "| 2.00x |" in table and "BUSY" not in table  # our own worker's load average does not count
+    row["refs"]["torch"]["load"] = busy
+    assert "others 1.60 BUSY" in bench.format_table(report)
+
+
+def test_missing_torch_is_explained(monkeypatch):
     import builtins
 
     real_import = builtins.__import__
 
     def no_torch(name, *a, **kw):
         if name == "torch" or name.startswith("torch."):
-            raise ImportError("No module named 'torch'")
+            raise ImportError("No module named 'torch'", name="torch")
         return real_import(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
-    report = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--vmap", ""])
-    assert "torch not installed" in report["rows"][0]["torch_note"]
-    assert "torch not installed" in capsys.readouterr().out
+    row = bench.worker({"impl": "torch", "shape": bench.asdict(TINY), "threads": 1, "warmup": 0, "steps": 1})
+    assert "torch not installed (pip install -e '.[bench]')" in row["error"]
 
 
-def test_torch_reference_trains_the_same_shape():
-    pytest.importorskip("torch")
-    shape = bench.PRESETS["tiny"][0]
-    row = bench.bench_torch(shape, warmup=0, steps=2, compile_model=False)
-    assert row["torch_tokens_per_s"] > 0
-    # Same init and tied head: the first losses of both frameworks sit near ln(V) for random tokens.
-    import math
+def _dims(shape):
+    return dict(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, seq_len=shape.seq_len,
+                vocab_size=shape.vocab_size, batch=shape.batch)
 
-    assert abs(row["torch_loss"] - math.log(shape.vocab_size)) < 0.5
+
+@pytest.mark.parametrize("shape", [TINY, bench.PRESETS["nanogpt"][1]], ids=lambda s: s.name)
+def test_references_build_the_same_model_and_train(shape):
+    """Same parameter count as this project's model (asserted inside), first loss near ln(V) (same init)."""
+    total = count_params(bench.model_config(shape, {})).total
+    refs = [lambda: bench_refs.linen_step(**_dims(shape), expected_params=total)]
+    try:
+        import torch  # noqa: F401
+
+        refs.append(lambda: bench_refs.torch_step(**_dims(shape), compile_model=False, expected_params=total))
+    except ImportError:
+        pass
+    for make in refs:
+        step = make()
+        assert abs(step() - math.log(shape.vocab_size)) < 0.5
+    with pytest.raises(AssertionError, match="params"):
+        bench_refs.linen_step(**_dims(shape), expected_params=total + 1)
 
 
 def test_cudnn_request_without_cudnn_raises_instead_of_falling_back():
@@ -60,23 +110,35 @@ def test_cudnn_request_without_cudnn_raises_instead_of_falling_back():
     if jax.devices()[0].platform == "gpu":
         pytest.skip("this machine has cuDNN")
     with pytest.raises(RuntimeError, match="attention=cudnn was requested but cuDNN attention is unavailable"):
-        bench.bench_jax(bench.PRESETS["tiny"][0], {"attention": "cudnn"}, warmup=0, steps=1, peak=1e12)
+        bench.bench_jax(TINY, {"attention": "cudnn"}, warmup=0, steps=1, peak=1e12)
 
 
 def test_attention_used_reads_the_compiled_hlo():
-    model = bench.model_config(bench.PRESETS["tiny"][0], {})
+    import jax
+
+    model = bench.model_config(TINY, {})
     assert bench.attention_used(model, 'custom_call_target="__cudnn$fmhaSoftmax"') == "cudnn"
-    assert bench.attention_used(model, "dot(...)") == "xla"
+    assert bench.attention_used(model, "dot(...)") == ("blocked" if jax.default_backend() == "cpu" else "xla")
+    assert bench.attention_used(model.replace(attention="xla"), "dot(...)") == "xla"
     assert bench.attention_used(model.replace(attention="einsum"), "dot(...)") == "einsum"
+
+
+def test_profile_groups_a_step_by_model_part():
+    report = bench.main([*QUICK, "--refs", "", "--profile"])
+    groups = {p["group"]: p for p in report["rows"][0]["profile"]}
+    assert sum(p["share"] for p in groups.values()) == pytest.approx(1.0)
+    assert any(g.startswith("bwd attn core") for g in groups) and any("mlp/fc matmul" in g for g in groups)
 
 
 def test_bad_arguments_fail_clearly():
     with pytest.raises(SystemExit):
         bench.parse_args(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--refs", "numpy"])
 
 
 def test_scan_flag_adds_a_scanned_row_with_the_same_shape():
-    report = bench.main(["--preset", "tiny", "--steps", "1", "--warmup", "0", "--vmap", "", "--no-torch", "--scan"])
+    report = bench.main([*QUICK, "--refs", "", "--scan"])
     variants = {r["variant"]: r for r in report["rows"]}
     assert set(variants) == {"f32", "f32-scan"}
     assert variants["f32"]["N"] == variants["f32-scan"]["N"]

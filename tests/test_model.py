@@ -7,13 +7,18 @@ import numpy as np
 import optax
 import pytest
 
+from scaling.attention import blocked_causal_attention, query_blocks
+from scaling.head_loss import head_cross_entropy
 from scaling.model import (
     POS_ENCODINGS,
     ModelConfig,
     apply_rotary,
     cross_entropy,
+    einsum_attention,
     init_params,
     loss_fn,
+    resolve_attention,
+    resolve_head_loss,
     sinusoidal_table,
 )
 
@@ -27,7 +32,7 @@ def _tokens(cfg: ModelConfig, batch: int = 2, length: int | None = None, seed: i
 @pytest.mark.parametrize("pos_encoding", POS_ENCODINGS)
 def test_gradient_is_causal(pos_encoding):
     """d loss_t / d x_s == 0 exactly for s > t, and nonzero for s <= t (the input embeddings x)."""
-    cfg = ModelConfig(**TINY, pos_encoding=pos_encoding)
+    cfg = ModelConfig(**TINY, pos_encoding=pos_encoding, attention_block=4)  # on CPU: 4 blocked query blocks
     params = init_params(cfg, jax.random.key(0))
     tokens_BxL = _tokens(cfg)
     t = 7
@@ -176,6 +181,8 @@ def test_cross_entropy_mask_ignores_masked_tokens():
         (dict(param_dtype="fp8"), "model.param_dtype='fp8' is unknown"),
         (dict(remat="some"), "model.remat='some' is unknown"),
         (dict(attention="flash"), "model.attention='flash' is unknown"),
+        (dict(attention_block=0), "model.attention_block=0 is invalid"),
+        (dict(head_loss="fused"), "model.head_loss='fused' is unknown"),
         (dict(dropout=1.5), "model.dropout=1.5 is invalid"),
     ],
 )
@@ -223,3 +230,107 @@ def test_scan_layers_kv_cache_decoding_equals_full_forward():
         {"params": params, "cache": mutated["cache"]}, tokens[:, 9:10], jnp.array([9]), decode=True, mutable=["cache"]
     )
     np.testing.assert_allclose(jnp.concatenate([logits, last], axis=1), full[:, :10], atol=1e-5)
+
+
+def _qkv(L: int, seed: int = 0, B: int = 2, H: int = 3, K: int = 8):
+    return tuple(jax.random.normal(k, (B, L, H, K)) for k in jax.random.split(jax.random.key(seed), 3))
+
+
+@pytest.mark.parametrize("L, block", [(16, 4), (13, 4), (7, 16), (33, 8), (5, 1)])
+def test_blocked_attention_equals_reference_values_and_gradients(L, block):
+    """Odd lengths (a short last block) and a block longer than L included; gradients through the custom VJP."""
+    q, k, v = _qkv(L)
+    mask_LxL = jnp.tril(jnp.ones((L, L), bool))
+    w = jax.random.normal(jax.random.key(9), q.shape)  # a loss that weighs every output differently
+
+    def ref_loss(q, k, v):
+        return jnp.sum(w * einsum_attention(q, k, v, mask_LxL))
+
+    def blocked_loss(q, k, v):
+        return jnp.sum(w * blocked_causal_attention(q, k, v, block))
+
+    np.testing.assert_allclose(blocked_causal_attention(q, k, v, block), einsum_attention(q, k, v, mask_LxL),
+                               atol=1e-5, rtol=1e-5)
+    for g_blocked, g_ref in zip(jax.grad(blocked_loss, (0, 1, 2))(q, k, v), jax.grad(ref_loss, (0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g_blocked, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_blocked_attention_gradient_is_causal():
+    """Output t depends on keys/values s <= t only: exact zeros beyond t, in every query block, through the VJP."""
+    L, t = 13, 6
+    q, k, v = _qkv(L, seed=3)
+    assert len(query_blocks(L, 4)) == 4 and query_blocks(L, 4)[-1] == (12, 13)
+    grads = jax.grad(lambda q, k, v: jnp.sum(blocked_causal_attention(q, k, v, 4)[:, t]), (0, 1, 2))(q, k, v)
+    dq, dk, dv = (np.asarray(g) for g in grads)
+    assert np.all(dk[:, t + 1 :] == 0.0) and np.all(dv[:, t + 1 :] == 0.0)
+    assert np.all(dq[:, np.arange(L) != t] == 0.0)
+    assert np.all(np.abs(dk[:, :t]).sum(axis=(-1, -2)) > 0) and np.all(np.abs(dv[:, : t + 1]).sum(axis=(-1, -2)) > 0)
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rotary"])
+@pytest.mark.parametrize("seq_len", [16, 13])
+def test_blocked_model_loss_and_gradients_equal_reference(pos_encoding, seq_len):
+    """The whole model's loss within 1e-5 relative, and its gradients, with the blocked and the einsum attention."""
+    ref = ModelConfig(**{**TINY, "seq_len": seq_len}, pos_encoding=pos_encoding, attention="einsum")
+    fast = ref.replace(attention="blocked", attention_block=4)  # 4 query blocks, the last one short when L = 13
+    params = init_params(ref, jax.random.key(0))
+    batch = _tokens(ref, length=seq_len + 1)
+    loss_ref, g_ref = jax.value_and_grad(loss_fn)(params, ref, batch)
+    loss_fast, g_fast = jax.value_and_grad(loss_fn)(params, fast, batch)
+    assert float(loss_fast) == pytest.approx(float(loss_ref), rel=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_fast, g_ref)
+
+
+def test_auto_attention_is_blocked_for_cpu_training_only():
+    on_cpu = jax.default_backend() == "cpu"
+    assert resolve_attention("auto") == ("blocked" if on_cpu else "auto")
+    assert resolve_attention("auto", decode=True) == "auto"  # a KV cache is not causal blocks of the queries
+    assert resolve_attention("blocked", decode=True) == "auto"
+    for explicit in ("xla", "cudnn", "einsum"):
+        assert resolve_attention(explicit) == explicit
+
+
+@pytest.mark.parametrize("N, chunk", [(12, 4), (13, 4), (5, 16)])
+def test_chunked_head_loss_equals_reference_cross_entropy_values_and_gradients(N, chunk):
+    """N not a multiple of the chunk (padded rows must weigh nothing), and a chunk longer than N."""
+    D, V = 8, 11
+    kx, kw, kt = jax.random.split(jax.random.key(0), 3)
+    x_NxD, w_VxD = jax.random.normal(kx, (N, D)), jax.random.normal(kw, (V, D))
+    targets_N = jax.random.randint(kt, (N,), 0, V)
+
+    def reference(x, w):
+        return cross_entropy((x @ w.T)[None], targets_N[None])
+
+    def chunked(x, w):
+        return head_cross_entropy(x, w, targets_N, chunk)
+
+    assert float(chunked(x_NxD, w_VxD)) == pytest.approx(float(reference(x_NxD, w_VxD)), rel=1e-6)
+    # Scaled by an outer factor: the backward must use the incoming cotangent, not assume 1.
+    (l_c, g_c), (l_r, g_r) = (jax.value_and_grad(lambda x, w, f=f: 3.0 * f(x, w), (0, 1))(x_NxD, w_VxD)
+                              for f in (chunked, reference))
+    assert float(l_c) == pytest.approx(float(l_r), rel=1e-6)
+    for a, b in zip(g_c, g_r):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+@pytest.mark.parametrize("pos_encoding", ["learned", "rotary"])
+def test_cpu_fast_step_loss_and_gradients_equal_reference_model(tie_embeddings, pos_encoding):
+    """The whole model with the CPU-fast pieces (blocked attention, chunked head loss; odd L = 13, 4 query blocks,
+    26 tokens in chunks) against the reference paths: loss within 1e-5 relative, and the gradients."""
+    ref = ModelConfig(**{**TINY, "seq_len": 13}, pos_encoding=pos_encoding, tie_embeddings=tie_embeddings,
+                      attention="einsum", head_loss="reference")
+    fast = ref.replace(attention="blocked", attention_block=4, head_loss="chunked")
+    params = init_params(ref, jax.random.key(0))
+    batch = _tokens(ref, length=14)
+    loss_ref, g_ref = jax.value_and_grad(loss_fn)(params, ref, batch)
+    loss_fast, g_fast = jax.value_and_grad(loss_fn)(params, fast, batch)
+    assert float(loss_fast) == pytest.approx(float(loss_ref), rel=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4), g_fast, g_ref)
+
+
+def test_auto_head_loss_is_chunked_for_float32_on_cpu_only():
+    on_cpu = jax.default_backend() == "cpu"
+    assert resolve_head_loss(ModelConfig(**TINY)) == ("chunked" if on_cpu else "reference")
+    assert resolve_head_loss(ModelConfig(**TINY, compute_dtype="bfloat16")) == "reference"
+    assert resolve_head_loss(ModelConfig(**TINY, head_loss="reference")) == "reference"
