@@ -33,7 +33,7 @@ from scaling.checkpoint import Checkpointer
 from scaling.config import Budget, Config, resolve_budget, to_dict
 from scaling.data import TokenData, load_tokens
 from scaling.lock import DirLock
-from scaling.model import ModelConfig, init_params, loss_fn
+from scaling.model import ModelConfig, init_params, loss_fn, resolve_attention, resolve_head_loss
 from scaling.record import (FINAL, RecordError, failed_start_record, git_commit, read_record, record_status,
                             summary_fields, write_json_atomic, write_record)
 from scaling.sharding import check_batch, constrain, initialize_distributed, init_sharded, make_mesh, put_batch, state_shardings
@@ -444,6 +444,8 @@ def _static_record(cfg: Config, budget: Budget) -> dict:
         "train_loss": None,
         "sweep": cfg.sweep,
         "model": dataclasses.asdict(cfg.model),
+        # what "auto" ran as on this device: the float summation order, hence the exact trajectory, depends on it
+        "kernels": {"attention": resolve_attention(cfg.model.attention), "head_loss": resolve_head_loss(cfg.model)},
         "optim": dataclasses.asdict(cfg.optim),
         "seed": cfg.train.seed,
         "device_kind": jax.devices()[0].device_kind,

@@ -57,6 +57,7 @@ def test_record_fields_equal_accounting(tmp_path):
     on_disk = json.loads((tmp_path / "run" / "record.json").read_text())
     assert on_disk["loss"] == pytest.approx(record["loss"]) and np.isfinite(on_disk["loss"])
     assert on_disk["data"]["entropy_rate"] > 0
+    assert on_disk["kernels"] == {"attention": "blocked", "head_loss": "chunked"}  # what "auto" runs on CPU
     metrics = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [2, 4, 6, 8, 10, 12]
     assert [m["step"] for m in metrics if "eval_loss" in m] == [6, 12]
