@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--plots", type=Path, help="write figures (PNG + SVG) into this folder")
 
     r = sub.add_parser("report", help="all fits, figures and a Markdown report for a sweep directory or its runs.csv")
-    r.add_argument("sweep_dir", type=Path, help="a sweep directory, or the runs.csv `scaling.sweep collect` wrote")
+    r.add_argument("sweep_dir", type=Path, help="a sweep directory, or the runs.csv `scaling.sweep.schedule collect` wrote")
     r.add_argument("--out", type=Path, help="output folder [SWEEP_DIR/report]")
     _common(r)
     _sweep_reading(r)

@@ -142,7 +142,7 @@ def runs_table(rows: Iterable[dict], *, n: str = "non_embedding", c: str | None 
         C_record, own = _num(r.get("C")), _str(r.get("C_convention"))
         by_conv = _C_by_convention(r)
         budget = _num(r.get("budget")) if _str(r.get("budget_kind")) in ("flops", "") else math.nan
-        # A flops budget is planned in the run's own convention unless the row says otherwise (scaling.train).
+        # A flops budget is planned in the run's own convention unless the row says otherwise (scaling.train.loop).
         budget_conv = _str(r.get("budget_convention")) or own
         try:
             C = C_record if conv == own else C_under(conv, by_conv, N, D)

@@ -241,7 +241,7 @@ def write_report(source: str | Path, out_dir: str | Path | None = None, *, n: st
                  c: str | None = None, C: float | None = None, n_bootstrap: int = 200,
                  backtest_below: float | None = None, n_jobs: int = 2, seed: int = 0, skip_corrupt: bool = False,
                  mixed_data: bool = False) -> Path:
-    """Load a sweep directory (or a runs.csv that `scaling.sweep collect` wrote), fit everything, and write
+    """Load a sweep directory (or a runs.csv that `scaling.sweep.schedule collect` wrote), fit everything, and write
     report.md, results.json and figures/ into `out_dir` (default: SWEEP_DIR/report, or report/ next to the CSV).
     C is in the records' own convention unless `c` asks another; `skip_corrupt` and `mixed_data` as in load_sweep.
     Returns the report path."""

@@ -42,7 +42,7 @@ def isoflop_runs(budgets=(1e17, 3e17, 1e18, 3e18, 1e19), n_per_budget: int = 9, 
     return df
 
 
-# The real record's model and optim objects (scaling.model.ModelConfig, scaling.optim.OptimConfig defaults, written out
+# The real record's model and optim objects (scaling.model.decoder.ModelConfig, scaling.train.optim.OptimConfig defaults, written out
 # because analysis never imports the model; tests/test_record.py checks they still match the dataclasses).
 MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": None, "vocab_size": 512, "seq_len": 128,
          "pos_encoding": "learned", "tie_embeddings": True, "use_bias": True, "dropout": 0.0, "param_dtype": "float32",

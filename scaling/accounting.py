@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Optional
 
-if TYPE_CHECKING:  # only read for its fields: importing scaling.model would load flax and jax
-    from scaling.model import ModelConfig
+if TYPE_CHECKING:  # only read for its fields: importing scaling.model.decoder would load flax and jax
+    from scaling.model.decoder import ModelConfig
 
 FLOP_CONVENTIONS = ("6N", "kaplan", "chinchilla")
 C_CONVENTIONS = ("6ND",) + FLOP_CONVENTIONS  # what analysis may ask for; "6ND" = 6 N D with the chosen N

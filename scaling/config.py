@@ -1,7 +1,7 @@
 """The typed run config: one dataclass per concern, composed here and registered in Hydra's ConfigStore.
 
-Each concern's dataclass lives beside the code it configures (ModelConfig in model.py, DataConfig in data.py,
-OptimConfig in optim.py, CheckpointConfig in checkpoint.py, LoggingConfig in tracking.py) and validates itself in
+Each concern's dataclass lives beside the code it configures (ModelConfig in model/decoder.py, DataConfig in
+data/tokens.py, OptimConfig in train/optim.py, CheckpointConfig in train/checkpoint.py, LoggingConfig in train/tracking.py) and validates itself in
 `__post_init__`, so `OmegaConf.to_object` fails at start-up with one error naming the key. This module adds the budget
 (`TrainConfig`) and the top-level `Config`.
 """
@@ -17,12 +17,12 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from scaling.accounting import FLOP_CONVENTIONS, flops_per_token
-from scaling.checkpoint import CheckpointConfig
-from scaling.data import DataConfig
-from scaling.model import ModelConfig
-from scaling.optim import OptimConfig
-from scaling.sharding import ShardingConfig
-from scaling.tracking import LoggingConfig
+from scaling.train.checkpoint import CheckpointConfig
+from scaling.data.tokens import DataConfig
+from scaling.model.decoder import ModelConfig
+from scaling.train.optim import OptimConfig
+from scaling.train.sharding import ShardingConfig
+from scaling.train.tracking import LoggingConfig
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The run record: the contract between training and analysis, and its one owner (README: "The run record").
 
 A run directory's `record.json` and a sweep's `sweep.json` are written, read, validated and turned into table rows
-here and nowhere else: the trainer writes through `write_record`, `scaling.sweep.collect` and `analysis.load` read
+here and nowhere else: the trainer writes through `write_record`, `scaling.sweep.schedule.collect` and `analysis.load` read
 through `read_runs`, the analysis test fixtures are built through `write_record`. JAX-free (stdlib only, plus the
 JAX-free `scaling.accounting`), so the analysis package can import it.
 

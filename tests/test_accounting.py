@@ -13,7 +13,7 @@ from scaling.accounting import (
     tokens_for_flops,
     training_flops,
 )
-from scaling.model import POS_ENCODINGS, ModelConfig, loss_fn
+from scaling.model.decoder import POS_ENCODINGS, ModelConfig, loss_fn
 
 
 def _tree_count(cfg: ModelConfig) -> int:

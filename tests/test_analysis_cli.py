@@ -176,7 +176,7 @@ def _numbers(x, key="") -> dict:
 
 
 def test_report_on_a_collected_runs_csv_skips_approach1_and_matches_the_sweep(tmp_path):
-    from scaling.sweep import collect, write_csv
+    from scaling.sweep.schedule import collect, write_csv
 
     sweep, _ = family_sweep(tmp_path / "s")
     write_csv(collect(sweep), tmp_path / "runs.csv")

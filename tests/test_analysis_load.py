@@ -201,7 +201,7 @@ def test_csv_convention_flag(tmp_path):
 
 def test_collected_runs_csv_reads_like_its_sweep(tmp_path):
     from analysis.load import is_runs_csv, load_runs_csv
-    from scaling.sweep import collect, write_csv
+    from scaling.sweep.schedule import collect, write_csv
 
     sweep = write_sweep(tmp_path / "s", _family(), convention="chinchilla")
     write_csv(collect(sweep), tmp_path / "runs.csv")

@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from scaling import bench, bench_refs
+from scaling.bench import references as bench_refs
+from scaling.bench import runner as bench
 from scaling.accounting import count_params, flops_per_token
 
 TINY = bench.PRESETS["tiny"][0]

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scaling.checkpoint import CheckpointConfig, Checkpointer, CorruptCheckpointError, fingerprint
-from scaling.optim import OptimConfig
+from scaling.train.checkpoint import CheckpointConfig, Checkpointer, CorruptCheckpointError, fingerprint
+from scaling.train.optim import OptimConfig
 
 
 def make_state(seed: int) -> dict:
@@ -217,7 +217,7 @@ def test_bad_meta_and_step_rejected_before_writing(ckdir):
 SHARDED_SCRIPT = r"""
 import sys, jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from scaling.checkpoint import CheckpointConfig, Checkpointer
+from scaling.train.checkpoint import CheckpointConfig, Checkpointer
 mesh = Mesh(np.array(jax.devices()), ("data",))
 row, rep = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P())
 state = {"kernel": jax.device_put(jnp.arange(32.0).reshape(8, 4), row), "count": jax.device_put(jnp.int32(7), rep)}

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling import cache
-from scaling.data import DataConfig, TokenData, load_tokens, main
-from scaling.synthetic import MarkovChain, SyntheticConfig
-from scaling.tokenizers import TokenizerConfig, bytes_tokenizer
+from scaling.data import cache
+from scaling.data.tokens import DataConfig, TokenData, load_tokens, main
+from scaling.data.synthetic import MarkovChain, SyntheticConfig
+from scaling.data.tokenizers import TokenizerConfig, bytes_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 BYTES = TokenizerConfig(kind="bytes")
@@ -60,7 +60,7 @@ def test_train_batch_is_pure_function_of_seed_and_step(markers):
     assert not np.array_equal(b, markers.train_batch(3, 8, 4, 32))
     assert not np.array_equal(b, markers.train_batch(4, 7, 4, 32))
     code = (
-        "import json,sys; from scaling.data import *; from scaling.tokenizers import TokenizerConfig\n"
+        "import json,sys; from scaling.data.tokens import *; from scaling.data.tokenizers import TokenizerConfig\n"
         f"d = load_tokens(DataConfig(source='local', path={markers.meta['source_description']!r}, "
         f"cache_dir={str(markers.folder.parents[1])!r}, val_fraction=0.1, tokenizer=TokenizerConfig(kind='bytes')))\n"
         "print(json.dumps(d.train_batch(3, 7, 4, 32).tolist()))"
@@ -116,7 +116,7 @@ def test_concurrent_builds_make_one_valid_cache(tmp_path):
     src = tmp_path / "big.txt"
     src.write_text("\n\n".join(f"paragraph {i} " + "lorem ipsum dolor sit amet " * 200 for i in range(400)))
     code = (
-        "import json; from scaling.data import *; from scaling.tokenizers import TokenizerConfig\n"
+        "import json; from scaling.data.tokens import *; from scaling.data.tokenizers import TokenizerConfig\n"
         f"d = load_tokens(DataConfig(source='local', path={str(src)!r}, cache_dir={str(tmp_path / 'c')!r}, "
         "doc_bytes=4096, tokenizer=TokenizerConfig(kind='bytes')))\n"
         "print(json.dumps([str(d.folder), d.meta['builder_pid'], int(d.train.sum())]))"

@@ -111,7 +111,7 @@ def test_verify_names_the_file_and_the_key_of_a_hand_edited_prediction(sweep, tm
 
 
 def _mark_data(run_dirs, source_hash: str, tokenizer: str = "bytes-e73f8c0c4223") -> None:
-    """Give records the data identity scaling.train writes (record fields `data` and `tokenizer`)."""
+    """Give records the data identity scaling.train.loop writes (record fields `data` and `tokenizer`)."""
     for d in run_dirs:
         rec = json.loads((d / "record.json").read_text())
         rec["tokenizer"] = {"name": tokenizer.split("-")[0], "identity": tokenizer, "vocab_size": 257}
@@ -169,8 +169,8 @@ def test_scaling_cache_pointing_at_a_file_is_one_clear_error(tmp_path):
 def test_a_one_document_corpus_names_the_setting_that_splits_it(tmp_path):
     """The hint said 'separate documents with a blank line', which does nothing unless data.doc_bytes=0: paragraphs
     are packed into documents of about doc_bytes (64 KiB)."""
-    from scaling.data import DataConfig, load_tokens
-    from scaling.tokenizers import TokenizerConfig
+    from scaling.data.tokens import DataConfig, load_tokens
+    from scaling.data.tokenizers import TokenizerConfig
 
     (tmp_path / "two.txt").write_text("The first paragraph.\n\nThe second paragraph.\n")
 
@@ -188,8 +188,8 @@ def test_a_prompt_longer_than_the_context_is_refused_not_cut():
     """generate() silently kept the prompt's last seq_len - max_new_tokens tokens."""
     import jax
 
-    from scaling.model import ModelConfig, init_params
-    from scaling.sample import generate
+    from scaling.model.decoder import ModelConfig, init_params
+    from scaling.eval.sample import generate
 
     cfg = ModelConfig(d_model=16, n_layers=1, n_heads=2, vocab_size=20, seq_len=16)
     params = init_params(cfg, jax.random.key(0))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from scaling.lock import LOCK_FILE, DirLock
+from scaling.train.lock import LOCK_FILE, DirLock
 
 
 def test_second_holder_is_refused_until_release(tmp_path):

@@ -7,9 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from scaling.attention import blocked_causal_attention, query_blocks
-from scaling.head_loss import head_cross_entropy
-from scaling.model import (
+from scaling.model.attention import blocked_causal_attention, query_blocks
+from scaling.model.head_loss import head_cross_entropy
+from scaling.model.decoder import (
     POS_ENCODINGS,
     ModelConfig,
     apply_rotary,

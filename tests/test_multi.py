@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from scaling.model import ModelConfig, init_params
-from scaling.multi import check_group, group_by_shape, init_many, make_multi_step, unit_lr_optimizer, use_vmap
-from scaling.optim import OptimConfig
-from scaling.tracking import read_metrics
+from scaling.model.decoder import ModelConfig, init_params
+from scaling.train.stack import check_group, group_by_shape, init_many, make_multi_step, unit_lr_optimizer, use_vmap
+from scaling.train.optim import OptimConfig
+from scaling.train.tracking import read_metrics
 from scaling.record import read_record, write_record
-from scaling.train import make_train_step, train, train_group
-from scaling.train import train_runs as train_many  # K runs of one shape: the one loop with K > 1
+from scaling.train.loop import make_train_step, train, train_group
+from scaling.train.loop import train_runs as train_many  # K runs of one shape: the one loop with K > 1
 from test_tracking import inspect_summary, run_files, wandb_env  # noqa: F401 - a fixture
 from test_train import tiny_config
 
@@ -122,7 +122,7 @@ def test_train_group_trains_only_unfinished_members_with_or_without_vmap(tmp_pat
     records = train_group(cfgs, dirs, vmap=True)
     assert [r["status"] for r in records] == ["completed", "diverged", "completed"]
     assert records[0]["vmap_group"] == {"K": 2, "index": 0} and records[2]["vmap_group"] == {"K": 2, "index": 1}
-    # Without vmap (the CPU default under auto) the unfinished members train one by one with scaling.train.train.
+    # Without vmap (the CPU default under auto) the unfinished members train one by one with scaling.train.loop.train.
     (dirs[2] / "record.json").unlink()
     stamp = (dirs[0] / "record.json").stat().st_mtime_ns
     again = train_group(cfgs, dirs, vmap=False)
@@ -139,7 +139,7 @@ _KILLED_GROUP = """
 import os, signal, sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-import scaling.train as T
+import scaling.train.loop as T
 from test_multi import _kill_group
 
 class KillAfter(T.Checkpointer):
@@ -171,8 +171,8 @@ def test_group_resumes_after_kill_9_bit_identical(tmp_path, caplog):
     import sys
     from pathlib import Path
 
-    from scaling.checkpoint import Checkpointer
-    from scaling.multi import group_checkpoint_dir
+    from scaling.train.checkpoint import Checkpointer
+    from scaling.train.stack import group_checkpoint_dir
 
     ref_cfgs, ref_dirs = _kill_group(tmp_path / "ref")
     ref = train_many(ref_cfgs, ref_dirs)
@@ -193,7 +193,7 @@ def test_group_resumes_after_kill_9_bit_identical(tmp_path, caplog):
     assert group_checkpoint_dir(dirs[:2]) != group_checkpoint_dir(dirs)
     assert group_checkpoint_dir(dirs[::-1]) != group_checkpoint_dir(dirs)
 
-    with caplog.at_level("INFO", logger="scaling.train"):
+    with caplog.at_level("INFO", logger="scaling.train.loop"):
         resumed = train_many(cfgs, dirs)
     assert "from step 4" in caplog.text  # resumed, not retrained from step 0 (which would also match the reference)
     for b, d in zip(before, dirs):
@@ -259,8 +259,8 @@ from pathlib import Path
 import jax
 sys.path.insert(0, "tests")
 from test_train import tiny_config
-from scaling.sharding import ShardingConfig
-from scaling.train import train_runs
+from scaling.train.sharding import ShardingConfig
+from scaling.train.loop import train_runs
 
 assert jax.device_count() == 4
 tmp, out = Path(sys.argv[1]), {}

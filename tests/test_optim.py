@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from scaling.optim import SCHEDULES, OptimConfig, decay_mask, learning_rate_at
+from scaling.train.optim import SCHEDULES, OptimConfig, decay_mask, learning_rate_at
 
 
 def gpt_params(tied: bool = False) -> dict:

@@ -4,8 +4,8 @@ import pytest
 
 from scaling.accounting import count_params, flops_per_token
 from scaling.config import TrainConfig, resolve_budget
-from scaling.model import ModelConfig
-from scaling.plan import FamilyRule, HyperRule, SweepSpec, fmt_sci, plan_sweep
+from scaling.model.decoder import ModelConfig
+from scaling.sweep.plan import FamilyRule, HyperRule, SweepSpec, fmt_sci, plan_sweep
 
 BASE = ModelConfig(vocab_size=257, seq_len=64)
 FAMILY = FamilyRule(head_dim=16, d_model_multiple=16, min_d_model=32, max_d_model=1024, aspect_ratio=32)

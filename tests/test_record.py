@@ -214,8 +214,8 @@ def test_read_runs_lists_missing_and_corrupt_runs(tmp_path):
 def test_analysis_fixture_records_match_the_real_config_fields(tmp_path):
     """The fixture builds records through write_record with the real model/optim objects (no drift)."""
     from analysis.synthetic import MODEL, OPTIM, isoflop_runs, write_sweep
-    from scaling.model import POS_ENCODINGS, ModelConfig
-    from scaling.optim import OptimConfig
+    from scaling.model.decoder import POS_ENCODINGS, ModelConfig
+    from scaling.train.optim import OptimConfig
 
     assert set(MODEL) == {f.name for f in dataclasses.fields(ModelConfig)}
     assert set(OPTIM) == {f.name for f in dataclasses.fields(OptimConfig)}

@@ -3,9 +3,9 @@ import json
 import jax
 import pytest
 
-from scaling.model import ModelConfig, init_params
-from scaling.sample import generate, load_run, main
-from scaling.train import train
+from scaling.model.decoder import ModelConfig, init_params
+from scaling.eval.sample import generate, load_run, main
+from scaling.train.loop import train
 from test_train import tiny_config
 
 CFG = ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=40, seq_len=24, pos_encoding="rotary")
@@ -88,8 +88,8 @@ def test_cli_refuses_a_prompt_longer_than_the_context_unless_told_to_truncate(tm
     """A prompt past seq_len - max_new_tokens was cut silently; now refused, or cut with --truncate-prompt, said."""
     import dataclasses
 
-    from scaling.data import DataConfig
-    from scaling.tokenizers import TokenizerConfig
+    from scaling.data.tokens import DataConfig
+    from scaling.data.tokenizers import TokenizerConfig
 
     (tmp_path / "corpus.txt").write_text("\n\n".join(f"paragraph {i} of a tiny corpus." for i in range(40)))
     cfg = tiny_config(tmp_path, steps=4)

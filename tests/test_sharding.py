@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling.sharding import ShardingConfig, check_batch, leaf_spec, make_mesh
+from scaling.train.sharding import ShardingConfig, check_batch, leaf_spec, make_mesh
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,9 +29,9 @@ FOUR_DEVICES = textwrap.dedent(
     import jax, numpy as np
     sys.path.insert(0, "tests")
     from test_train import tiny_config
-    from scaling.sharding import ShardingConfig, describe, init_sharded, make_mesh, state_shardings
-    from scaling.model import init_params
-    from scaling.train import train
+    from scaling.train.sharding import ShardingConfig, describe, init_sharded, make_mesh, state_shardings
+    from scaling.model.decoder import init_params
+    from scaling.train.loop import train
 
     assert jax.device_count() == 4, jax.devices()
     tmp = Path(sys.argv[1])
@@ -52,8 +52,8 @@ FOUR_DEVICES = textwrap.dedent(
         return {"params": p, "opt_state": optimizer.init(p)}
     fsdp_cfg = ShardingConfig(mode="fsdp", fsdp_min_params=64)
     state, shardings = init_sharded(init, lambda s: state_shardings(s, mesh, fsdp_cfg))
-    from scaling.train import make_train_step
-    from scaling.sharding import put_batch
+    from scaling.train.loop import make_train_step
+    from scaling.train.sharding import put_batch
     step = make_train_step(cfg.model, optimizer, 1, 0, shardings)
     batch = np.random.default_rng(0).integers(0, 33, (1, 8, 17)).astype(np.int32)
     new_state, _ = step(state, put_batch(batch, mesh, 1), jax.numpy.asarray(0))
@@ -97,10 +97,10 @@ WORKER = textwrap.dedent(
     """
     import json, os, sys
     import jax, numpy as np
-    from scaling.sharding import ShardingConfig, initialize_distributed, make_mesh, put_batch, state_shardings, init_sharded
-    from scaling.model import ModelConfig, init_params
-    from scaling.optim import OptimConfig
-    from scaling.train import make_train_step
+    from scaling.train.sharding import ShardingConfig, initialize_distributed, make_mesh, put_batch, state_shardings, init_sharded
+    from scaling.model.decoder import ModelConfig, init_params
+    from scaling.train.optim import OptimConfig
+    from scaling.train.loop import make_train_step
 
     mode, coordinator, pid = sys.argv[1], sys.argv[2], sys.argv[3]
     if coordinator == "slurm":
@@ -145,9 +145,9 @@ def _free_port(candidates=(0,)) -> int:
 def _single_process_losses() -> list[float]:
     import jax
 
-    from scaling.model import ModelConfig, init_params
-    from scaling.optim import OptimConfig
-    from scaling.train import make_train_step
+    from scaling.model.decoder import ModelConfig, init_params
+    from scaling.train.optim import OptimConfig
+    from scaling.train.loop import make_train_step
 
     model = ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=64, seq_len=16)
     optimizer = OptimConfig(lr=1e-2, warmup_steps=0).build(10)

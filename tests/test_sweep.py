@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from scaling.model import ModelConfig
-from scaling.plan import SweepSpec, plan_sweep
+from scaling.model.decoder import ModelConfig
+from scaling.sweep.plan import SweepSpec, plan_sweep
 from scaling.record import COLUMNS
-from scaling.sweep import collect, expand_jobs, main as sweep_main, merge_overrides, parse_vmap, schedule
+from scaling.sweep.schedule import collect, expand_jobs, main as sweep_main, merge_overrides, parse_vmap, schedule
 
 REPO = Path(__file__).resolve().parent.parent
 # 2 budgets x 2 sizes of tiny models on the synthetic source (configs/experiment/isoflop_tiny.yaml): ~4 x 5 s.
@@ -157,7 +157,7 @@ def test_a_run_refused_at_start_is_recorded_failed_and_a_corrected_relaunch_trai
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# learning-rate sweeps (configs/experiment/lr_tiny.yaml): one job per same-shape group, scaling.multi.train_group
+# learning-rate sweeps (configs/experiment/lr_tiny.yaml): one job per same-shape group, scaling.train.stack.train_group
 # ---------------------------------------------------------------------------------------------------------------
 LRS = {"lr-C2e9-d32-L2-B8-lr1e-3": 1e-3, "lr-C2e9-d32-L2-B8-lr3e-3": 3e-3, "lr-C2e9-d32-L2-B8-lr1e-2": 1e-2,
        "lr-C2e9-d32-L2-B8-lr3e-2": 3e-2}
@@ -233,7 +233,7 @@ def test_lr_sweep_auto_on_cpu_trains_the_group_one_run_after_another(tmp_path):
     assert "2 runs to launch, 0 already finished (skipped), in 1 jobs" in log
     recs = records(sweep_dir)
     assert {n: r["optim"]["lr"] for n, r in recs.items()} == {"lr-C2e9-d32-L2-B8-lr3e-3": 3e-3, "lr-C2e9-d32-L2-B8-lr1e-2": 1e-2}
-    assert all(r["status"] == "completed" and "vmap_group" not in r for r in recs.values())  # scaling.train.train
+    assert all(r["status"] == "completed" and "vmap_group" not in r for r in recs.values())  # scaling.train.loop.train
     assert all((sweep_dir / n / "checkpoints").is_dir() for n in recs)
 
 
@@ -241,7 +241,7 @@ def test_lr_sweep_auto_on_cpu_trains_the_group_one_run_after_another(tmp_path):
 # expand_jobs without Hydra
 # ---------------------------------------------------------------------------------------------------------------
 def small_plan():
-    from scaling.plan import FamilyRule, HyperRule
+    from scaling.sweep.plan import FamilyRule, HyperRule
 
     spec = SweepSpec(budgets=[2e9], n_sizes=2, size_step=2.5,
                      family=FamilyRule(head_dim=8, d_model_multiple=8, min_d_model=16, max_d_model=64, aspect_ratio=16),

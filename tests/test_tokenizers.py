@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from scaling import tokenizers as tok
-from scaling.sources import embedded_source
-from scaling.tokenizers import TokenizerConfig, build_tokenizer, check_vocab
+from scaling.data import tokenizers as tok
+from scaling.data.sources import embedded_source
+from scaling.data.tokenizers import TokenizerConfig, build_tokenizer, check_vocab
 
 UNICODE = (Path(__file__).parent / "data" / "data_unicode.txt").read_text(encoding="utf-8")
 
@@ -38,7 +38,7 @@ def test_bytes_are_utf8_bytes():
 
 
 def test_chars_one_token_per_corpus_character(tmp_path):
-    from scaling.sources import local_source
+    from scaling.data.sources import local_source
 
     (tmp_path / "c.txt").write_text("café naïve déjà ’quoted’\n\n" * 20, encoding="utf-8")
     t = build_tokenizer(TokenizerConfig(kind="chars", vocab_size=300), local_source(str(tmp_path / "c.txt")), tmp_path)

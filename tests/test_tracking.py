@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaling.tracking import (
+from scaling.train.tracking import (
     LoggingConfig,
     Progress,
     WandbUnavailableError,

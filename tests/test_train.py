@@ -13,15 +13,15 @@ import optax
 import pytest
 
 from scaling.accounting import count_params, flops_per_token
-from scaling.checkpoint import CheckpointConfig, Checkpointer
+from scaling.train.checkpoint import CheckpointConfig, Checkpointer
 from scaling.config import Config, TrainConfig, resolve_budget
-from scaling.data import DataConfig
-from scaling.tokenizers import TokenizerConfig
-from scaling.model import ModelConfig, init_params, loss_fn
-from scaling.optim import OptimConfig
-from scaling.synthetic import SyntheticConfig
-from scaling.tracking import LoggingConfig, read_metrics
-from scaling.train import make_train_step, train
+from scaling.data.tokens import DataConfig
+from scaling.data.tokenizers import TokenizerConfig
+from scaling.model.decoder import ModelConfig, init_params, loss_fn
+from scaling.train.optim import OptimConfig
+from scaling.data.synthetic import SyntheticConfig
+from scaling.train.tracking import LoggingConfig, read_metrics
+from scaling.train.loop import make_train_step, train
 
 REPO = Path(__file__).resolve().parent.parent
 V = 32  # synthetic symbols; the tokenizer adds an end-of-text id
@@ -242,7 +242,7 @@ def test_killed_after_final_checkpoint_before_record_finishes_without_training(t
 # One trainer per run directory, the data a run resumes on, failed starts
 # --------------------------------------------------------------------------------------------------------------------
 def test_a_run_another_process_holds_is_left_to_it(tmp_path):
-    from scaling.lock import DirLock
+    from scaling.train.lock import DirLock
 
     cfg, run_dir = tiny_config(tmp_path, steps=4), tmp_path / "run"
     held = DirLock(run_dir)

@@ -1,1 +1,1 @@
-"""Hydra sweeper that expands a FLOP-budget plan (scaling.plan) into jobs: `hydra/sweeper=plan`."""
+"""Hydra sweeper that expands a FLOP-budget plan (scaling.sweep.plan) into jobs: `hydra/sweeper=plan`."""

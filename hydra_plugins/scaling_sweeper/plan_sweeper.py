@@ -2,8 +2,8 @@
 
 Hydra imports every module under `hydra_plugins` at start-up, so this one imports JAX-heavy code only inside `sweep`.
 
-`vmap`: runs that differ only in lr / seed (an lr plan's runs of one shape and budget, `scaling.multi.group_by_shape`)
-go to the launcher as ONE job per group, which calls `scaling.train.train_group`: one vmapped step for the group on a
+`vmap`: runs that differ only in lr / seed (an lr plan's runs of one shape and budget, `scaling.train.stack.group_by_shape`)
+go to the launcher as ONE job per group, which calls `scaling.train.loop.train_group`: one vmapped step for the group on a
 GPU/TPU, or the runs one after another on CPU (`auto`, the default, decides in the job from its device; `true` forces
 the vmapped step, `false` gives one job per run as for other plans). `auto` groups only lr plans.
 """
@@ -21,13 +21,13 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("scaling.sweep")
+log = logging.getLogger("scaling.sweep.schedule")
 
 
 @dataclass
 class PlanSweeperConf:
     _target_: str = "hydra_plugins.scaling_sweeper.plan_sweeper.PlanSweeper"
-    plan: Dict[str, Any] = field(default_factory=dict)  # scaling.plan.SweepSpec fields
+    plan: Dict[str, Any] = field(default_factory=dict)  # scaling.sweep.plan.SweepSpec fields
     run_overrides: Dict[str, List[str]] = field(default_factory=dict)  # run-name glob -> extra overrides
     max_batch_size: Optional[int] = None  # jobs handed to the launcher at once (None: all)
     skip_finished: bool = True  # relaunch: completed / diverged runs are not launched again
@@ -49,7 +49,7 @@ class PlanSweeper(Sweeper):
         self.skip_finished = skip_finished
         self.fail_on_error = fail_on_error
         self.dry_run = dry_run
-        from scaling.sweep import parse_vmap  # JAX-free
+        from scaling.sweep.schedule import parse_vmap  # JAX-free
 
         self.vmap = parse_vmap(vmap)
         self.max_k = max_k
@@ -65,11 +65,11 @@ class PlanSweeper(Sweeper):
         )
 
     def sweep(self, arguments: List[str]) -> Any:
-        """Hydra's side only: parse overrides, compose each job's config, launch; scaling.sweep decides the rest."""
+        """Hydra's side only: parse overrides, compose each job's config, launch; scaling.sweep.schedule decides the rest."""
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
-        from scaling import sweep as S
-        from scaling.plan import SweepSpec, plan_sweep
+        from scaling.sweep import schedule as S
+        from scaling.sweep.plan import SweepSpec, plan_sweep
         from scaling.record import FINAL, record_status, write_manifest
 
         loader = self.hydra_context.config_loader
@@ -98,7 +98,7 @@ class PlanSweeper(Sweeper):
         cfgs = {name: _run_config(c) for name, c in composed.items()} if grouping else {}
         keys = None
         if grouping:
-            from scaling.multi import group_key
+            from scaling.train.stack import group_key
 
             keys = {name: group_key(cfg) for name, cfg in cfgs.items()}
         plan_ = S.schedule(jobs, {j.name: record_status(run_dirs[j.name]) for j in jobs}, keys, self.max_k,
@@ -170,7 +170,7 @@ class GroupTask:
 
     def __call__(self, node: DictConfig) -> Dict[str, Any]:
         logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save step at INFO
-        from scaling.train import train_group
+        from scaling.train.loop import train_group
 
         cfgs, run_dirs = self.groups[node.name]
         records = train_group(cfgs, run_dirs, self.vmap)

@@ -2,7 +2,7 @@
 from a notebook.
 
 There is one training loop, `_train_loop`, and it trains K runs of one shape at once: a plain run is K = 1; K > 1
-(runs that differ only in lr / seed, scaling.multi) steps one vmapped, stacked state. It reads top to bottom: resolve
+(runs that differ only in lr / seed, scaling.train.stack) steps one vmapped, stacked state. It reads top to bottom: resolve
 the budget, load tokens, init or resume, then for each step take the batch that is a pure function of (seed, step),
 update, log, check each run for divergence, evaluate, checkpoint; finally write each run's record.json.
 """
@@ -27,19 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scaling import multi
+from scaling.train import stack
 from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token, peak_flops_per_device
-from scaling.checkpoint import Checkpointer
+from scaling.train.checkpoint import Checkpointer
 from scaling.config import Budget, Config, resolve_budget, to_dict
-from scaling.data import TokenData, load_tokens
-from scaling.lock import DirLock
-from scaling.model import ModelConfig, init_params, loss_fn, resolve_attention, resolve_head_loss
+from scaling.data.tokens import TokenData, load_tokens
+from scaling.train.lock import DirLock
+from scaling.model.decoder import ModelConfig, init_params, loss_fn, resolve_attention, resolve_head_loss
 from scaling.record import (FINAL, RecordError, failed_start_record, git_commit, read_record, record_status,
                             summary_fields, write_json_atomic, write_record)
-from scaling.sharding import check_batch, constrain, initialize_distributed, init_sharded, make_mesh, put_batch, state_shardings
-from scaling.tracking import Progress, build_tracker, read_metrics
+from scaling.train.sharding import check_batch, constrain, initialize_distributed, init_sharded, make_mesh, put_batch, state_shardings
+from scaling.train.tracking import Progress, build_tracker, read_metrics
 
-log = logging.getLogger("scaling.train")
+log = logging.getLogger("scaling.train.loop")
 
 CONFIG = "config.json"
 # Fields that may change between a run and its relaunch without making it another run.
@@ -62,9 +62,9 @@ def train_step_fn(
     """The pure step: `grad_accum` microbatches are scanned and their mean gradient applied once.
 
     The mean of microbatch means equals the big batch's mean loss (equal-size microbatches), so the update is the
-    big batch's up to float summation order (tested). `shardings` (the state's, from scaling.sharding) pins the
+    big batch's up to float summation order (tested). `shardings` (the state's, from scaling.train.sharding) pins the
     gradients and the new state to the params' layout: under FSDP the gradient all-reduce becomes a reduce-scatter.
-    scaling.multi vmaps this same function over K models.
+    scaling.train.stack vmaps this same function over K models.
     """
     param_shardings = None if shardings is None else shardings["params"]
 
@@ -101,14 +101,14 @@ def train(cfg: Config, run_dir: Path) -> dict:
 
 
 def train_runs(cfgs: Sequence[Config], run_dirs: Sequence[Path]) -> list[dict]:
-    """Trains K configs that differ only in lr / seed / name (scaling.multi.FREE_FIELDS) in one loop; returns their
+    """Trains K configs that differ only in lr / seed / name (scaling.train.stack.FREE_FIELDS) in one loop; returns their
     records. K = 1 is a plain run; K > 1 steps one vmapped state (one record, metrics.jsonl and wandb run each).
 
     Finished runs (completed or diverged: retraining would repeat them bit for bit) are left alone and their record is
-    returned. K > 1 checkpoints the stacked state in `multi.group_checkpoint_dir`, so relaunching the same members
+    returned. K > 1 checkpoints the stacked state in `stack.group_checkpoint_dir`, so relaunching the same members
     resumes it; another member set (some finished meanwhile) is another group and starts from step 0.
     """
-    multi.check_group(cfgs)
+    stack.check_group(cfgs)
     run_dirs = [Path(d) for d in run_dirs]
     if len(run_dirs) != len(cfgs) or len({d.absolute() for d in run_dirs}) != len(run_dirs):
         raise ValueError(f"train: give one distinct run directory per config (got {len(run_dirs)} for {len(cfgs)}).")
@@ -149,12 +149,12 @@ def train_runs(cfgs: Sequence[Config], run_dirs: Sequence[Path]) -> list[dict]:
 def train_group(cfgs: Sequence[Config], run_dirs: Sequence[Path], vmap: str | bool = "auto") -> list[dict]:
     """One sweep job for runs that differ only in lr / seed (a planner's same-shape group); returns their records.
 
-    With vmap (`multi.use_vmap`: on GPU/TPU under `auto`) the unfinished members train as one K-run loop; without,
+    With vmap (`stack.use_vmap`: on GPU/TPU under `auto`) the unfinished members train as one K-run loop; without,
     one after another, each the K = 1 case of the same loop. A failing member (sequential) is recorded and the others
     still train; the job then raises.
     """
-    multi.check_group(cfgs)
-    if multi.use_vmap(vmap):
+    stack.check_group(cfgs)
+    if stack.use_vmap(vmap):
         log.info("training %d runs as one vmapped step: %s", len(cfgs), ", ".join(c.name for c in cfgs))
         return train_runs(cfgs, run_dirs)
     records, errors = [], []
@@ -179,7 +179,7 @@ def train_group(cfgs: Sequence[Config], run_dirs: Sequence[Path], vmap: str | bo
 @dataclasses.dataclass
 class _Stack:
     """How K runs of one shape are held: K = 1 a plain state and step, K > 1 a state stacked on a leading K axis
-    and the same step vmapped over it (learning rates live in the state, scaling.multi.unit_lr_optimizer)."""
+    and the same step vmapped over it (learning rates live in the state, scaling.train.stack.unit_lr_optimizer)."""
 
     init: Callable[[], TrainState]
     step: Callable  # (shardings) -> jitted step(state, batch, step) -> (state, {"train_loss": [K]?, "grad_norm"})
@@ -201,11 +201,11 @@ def _build_stack(cfgs: Sequence[Config], num_steps: int) -> _Stack:
 
         return _Stack(init, lambda shardings: make_train_step(model, optimizer, A, seed, shardings),
                       jax.jit(eval_one), leading_axes=0, batch_axis=1)
-    optimizer = multi.unit_lr_optimizer(cfg0.optim, num_steps)
+    optimizer = stack.unit_lr_optimizer(cfg0.optim, num_steps)
     seeds, lrs = [c.train.seed for c in cfgs], [c.optim.lr for c in cfgs]
     shared = len(set(seeds)) == 1  # one data stream for all: the batch is broadcast, not stacked
-    return _Stack(lambda: multi.init_stacked(model, optimizer, seeds, lrs),
-                  lambda shardings: multi.make_multi_step(model, optimizer, A, seed, shared, shardings),
+    return _Stack(lambda: stack.init_stacked(model, optimizer, seeds, lrs),
+                  lambda shardings: stack.make_multi_step(model, optimizer, A, seed, shared, shardings),
                   jax.jit(jax.vmap(eval_one, in_axes=(0, None))), leading_axes=1, batch_axis=1 if shared else 2)
 
 
@@ -229,16 +229,16 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
         check_batch(mesh, cfg0.train.batch_size, cfg0.train.grad_accum)
         for r in records:
             r["n_devices"] = mesh.size
-        stack = _build_stack(cfgs, budget.steps)
-        state, shardings = init_sharded(stack.init, lambda s: state_shardings(s, mesh, cfg0.sharding, stack.leading_axes))
+        held = _build_stack(cfgs, budget.steps)
+        state, shardings = init_sharded(held.init, lambda s: state_shardings(s, mesh, cfg0.sharding, held.leading_axes))
 
         # K = 1 checkpoints in its run dir; a group in one directory of its own, so a save is one atomic orbax step
-        # and a kill never leaves members at different steps (scaling.multi.group_checkpoint_dir).
-        members = multi.members(run_dirs)
+        # and a kill never leaves members at different steps (scaling.train.stack.group_checkpoint_dir).
+        members = stack.members(run_dirs)
         if K == 1:
             checkpoint_dir = run_dirs[0] / "checkpoints"
         else:
-            group_dir = multi.group_checkpoint_dir(run_dirs)
+            group_dir = stack.group_checkpoint_dir(run_dirs)
             write_json_atomic(group_dir / "members.json", {"members": members, "names": [c.name for c in cfgs]})
             checkpoint_dir = group_dir / "checkpoints"
         checkpointer = Checkpointer(checkpoint_dir, cfg0.train.checkpoint)
@@ -259,21 +259,21 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
             tracker.summary(summary_fields(r))
 
         A, L, B = cfg0.train.grad_accum, cfg0.model.seq_len, cfg0.train.batch_size
-        seeds = sorted({c.train.seed for c in cfgs}) if stack.batch_axis == 1 else [c.train.seed for c in cfgs]
+        seeds = sorted({c.train.seed for c in cfgs}) if held.batch_axis == 1 else [c.train.seed for c in cfgs]
 
         def batch_at(step: int) -> jax.Array:
             one = lambda seed: data.train_batch(seed, step, B, L).reshape(A, B // A, L + 1)  # noqa: E731
-            tokens = one(seeds[0]) if stack.batch_axis == 1 else np.stack([one(s) for s in seeds])
-            return put_batch(tokens, mesh, batch_axis=stack.batch_axis)
+            tokens = one(seeds[0]) if held.batch_axis == 1 else np.stack([one(s) for s in seeds])
+            return put_batch(tokens, mesh, batch_axis=held.batch_axis)
 
         def evaluate_K(params) -> np.ndarray:
             batches = data.val_batches(cfg0.train.eval_tokens, B, L)
-            losses = [np.atleast_1d(np.asarray(stack.eval(params, put_batch(b, mesh, batch_axis=0)))) for b in batches]
+            losses = [np.atleast_1d(np.asarray(held.eval(params, put_batch(b, mesh, batch_axis=0)))) for b in batches]
             # per run, a float64 mean of Python floats (as the K = 1 loop always did: bit-identical records)
             return np.array([float(np.mean([float(x[k]) for x in losses])) for k in range(K)])
 
         t0 = time.perf_counter()
-        train_step = stack.step(shardings).lower(state, batch_at(start_step), jnp.asarray(start_step)).compile()
+        train_step = held.step(shardings).lower(state, batch_at(start_step), jnp.asarray(start_step)).compile()
         compile_s = time.perf_counter() - t0
         peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg0.train.peak_flops) * mesh.size
         fpt = flops_per_token(cfg0.model, "chinchilla")  # MFU counts every matmul
@@ -576,7 +576,3 @@ def _failed_start(run_dir: Path, name: str, error: Exception, in_sweep: bool) ->
         return
     if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
-
-
-if __name__ == "__main__":
-    main()

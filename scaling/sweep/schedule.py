@@ -18,7 +18,7 @@ from typing import Optional
 
 import pandas as pd
 
-from scaling.plan import Plan, PlannedRun, fmt_sci
+from scaling.sweep.plan import Plan, PlannedRun, fmt_sci
 from scaling.record import COLUMNS, FINAL, git_commit, read_runs, write_manifest, write_text_atomic  # noqa: F401
 from scaling.record import MANIFEST_FILE as MANIFEST  # noqa: F401
 from scaling.record import RECORD_FILE as RECORD  # noqa: F401
@@ -94,7 +94,7 @@ def parse_vmap(value: str | bool) -> str:
 
 def groups_runs(vmap: str | bool, plan_kind: str) -> bool:
     """Whether same-shape runs form one job: always under vmap=true; under auto only for lr plans (whose runs differ
-    only in lr), the job then deciding from its device whether to vmap them (scaling.train.train_group)."""
+    only in lr), the job then deciding from its device whether to vmap them (scaling.train.loop.train_group)."""
     mode = parse_vmap(vmap)
     return mode == "true" or (mode == "auto" and plan_kind == "lr")
 
@@ -126,7 +126,7 @@ def schedule(jobs: list[Job], statuses: dict[str, Optional[str]], group_keys: Op
 
     `group_keys` (run name -> multi.group_key of its config; None: no grouping) puts runs with equal keys in groups
     of at most `max_k`, in plan order. A relaunch leaves final runs alone, so a partly finished group launches only
-    its unfinished members (as a smaller group: scaling.train.train_runs).
+    its unfinished members (as a smaller group: scaling.train.loop.train_runs).
     """
     if isinstance(max_k, bool) or not isinstance(max_k, int) or max_k < 1:
         raise ValueError(f"hydra.sweeper.max_k={max_k!r} is invalid: use a positive integer (runs per vmapped group).")
@@ -212,7 +212,3 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(summary(df))
     print(f"wrote {len(df)} rows to {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

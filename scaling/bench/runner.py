@@ -1,7 +1,7 @@
 """Throughput benchmark: `python -m scaling.bench --preset nanogpt|cpu|gpu|tiny [--json OUT]`.
 
-For each model shape it times this project's train step (scaling.train.make_train_step: AdamW, clipping, donation)
-and, on CPU, the reference steps of scaling/bench_refs.py on the same shape: a plain Flax linen + optax step, nanoGPT's
+For each model shape it times this project's train step (scaling.train.loop.make_train_step: AdamW, clipping, donation)
+and, on CPU, the reference steps of scaling/bench/references.py on the same shape: a plain Flax linen + optax step, nanoGPT's
 PyTorch model eager and under torch.compile. Every measurement runs in its own process (`--worker`), one after the
 other, with the same threads (`--threads`, default every core: the process is pinned to that many cores and
 OMP/MKL/torch are told the same number), so no framework's thread pool competes with another's.
@@ -16,7 +16,7 @@ Per row: N, tokens/s (median step), step ms, achieved FLOP/s (chinchilla convent
 the device peak (datasheet on GPU/TPU, the measured XLA matmul peak on CPU), compile seconds, peak memory, the
 attention implementation that actually ran (read from the compiled HLO, never assumed), and the ratios to the
 references. `--profile` adds a per-op profile of one step (jax.profiler, grouped by model part). The vmap section
-times K models in one step (scaling.multi) against one model.
+times K models in one step (scaling.train.stack) against one model.
 
 JAX is imported lazily (inside functions): the GPU preset sets XLA_FLAGS, and the parent process never starts JAX.
 """
@@ -89,14 +89,14 @@ VARIANTS = {
 }
 VMAP_SHAPE = {"tiny": PRESETS["tiny"][0], "cpu": Shape("vmap-100k", 64, 2, 2, 128, 4096, 8),
               "nanogpt": Shape("vmap-100k", 64, 2, 2, 128, 4096, 8), "gpu": Shape("vmap-3M", 192, 6, 6, 256, 4096, 16)}
-# The reference steps (scaling/bench_refs.py), timed on the first variant of every shape; column titles.
+# The reference steps (scaling/bench/references.py), timed on the first variant of every shape; column titles.
 REFERENCES = {"linen": "linen", "torch": "torch eager", "torch-compile": "torch.compile"}
 DEFAULT_REFS = {"tiny": ["linen", "torch"], "nanogpt": list(REFERENCES), "cpu": list(REFERENCES), "gpu": []}
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 def model_config(shape: Shape, overrides: dict):
-    from scaling.model import ModelConfig
+    from scaling.model.decoder import ModelConfig
 
     return ModelConfig(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, seq_len=shape.seq_len,
                        vocab_size=shape.vocab_size, **overrides)
@@ -106,7 +106,7 @@ def attention_used(model, hlo_text: str) -> str:
     """What the compiled step really calls: cuDNN's fused attention shows up as a custom call."""
     if "__cudnn$fmha" in hlo_text or "cudnn$fmha" in hlo_text:
         return "cudnn"
-    from scaling.model import resolve_attention
+    from scaling.model.decoder import resolve_attention
 
     impl = resolve_attention(model.attention)
     return impl if impl in ("einsum", "blocked") else "xla"
@@ -146,9 +146,9 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
     import jax.numpy as jnp
 
     from scaling.accounting import count_params, flops_per_token
-    from scaling.model import init_params
-    from scaling.optim import OptimConfig
-    from scaling.train import make_train_step
+    from scaling.model.decoder import init_params
+    from scaling.train.optim import OptimConfig
+    from scaling.train.loop import make_train_step
 
     model = model_config(shape, overrides)
     optimizer = OptimConfig(warmup_steps=0).build(10_000)
@@ -188,10 +188,10 @@ def bench_vmap(shape: Shape, ks: list[int], warmup: int, steps: int) -> list[dic
     """tokens/s summed over K models in one vmapped step, against one model stepped alone (the K separate runs)."""
     import jax
 
-    from scaling.model import init_params
-    from scaling.multi import init_many, make_multi_step, unit_lr_optimizer
-    from scaling.optim import OptimConfig
-    from scaling.train import make_train_step
+    from scaling.model.decoder import init_params
+    from scaling.train.stack import init_many, make_multi_step, unit_lr_optimizer
+    from scaling.train.optim import OptimConfig
+    from scaling.train.loop import make_train_step
 
     model = model_config(shape, {})
     batch = jax.random.randint(jax.random.key(1), (1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
@@ -312,7 +312,7 @@ def _run_one(spec: dict) -> dict:
                 "jax": jax.__version__}
     if impl == "vmap":
         return {"rows": bench_vmap(shape, spec["ks"], spec["warmup"], spec["steps"])}
-    from scaling import bench_refs
+    from scaling.bench import references as bench_refs
     from scaling.accounting import count_params
 
     dims = dict(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, seq_len=shape.seq_len,
@@ -364,7 +364,7 @@ def _measure(spec: dict, env: dict, timeout: float) -> dict:
 
 def _worker_env(threads: int) -> dict:
     env = {**os.environ, **{name: str(threads) for name in THREAD_ENV}}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                          *filter(None, [os.environ.get("PYTHONPATH")])])
     return env
 
@@ -572,7 +572,3 @@ def main(argv: Optional[list[str]] = None) -> dict:
             json.dump(report, f, indent=1, default=str)
         os.replace(tmp, args.json)
     return report
-
-
-if __name__ == "__main__":
-    main()

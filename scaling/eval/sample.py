@@ -1,4 +1,4 @@
-"""Generation from a trained run: `python -m scaling.sample RUN_DIR --prompt "..." [--prompt-file FEWSHOT.txt]`.
+"""Generation from a trained run: `python -m scaling.eval.sample RUN_DIR --prompt "..." [--prompt-file FEWSHOT.txt]`.
 
 Decoding uses the model's KV cache: the prompt is prefilled in one call, then each new token costs one position,
 not a recompute of the whole prefix. Sampling: temperature (0 = greedy) and top-k (Fan et al. 2018).
@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from omegaconf import OmegaConf
 
-from scaling.checkpoint import Checkpointer
+from scaling.train.checkpoint import Checkpointer
 from scaling.config import Config, resolve_budget
-from scaling.model import ModelConfig, init_params
+from scaling.model.decoder import ModelConfig, init_params
 
 
 def load_run(run_dir: Path) -> tuple[Config, dict]:
@@ -26,7 +26,7 @@ def load_run(run_dir: Path) -> tuple[Config, dict]:
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} not found: {run_dir} is not a run directory (run scaling.train first).")
+        raise FileNotFoundError(f"{config_path} not found: {run_dir} is not a run directory (run scaling.train.loop first).")
     saved = json.loads(config_path.read_text())
     cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
     params = init_params(cfg.model, jax.random.key(0))
@@ -104,7 +104,7 @@ def generate(
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m scaling.sample", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m scaling.eval.sample", description=__doc__)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--prompt", default="", help="text to continue (appended after --prompt-file)")
     parser.add_argument("--prompt-file", type=Path, help="a few-shot prompt: examples, then the query")
@@ -118,7 +118,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "refusing a prompt longer than seq_len - max_new_tokens")
     args = parser.parse_args(argv)
     try:
-        from scaling.data import load_tokens
+        from scaling.data.tokens import load_tokens
 
         cfg, params = load_run(args.run_dir)
         record = json.loads((args.run_dir / "record.json").read_text()) if (args.run_dir / "record.json").exists() else {}

@@ -1,6 +1,6 @@
 """The reference training steps `python -m scaling.bench` compares this project's step against.
 
-Both build the same GPT-2 model as `scaling.model` at a given shape (learned positions, pre-LN, tanh GELU, tied head,
+Both build the same GPT-2 model as `scaling.model.decoder` at a given shape (learned positions, pre-LN, tanh GELU, tied head,
 float32, N(0, 0.02) init with residual projections scaled by 1/sqrt(2 n_layers)) and the same optimizer (AdamW
 b1 0.9, b2 0.95, decay 0.1 on matrices only, global-norm clipping at 1.0), and assert the same parameter count:
 
@@ -9,7 +9,7 @@ b1 0.9, b2 0.95, decay 0.1 on matrices only, global-norm clipping at 1.0), and a
 - `linen_step`: the plain Flax linen + optax step a new user would write (materialised causal scores and mask,
   optax's cross-entropy), i.e. this project's step without its CPU-specific work.
 
-Each is timed by `scaling.bench` in its own process: `make` returns a zero-argument `step()` that runs one training
+Each is timed by `scaling.bench.runner` in its own process: `make` returns a zero-argument `step()` that runs one training
 step to completion and returns the loss.
 """
 

@@ -23,7 +23,7 @@ import tiktoken.load
 from filelock import FileLock
 
 if TYPE_CHECKING:  # avoid an import cycle at run time
-    from scaling.sources import Source
+    from scaling.data.sources import Source
 
 KINDS = ("bpe", "tiktoken", "bytes", "chars")
 NAMED_ENCODINGS = ("gpt2", "r50k_base", "p50k_base", "cl100k_base", "o200k_base")

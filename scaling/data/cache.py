@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from filelock import FileLock
 
-from scaling.sources import Source, is_val_doc
-from scaling.tokenizers import Tokenizer
+from scaling.data.sources import Source, is_val_doc
+from scaling.data.tokenizers import Tokenizer
 
 FORMAT_VERSION = 1
 CHUNK_BYTES = 8 << 20  # text per tokenizer call: enough to keep every thread busy, small enough to stream

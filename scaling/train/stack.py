@@ -1,6 +1,6 @@
 """What it takes to train K models of one shape in one compiled step (`jax.vmap` over a stacked state): the stacked
 init, the per-model learning rate, which configs may share a step, and where a group checkpoints. The loop that
-trains them is scaling.train's one loop (K = 1 is a plain run); each model keeps its own run directory,
+trains them is scaling.train.loop's one loop (K = 1 is a plain run); each model keeps its own run directory,
 metrics.jsonl, wandb run and record.json.
 
 Why it can be faster: a small model leaves a GPU mostly idle between tiny matmuls and per-op overheads; stacking K
@@ -10,7 +10,7 @@ batched dot_general far below its plain matmul speed. So a planner should group 
 GPU/TPU and train them one by one on CPU.
 
 How learning rates differ without K optimizers: every schedule here is lr times a shape (warmup from 0, floor =
-min_lr_ratio * lr; scaling/optim.py), and AdamW's update is linear in the step size (Loshchilov & Hutter 2019,
+min_lr_ratio * lr; scaling/train/optim.py), and AdamW's update is linear in the step size (Loshchilov & Hutter 2019,
 Algorithm 2, line 12: theta <- theta - eta_t (alpha m_hat / (sqrt(v_hat) + eps) + lambda theta)). So the optimizer is
 built once with lr = 1 and model k's update is multiplied by lr_k, a scalar held in its own (vmapped) optimizer state.
 Gradient clipping acts before Adam and does not involve lr. Equal to K separate runs up to float rounding (tested).
@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import optax
 
 from scaling.config import Config, to_dict
-from scaling.model import ModelConfig, init_params
-from scaling.optim import OptimConfig
-from scaling.sweep import parse_vmap
+from scaling.model.decoder import ModelConfig, init_params
+from scaling.train.optim import OptimConfig
+from scaling.sweep.schedule import parse_vmap
 
 # Fields that may differ between the K models of one vmapped group; everything else must be equal.
 FREE_FIELDS = ("name", "optim.lr", "train.seed", "sweep", "logging")
@@ -79,14 +79,14 @@ def init_many(model: ModelConfig, optimizer: optax.GradientTransformation, seeds
 
 def make_multi_step(model: ModelConfig, optimizer: optax.GradientTransformation, grad_accum: int, seed: int,
                     shared_batch: bool, shardings=None):
-    """One jitted step for K stacked models: the single-run step of scaling.train, vmapped over the model axis.
+    """One jitted step for K stacked models: the single-run step of scaling.train.loop, vmapped over the model axis.
 
     shared_batch: every model sees the same [A, B, L+1] batch (an lr sweep with one data seed); else [K, A, B, L+1].
     shardings: the stacked state's (leading K axis unsharded); constraints inside the vmap would see one model's
     shapes, so the new state is pinned outside it.
     """
-    from scaling.sharding import constrain
-    from scaling.train import train_step_fn
+    from scaling.train.sharding import constrain
+    from scaling.train.loop import train_step_fn
 
     vmapped = jax.vmap(train_step_fn(model, optimizer, grad_accum, seed), in_axes=(0, None if shared_batch else 0, None))
 

@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-log = logging.getLogger("scaling.lock")
+log = logging.getLogger("scaling.train.lock")
 
 LOCK_FILE = ".lock"
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from scaling import cache
-from scaling.sources import Source, embedded_source, hf_source, local_source
-from scaling.synthetic import MarkovChain, SyntheticConfig, SyntheticTokenizer
-from scaling.tokenizers import Tokenizer, TokenizerConfig, build_tokenizer, check_vocab
+from scaling.data import cache
+from scaling.data.sources import Source, embedded_source, hf_source, local_source
+from scaling.data.synthetic import MarkovChain, SyntheticConfig, SyntheticTokenizer
+from scaling.data.tokenizers import Tokenizer, TokenizerConfig, build_tokenizer, check_vocab
 
 SOURCES = ("embedded", "local", "hf", "synthetic")
 DEFAULT_CACHE_DIR = "~/.cache/scaling"
@@ -250,7 +250,3 @@ def main(argv: list[str] | None = None) -> None:
     if data.entropy_rate is not None:
         print(f"entropy rate {data.entropy_rate:.4f} nats/token (exact)")
     print(f"cache       {data.folder}")
-
-
-if __name__ == "__main__":
-    main()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scaling.tokenizers import Tokenizer
+from scaling.data.tokenizers import Tokenizer
 
 
 @dataclass

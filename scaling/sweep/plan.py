@@ -3,7 +3,7 @@ and a hyperparameter rule.
 
 A pure function of its inputs (no JAX, no files): `plan_sweep(spec, base_model, convention)` returns the runs, each with
 its Hydra overrides, its exact N, D and C (from `scaling.accounting` / `scaling.config.resolve_budget`, the one home of
-those facts) and how far it lands from its nominal budget. `scaling.sweep` and the Hydra sweeper launch what it returns.
+those facts) and how far it lands from its nominal budget. `scaling.sweep.schedule` and the Hydra sweeper launch what it returns.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token
 from scaling.config import TrainConfig, resolve_budget
-from scaling.model import ModelConfig
+from scaling.model.decoder import ModelConfig
 
 PLAN_KINDS = ("isoflop", "grid", "lr")
 
@@ -207,7 +207,7 @@ class PlannedRun:
     schedule: str
     nominal: float  # what the trainer is asked for: C (kind flops) or D (kind tokens)
     # Runs with equal `group` differ only in lr (an lr sweep's runs of one shape and budget): one vmapped step can
-    # train them (scaling.multi). Every other run is a group of its own.
+    # train them (scaling.train.stack). Every other run is a group of its own.
     group: str = ""
 
     def overrides(self) -> list[str]:
@@ -394,7 +394,7 @@ def plan_lr(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla") 
 
     Shapes: the family shapes nearest `sizes`, or the base model as configured when `sizes` is empty. Budget, batch,
     schedule and warmup come from the hyper rule exactly as for an IsoFLOP run; only `optim.lr` varies, so the runs
-    of one shape and budget share `group` (name without the lr) and can train as one vmapped step (scaling.multi).
+    of one shape and budget share `group` (name without the lr) and can train as one vmapped step (scaling.train.stack).
     Names: `lr-C2e9-d32-L2-B8-lr3e-3` (prefix, budget, shape, batch, lr to 3 significant digits).
     """
     shapes = _nearest_shapes(spec.family.shapes(base), [float(n) for n in spec.sizes]) if spec.sizes else [base]

@@ -21,16 +21,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from scaling.attention import blocked_causal_attention
-from scaling.head_loss import head_cross_entropy
+from scaling.model.attention import blocked_causal_attention
+from scaling.model.head_loss import head_cross_entropy
 
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary", "none")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "full", "dots_saveable")
-# "auto": blocked on CPU (training), jax.nn.dot_product_attention's default elsewhere; "blocked": scaling.attention's
+# "auto": blocked on CPU (training), jax.nn.dot_product_attention's default elsewhere; "blocked": scaling.model.attention's
 # causal query blocks (CPU-fast, training only: decoding uses the "xla" path); "einsum": the reference path.
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked")
-# "auto": "chunked" for float32 on CPU, else "reference"; "chunked": scaling.head_loss (the head's matmul and the
+# "auto": "chunked" for float32 on CPU, else "reference"; "chunked": scaling.model.head_loss (the head's matmul and the
 # cross-entropy as one op over token chunks); "reference": the logits, then `cross_entropy`.
 HEAD_LOSS_IMPLS = ("auto", "chunked", "reference")
 
@@ -53,7 +53,7 @@ class ModelConfig:
     remat: str = "none"
     scan_layers: bool = False  # nn.scan over one stacked block: compile time independent of depth
     attention: str = "auto"  # see ATTENTION_IMPLS
-    attention_block: int = 64  # query block length of the "blocked" attention (scaling/attention.py)
+    attention_block: int = 64  # query block length of the "blocked" attention (scaling/model/attention.py)
     head_loss: str = "auto"  # see HEAD_LOSS_IMPLS (the training loss only: the model's logits are the same)
     rope_base: float = 10000.0
 
@@ -153,7 +153,7 @@ def einsum_attention(
 
 def resolve_attention(attention: str, decode: bool = False) -> str:
     """The implementation that `attention` runs: "auto" is "blocked" for CPU training (XLA:CPU has no fused
-    attention, see scaling/attention.py) and jax.nn.dot_product_attention's own choice (cuDNN / XLA) on GPU and TPU."""
+    attention, see scaling/model/attention.py) and jax.nn.dot_product_attention's own choice (cuDNN / XLA) on GPU and TPU."""
     if attention == "blocked" or (attention == "auto" and jax.default_backend() == "cpu"):
         return "auto" if decode else "blocked"  # against a KV cache the keys are not causal blocks of the queries
     return attention
@@ -395,7 +395,7 @@ def loss_fn(
 
 
 def resolve_head_loss(cfg: ModelConfig) -> str:
-    """"auto" is "chunked" for float32 on CPU (scaling/head_loss.py); GPU/TPU and bfloat16 logits keep the reference
+    """"auto" is "chunked" for float32 on CPU (scaling/model/head_loss.py); GPU/TPU and bfloat16 logits keep the reference
     path and its kernels."""
     if cfg.head_loss == "auto":
         f32 = cfg.compute_dtype == "float32" and cfg.param_dtype == "float32"

@@ -8,7 +8,7 @@ tokens go through in chunks of `chunk` rows (lax.scan): each chunk's logits, sof
 op of the step, so the gradients are computed in the forward pass and the backward only scales them by the incoming
 cotangent (the chunked-loss trick of Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024).
 
-Same math as `scaling.model.cross_entropy(x @ W^T, targets)` in float32 (tests/test_model.py: values and gradients).
+Same math as `scaling.model.decoder.cross_entropy(x @ W^T, targets)` in float32 (tests/test_model.py: values and gradients).
 Shapes: N tokens, C chunk, D d_model, V vocabulary.
 """
 

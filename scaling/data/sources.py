@@ -192,7 +192,7 @@ def local_source(pattern: str, text_field: str = "text", max_bytes: int | None =
 
 
 def embedded_source(max_bytes: int | None = None, doc_bytes: int = DOC_BYTES) -> Source:
-    """The offline default: 24 MB of public-domain English prose shipped in scaling/corpus/ (see its README)."""
+    """The offline default: 24 MB of public-domain English prose shipped in scaling/data/corpus/ (see its README)."""
     if not EMBEDDED_CORPUS.is_file():
         raise ValueError(f"the embedded corpus {EMBEDDED_CORPUS} is missing from this install; reinstall the "
                          "package or use data.source=local with data.path=...")

@@ -10,10 +10,10 @@ the probabilities saved instead of recomputed, which is cheaper on CPU at these 
   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = dS K / sqrt(K),  dK = dS^T Q / sqrt(K).
 
 The math is the reference attention's (float32 softmax of masked scores); tests/test_model.py checks values, gradients
-and causality against `scaling.model.einsum_attention`. Used for training on CPU only; decoding against a KV cache,
+and causality against `scaling.model.decoder.einsum_attention`. Used for training on CPU only; decoding against a KV cache,
 GPUs and TPUs keep jax.nn.dot_product_attention (cuDNN / XLA).
 
-Shapes as in scaling/model.py: B batch, L length, H heads, K head dim, S key length (end of a query block's keys).
+Shapes as in scaling/model/decoder.py: B batch, L length, H heads, K head dim, S key length (end of a query block's keys).
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The throughput benchmark (runner.py) and the reference steps it compares against (references.py)."""

@@ -1,0 +1,3 @@
+from scaling.bench.runner import main
+
+main()

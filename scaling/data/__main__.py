@@ -1,0 +1,3 @@
+from scaling.data.tokens import main
+
+main()

@@ -1,0 +1,5 @@
+import sys
+
+from scaling.sweep.schedule import main
+
+sys.exit(main())

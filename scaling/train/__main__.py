@@ -1,0 +1,3 @@
+from scaling.train.loop import main
+
+main()
