@@ -153,8 +153,14 @@ def _summary(res: dict) -> str:
                 ci = d.get("ci95", {}).get(s)
                 parts.append(f"{s}={d[s]:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""))
         lines.append(f"{key}: " + ", ".join(parts))
+    if res.get("seeds"):
+        sd = res["seeds"]
+        how = "weighted by 1/sigma^2" if sd["weighted"] else "unweighted"
+        lines.append(f"seeds: {sd['n_replicated']} of {sd['n_points']} points replicated, pooled sigma of log loss "
+                     f"{sd['pooled_sigma_log']:.3g}; fits {how}")
     if "N_opt" in res.get("approach3", {}):
-        lines.append(f"(N_opt, D_opt, L_opt at C={res['C_query']:.3g}; intervals: 95% bootstrap over runs)")
+        over = "points with their seeds" if res.get("seeds") else "runs"
+        lines.append(f"(N_opt, D_opt, L_opt at C={res['C_query']:.3g}; intervals: 95% bootstrap over {over})")
     return "\n".join(lines)
 
 
@@ -172,13 +178,10 @@ def cmd_fit(a) -> int:
     elif a.sweep:
         df = load_sweep(a.sweep, n=a.n_convention, c=a.c_convention, skip_corrupt=a.skip_corrupt,
                         mixed_data=a.mixed_data)
-        curves = (load_curves(a.sweep, n=a.n_convention, c=a.c_convention, mixed_data=a.mixed_data)
-                  if 1 in a.approach else None)
+        curves = load_curves(a.sweep, n=a.n_convention, c=a.c_convention, mixed_data=a.mixed_data) if a.plots else None
     else:
         df = load_wandb_offline(a.wandb, N="N_total" if a.n_convention == "total" and a.N == "N" else a.N, D=a.D,
                                 loss=a.loss, C=a.C, budget=a.C, c_convention=a.c_convention)
-    if 1 in a.approach and curves is None:
-        raise ValueError("--approach 1 needs training curves: use --sweep (metrics.jsonl), not --csv/--wandb")
     res, fitted = fit_all(df, approaches=a.approach, C=a.at_C, n_bootstrap=a.bootstrap, curves=curves,
                           n_jobs=a.jobs, seed=a.seed, isoflop_method=a.isoflop_method)
     if a.backtest_below is not None:

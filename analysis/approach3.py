@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
-from analysis.fits import FLOPS_PER_TOKEN
+from analysis.fits import FLOPS_PER_TOKEN, relative_weights
 from analysis.validate import check_min_points, check_positive_finite
 
 
@@ -133,12 +133,13 @@ def constrained_optimum(loss, C: float, cost: TokenCost, N_range: tuple[float, f
     return N, D, float(loss(N, D))
 
 
-def _huber_lse_objective(p, logN, logD, logL, delta):
-    """Sum over points of Huber_delta(LSE(a - alpha log N, b - beta log D, e) - log L), and its gradient.
+def _huber_lse_objective(p, logN, logD, logL, delta, c_P=None):
+    """Sum over points of Huber_delta(c (LSE(a - alpha log N, b - beta log D, e) - log L)), and its gradient.
 
     p = (a, b, e, alpha, beta) with A = e^a, B = e^b, E = e^e (Hoffmann et al. 2022 eq. 9 / appendix D.2).
     Summed, not averaged: with a mean the objective and gradient are ~1/n smaller, and L-BFGS's absolute
     tolerances then stop it early (Besiroglu et al. 2024, "Chinchilla scaling: a replication attempt").
+    c_P: per-point residual scales sqrt(w / mean w), w = 1/sigma^2 (None: all 1, the paper's objective).
     """
     a, b, e, alpha, beta = p
     # Log-sum-exp written out (not scipy.special.logsumexp): this runs ~10^4 times per fit, and the softmax
@@ -148,19 +149,25 @@ def _huber_lse_objective(p, logN, logD, logL, delta):
     e0_P, e1_P, e2_P = np.exp(z0_P - m_P), np.exp(z1_P - m_P), np.exp(e - m_P)
     s_P = e0_P + e1_P + e2_P
     r_P = m_P + np.log(s_P) - logL
+    if c_P is not None:
+        r_P = c_P * r_P
     absr = np.abs(r_P)
     loss = np.where(absr <= delta, 0.5 * r_P * r_P, delta * (absr - 0.5 * delta)).sum()
     w_P = np.clip(r_P, -delta, delta) / s_P  # Huber derivative times d(LSE)/dz = softmax
+    if c_P is not None:
+        w_P = c_P * w_P  # chain rule through the scaled residual
     g0_P, g1_P = w_P * e0_P, w_P * e1_P
     grad = np.array([g0_P.sum(), g1_P.sum(), (w_P * e2_P).sum(), -(g0_P @ logN), -(g1_P @ logD)])
     return loss, grad
 
 
-def _huber_lse_batch(p_Sx5, logN, logD, logL, delta) -> np.ndarray:
+def _huber_lse_batch(p_Sx5, logN, logD, logL, delta, c_P=None) -> np.ndarray:
     """The same objective for S parameter vectors at once (grid screening), shape (S,)."""
     a, b, e, alpha, beta = (p_Sx5[:, i:i + 1] for i in range(5))
     z_SxPx3 = np.stack([a - alpha * logN, b - beta * logD, np.broadcast_to(e, (len(p_Sx5), len(logN)))], axis=2)
     r_SxP = np.abs(special.logsumexp(z_SxPx3, axis=2) - logL)
+    if c_P is not None:
+        r_SxP = c_P * r_SxP
     return np.where(r_SxP <= delta, 0.5 * r_SxP ** 2, delta * (r_SxP - 0.5 * delta)).sum(axis=1)
 
 
@@ -183,31 +190,39 @@ def _check_ND_loss(N, D, loss, what: str):
 
 
 def fit_approach3(N, D, loss, *, delta: float = 1e-3, n_starts: int | None = 32,
-                  init: Sequence[float] | None = None, flops_per_token: float = FLOPS_PER_TOKEN) -> Approach3Fit:
+                  init: Sequence[float] | None = None, flops_per_token: float = FLOPS_PER_TOKEN,
+                  weights=None) -> Approach3Fit:
     """Hoffmann et al. 2022 appendix D.2: minimise the summed Huber (delta 1e-3) of log-loss residuals over the
     log-sum-exp parameterisation with L-BFGS from the paper's grid of initialisations, keep the best.
 
     `n_starts`: run L-BFGS from the `n_starts` grid points with the lowest objective (None = all 4500, as the
     paper; on the Chinchilla subset the best of 32 reaches the full grid's optimum to 1e-15 at 1/60 of the cost);
     `init` = (E, A, B, alpha, beta) adds one start (used to warm-start bootstrap refits).
+    `weights`: w_i = 1/sigma_i^2 of each point's log loss (seed noise, analysis.seeds). Each residual is scaled by
+    sqrt(w_i / mean w) before the Huber: a standardised residual r_i / sigma_i times the constant sigma_bar =
+    mean(1/sigma^2)^-1/2, so delta keeps its units (log loss at the typical noise sigma_bar), residuals inside delta
+    get the inverse-variance weights w_i of least squares (Aitken 1935) and those beyond it, in the Huber's linear
+    part, weights sqrt(w_i) ~ 1/sigma_i, as a Laplace likelihood would. Uniform weights are the unweighted fit exactly.
     """
     N, D, loss = _check_ND_loss(N, D, loss, "approach 3")
     if init is None and n_starts is not None and n_starts < 1:
         raise ValueError(f"n_starts={n_starts} with no init leaves nothing to start from; give n_starts >= 1 or init")
+    w = relative_weights(weights, len(N), "approach 3")
+    c_P = None if w is None else np.sqrt(w)
     logN, logD, logL = np.log(N), np.log(D), np.log(loss)
     grid_Sx5 = GRID_Sx5
     if n_starts == 0:
         grid_Sx5 = grid_Sx5[:0]  # warm start only (bootstrap refits): skip screening the grid
     elif n_starts is not None and n_starts < len(grid_Sx5):
         # Screen the grid by objective value (vectorised) and refine the most promising starts.
-        grid_Sx5 = grid_Sx5[np.argsort(_huber_lse_batch(grid_Sx5, logN, logD, logL, delta))[:n_starts]]
+        grid_Sx5 = grid_Sx5[np.argsort(_huber_lse_batch(grid_Sx5, logN, logD, logL, delta, c_P))[:n_starts]]
     if init is not None:
         E0, A0, B0, al0, be0 = init
         grid_Sx5 = np.vstack([[np.log(A0), np.log(B0), np.log(E0), al0, be0], grid_Sx5])
     best = None
     for p0 in grid_Sx5:
-        r = optimize.minimize(_huber_lse_objective, p0, args=(logN, logD, logL, delta), jac=True, method="L-BFGS-B",
-                              options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-10})
+        r = optimize.minimize(_huber_lse_objective, p0, args=(logN, logD, logL, delta, c_P), jac=True,
+                              method="L-BFGS-B", options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-10})
         if np.all(np.isfinite(r.x)) and (best is None or r.fun < best.fun):
             best = r
     a, b, e, alpha, beta = best.x
@@ -216,20 +231,26 @@ def fit_approach3(N, D, loss, *, delta: float = 1e-3, n_starts: int | None = 32,
                         flops_per_token=flops_per_token)
 
 
-def _vp_inner(alpha, beta, N, D, loss):
-    """For fixed exponents the model is linear in (E, A, B) >= 0: nonnegative least squares."""
+def _vp_inner(alpha, beta, N, D, loss, sqrt_w=None):
+    """For fixed exponents the model is linear in (E, A, B) >= 0: nonnegative least squares (rows scaled by
+    sqrt(w) when weighted: weighted least squares as ordinary least squares on scaled rows)."""
     X_Px3 = np.stack([np.ones_like(N), N ** -alpha, D ** -beta], axis=1)
+    if sqrt_w is not None:
+        X_Px3, loss = X_Px3 * sqrt_w[:, None], loss * sqrt_w
     scale = X_Px3.max(axis=0)  # column scaling for conditioning; undone below
     coef, rnorm = optimize.nnls(X_Px3 / scale, loss)
     return coef / scale, rnorm ** 2
 
 
 def fit_approach3_vpnls(N, D, loss, *, flops_per_token: float = FLOPS_PER_TOKEN,
-                        grid: int = 16, init: Sequence[float] | None = None) -> Approach3Fit:
+                        grid: int = 16, init: Sequence[float] | None = None, weights=None) -> Approach3Fit:
     """Variable projection (Golub & Pereyra 1973) of Hoffmann et al. 2022 eq. 2: solve (E, A, B) by nonnegative
     least squares for each (alpha, beta), and minimise the remaining squared error over (alpha, beta) from a coarse
-    grid with Nelder-Mead. Squared error on loss (not Huber on log loss): fast and smooth, used for the bootstrap."""
+    grid with Nelder-Mead. Squared error on loss (not Huber on log loss): fast and smooth, used for the bootstrap.
+    `weights`: 1/sigma^2 of each point's loss (not log loss), multiplying its squared residual."""
     N, D, loss = _check_ND_loss(N, D, loss, "approach 3 (VPNLS)")
+    w = relative_weights(weights, len(N), "approach 3 (VPNLS)")
+    sqrt_w = None if w is None else np.sqrt(w)
     # Rescale N, D so N^-alpha stays well inside float range for any alpha in the search box.
     sN, sD = np.exp(np.mean(np.log(N))), np.exp(np.mean(np.log(D)))
     n, d = N / sN, D / sD
@@ -238,7 +259,7 @@ def fit_approach3_vpnls(N, D, loss, *, flops_per_token: float = FLOPS_PER_TOKEN,
         al, be = p
         if not (0.01 <= al <= 3 and 0.01 <= be <= 3):
             return 1e30
-        return _vp_inner(al, be, n, d, loss)[1]
+        return _vp_inner(al, be, n, d, loss, sqrt_w)[1]
 
     if init is not None:
         starts = [np.array(init[3:5], float)]
@@ -252,7 +273,7 @@ def fit_approach3_vpnls(N, D, loss, *, flops_per_token: float = FLOPS_PER_TOKEN,
         if best is None or r.fun < best.fun:
             best = r
     al, be = best.x
-    (E, An, Bd), res = _vp_inner(al, be, n, d, loss)
+    (E, An, Bd), res = _vp_inner(al, be, n, d, loss, sqrt_w)
     # Undo the rescaling: A / N^alpha = An / (N/sN)^alpha, so A = An sN^alpha.
     return Approach3Fit(E=float(E), A=float(An * sN ** al), B=float(Bd * sD ** be), alpha=float(al), beta=float(be),
                         n_points=len(N), objective=float(res), method="vpnls", flops_per_token=flops_per_token)

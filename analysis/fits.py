@@ -56,6 +56,21 @@ def fit_power_law(x, y, weights=None, *, name: str = "y") -> PowerLaw:
     return PowerLaw(a=float(a), k=float(np.exp(log_k)), n_points=len(x))
 
 
+def relative_weights(weights, n: int, what: str) -> np.ndarray | None:
+    """Per-point weights w_i = 1/sigma_i^2 (inverse-variance weighting of least squares: Aitken 1935; e.g. Seber &
+    Lee 2003, Linear Regression Analysis, sec. 3.10) scaled to mean 1, or None when there are none or all are equal:
+    a uniform weight is the unweighted fit, and None keeps that fit bit-identical. Mean 1 leaves the objective's
+    scale as unweighted, so a Huber delta keeps its units (analysis.approach3)."""
+    if weights is None:
+        return None
+    w = check_positive_finite(weights, f"{what} weights")
+    if len(w) != n:
+        raise ValueError(f"{what} weights: {len(w)} given for {n} points; give one weight (1/sigma^2) per point")
+    if np.all(w == w[0]):
+        return None
+    return w / w.mean()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Kaplan et al. 2020: L(X) = (X_c / X)^alpha_X [+ E]   (eqs. 1.1, 1.2, 1.3)
 # --------------------------------------------------------------------------------------------------------------------
@@ -77,26 +92,29 @@ class KaplanFit:
         return {f"alpha_{v}": self.alpha, f"{v}_c": self.X_c, "E": self.E, "n_points": self.n_points}
 
 
-def fit_kaplan(X, L, *, variable: str = "N", irreducible: bool = False) -> KaplanFit:
+def fit_kaplan(X, L, *, variable: str = "N", irreducible: bool = False, weights=None) -> KaplanFit:
     """Fit Kaplan et al. 2020 eq. 1.1-1.3: L = (X_c/X)^alpha, optionally + E (their eq. 1.4 style offset).
 
     Without E this is linear in log space. With E we minimise squared error of log L, which keeps the large-loss
-    small models from dominating, starting from the E = 0 solution.
+    small models from dominating, starting from the E = 0 solution. `weights` (1/sigma^2 of log L per point, e.g.
+    from seed replicates: analysis.seeds) multiply the squared log residuals.
     """
     X = check_positive_finite(X, variable)
     L = check_positive_finite(L, "loss")
     n_params = 3 if irreducible else 2
     check_min_points(len(X), n_params + (1 if irreducible else 0), f"Kaplan L({variable})")
-    pl = fit_power_law(X, L, name="loss")  # log L = log k + a log X, a = -alpha, k = X_c^alpha
+    w = relative_weights(weights, len(X), f"Kaplan L({variable})")
+    pl = fit_power_law(X, L, w, name="loss")  # log L = log k + a log X, a = -alpha, k = X_c^alpha
     alpha0 = max(-pl.a, 1e-3)
     logXc0 = np.log(pl.k) / alpha0
     if not irreducible:
         return KaplanFit(variable, alpha=-pl.a, X_c=float(np.exp(logXc0)), E=0.0, n_points=len(X))
     logX, logL = np.log(X), np.log(L)
+    sqrt_w = 1.0 if w is None else np.sqrt(w)
 
     def resid(p):
         alpha, logXc, logE = p
-        return np.log(np.exp(logE) + np.exp(alpha * (logXc - logX))) - logL
+        return (np.log(np.exp(logE) + np.exp(alpha * (logXc - logX))) - logL) * sqrt_w
 
     best = None
     for frac in (0.1, 0.5, 0.9):  # E starts at a fraction of the smallest loss
@@ -193,19 +211,24 @@ class Parabola:
         return self.c0 + self.c1 * x + self.c2 * x ** 2
 
 
-def fit_parabola(x, loss, *, window: int | None = None, budget: float | None = None) -> Parabola:
+def fit_parabola(x, loss, *, window: int | None = None, budget: float | None = None, weights=None) -> Parabola:
     """Least-squares parabola of loss in x = log N. `window` keeps only the `window` points nearest the empirical
-    minimum on each side (Porian et al. 2024 fit near the minimum: far points of an IsoFLOP curve are not parabolic)."""
+    minimum on each side (Porian et al. 2024 fit near the minimum: far points of an IsoFLOP curve are not parabolic).
+    `weights` (1/sigma^2 of each point's loss, e.g. its seed noise: analysis.seeds) multiply the squared residuals."""
     x, loss = np.asarray(x, float), np.asarray(loss, float)
+    where = f" at budget C={budget:.4g}" if budget is not None else ""
+    w = relative_weights(weights, len(x), f"IsoFLOP parabola{where}")
     order = np.argsort(x)
     x, loss = x[order], loss[order]
+    w = None if w is None else w[order]
     if window is not None:
         i = int(np.argmin(loss))
         sl = slice(max(i - window, 0), i + window + 1)
         x, loss = x[sl], loss[sl]
-    where = f" at budget C={budget:.4g}" if budget is not None else ""
+        w = None if w is None else w[sl]
     check_min_points(len(np.unique(x)), 3, f"IsoFLOP parabola{where} (distinct sizes)")
-    c2, c1, c0 = np.polyfit(x, loss, 2)
+    # np.polyfit's w multiplies the residual (not its square), hence sqrt.
+    c2, c1, c0 = np.polyfit(x, loss, 2) if w is None else np.polyfit(x, loss, 2, w=np.sqrt(w))
     if c2 <= 0:
         raise ValueError(f"IsoFLOP parabola{where} opens downwards (curvature {c2:.3g}): the sizes do not bracket "
                          "the minimum; add smaller and larger models at this budget or drop the budget")
@@ -226,8 +249,10 @@ def _akima_min(x, loss, multiplier: int = 25) -> tuple[float, float] | None:
     return float(grid[i]), float(np.exp(vals[i]))
 
 
-def _budget_minimum(x, loss, method: str, window: int | None, C: float) -> tuple[float, float, Parabola | None]:
-    """(x_opt, loss_opt, parabola) for one IsoFLOP curve; raises ValueError when the minimum is not bracketed."""
+def _budget_minimum(x, loss, method: str, window: int | None, C: float,
+                    weights=None) -> tuple[float, float, Parabola | None]:
+    """(x_opt, loss_opt, parabola) for one IsoFLOP curve; raises ValueError when the minimum is not bracketed.
+    `weights` weight the parabola's points; Akima interpolates the (averaged) points and takes none."""
     if method == "akima":
         check_min_points(len(np.unique(x)), 3, f"IsoFLOP interpolation at budget C={C:.4g} (distinct sizes)")
         found = _akima_min(x, loss)
@@ -235,7 +260,7 @@ def _budget_minimum(x, loss, method: str, window: int | None, C: float) -> tuple
             raise ValueError(f"IsoFLOP curve at budget C={C:.4g}: lowest loss is at the smallest or largest size, "
                              "so the minimum is not bracketed; add sizes beyond it or drop the budget")
         return found[0], found[1], None
-    p = fit_parabola(x, loss, window=window, budget=C)
+    p = fit_parabola(x, loss, window=window, budget=C, weights=weights)
     if not (np.min(x) <= p.x_min <= np.max(x)):
         raise ValueError(f"IsoFLOP parabola at budget C={C:.4g}: its minimum lies outside the sizes tried; "
                          "add sizes around the minimum or drop the budget")
@@ -271,18 +296,21 @@ def slice_C(g: pd.DataFrame, budget: float, N_opt: float | None = None) -> float
     return float(np.exp(np.interp(np.log(N_opt), s.index.to_numpy(), s.to_numpy())))
 
 
-def isoflop_minimum(g: pd.DataFrame, C: float, *, method: str = "parabola", window: int | None = None) -> dict:
+def isoflop_minimum(g: pd.DataFrame, C: float, *, method: str = "parabola", window: int | None = None,
+                    run_weights: str | None = None) -> dict:
     """One IsoFLOP curve (runs of one budget C): the loss minimum over log N and, separately, over log D. The result's
-    "C" is the slice's C in the table's convention (`slice_C`), "budget" the budget it was planned at."""
-    xN, lN, pN = _budget_minimum(np.log(g["N"].to_numpy()), g["loss"].to_numpy(), method, window, C)
-    xD, _, pD = _budget_minimum(np.log(g["D"].to_numpy()), g["loss"].to_numpy(), method, window, C)
+    "C" is the slice's C in the table's convention (`slice_C`), "budget" the budget it was planned at. `run_weights`
+    names a column of per-run parabola weights (1/sigma^2 of the loss)."""
+    w = None if run_weights is None else g[run_weights].to_numpy(float)
+    xN, lN, pN = _budget_minimum(np.log(g["N"].to_numpy()), g["loss"].to_numpy(), method, window, C, w)
+    xD, _, pD = _budget_minimum(np.log(g["D"].to_numpy()), g["loss"].to_numpy(), method, window, C, w)
     N_opt = float(np.exp(xN))
     return {"C": slice_C(g, C, N_opt), "budget": C, "N_opt": N_opt, "D_opt": float(np.exp(xD)), "loss_opt": lN,
             "n_runs": len(g), "parabola_N": pN, "parabola_D": pD}
 
 
 def isoflop_minima(df: pd.DataFrame, *, method: str = "parabola", window: int | None = None,
-                   min_runs: int = 3) -> tuple[pd.DataFrame, pd.DataFrame]:
+                   min_runs: int = 3, run_weights: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per budget (column `budget`, else `C`): minimum of loss over log N and, separately, over log D.
 
     Returns (minima, skipped): budgets whose minimum is not bracketed are skipped with the reason, never fitted.
@@ -297,7 +325,7 @@ def isoflop_minima(df: pd.DataFrame, *, method: str = "parabola", window: int | 
             skipped.append({"C": float(C), "n_runs": len(g), "reason": f"fewer than {min_runs} runs"})
             continue
         try:
-            rows.append(isoflop_minimum(g, float(C), method=method, window=window))
+            rows.append(isoflop_minimum(g, float(C), method=method, window=window, run_weights=run_weights))
         except ValueError as exc:
             skipped.append({"C": float(C), "n_runs": len(g), "reason": str(exc)})
     if len(rows) < 2:
@@ -319,15 +347,16 @@ class Approach2Fit:
 
 
 def fit_approach2(df: pd.DataFrame, *, weights: Sequence[float] | None = None, method: str = "parabola",
-                  window: int | None = None, min_runs: int = 3) -> Approach2Fit:
+                  window: int | None = None, min_runs: int = 3, run_weights: str | None = None) -> Approach2Fit:
     """Hoffmann et al. 2022 sec. 3.2: per budget, a parabola of loss in log N (and in log D) gives N_opt(C),
     D_opt(C); then N_opt = k C^a and D_opt = k' C^b by (weighted) least squares in log space.
 
     `method="akima"` locates each minimum by Akima interpolation instead (Porian et al. 2024).
     `weights` (one per budget: a column name of `df`, constant within a budget, or a sequence in increasing C)
-    multiply the squared log residuals, e.g. 1/sd^2 as Porian et al. 2024.
+    multiply the squared log residuals, e.g. 1/sd^2 as Porian et al. 2024. `run_weights` names a column of per-run
+    weights for the parabolas (1/sigma^2 of each run's loss, from seed replicates: analysis.seeds).
     """
-    minima, skipped = isoflop_minima(df, method=method, window=window, min_runs=min_runs)
+    minima, skipped = isoflop_minima(df, method=method, window=window, min_runs=min_runs, run_weights=run_weights)
     w = None
     if isinstance(weights, str):
         key = isoflop_key(df)

@@ -139,6 +139,9 @@ def runs_table(rows: Iterable[dict], *, n: str = "non_embedding", c: str | None 
         status = _str(r.get("status")) or "unknown"
         N, D, loss = _num(r.get(N_CONVENTIONS[n])), _num(r.get("D")), _num(r.get("loss"))
         reason = _reason(r, status, N, D, loss)
+        if not reason and _str(r.get("role")) == "parent":
+            reason = ("a ladder parent: its loss ends a constant-lr stable phase, no point of a law (its branches, "
+                      "which cool down, are)")
         C_record, own = _num(r.get("C")), _str(r.get("C_convention"))
         by_conv = _C_by_convention(r)
         budget = _num(r.get("budget")) if _str(r.get("budget_kind")) in ("flops", "") else math.nan
@@ -161,6 +164,8 @@ def runs_table(rows: Iterable[dict], *, n: str = "non_embedding", c: str | None 
                     "budget_C": _num(budget_C), "budget_convention": budget_conv or None, "C_record": C_record,
                     "sweep": r.get("sweep"), "seed": r.get("seed"), "train_loss": _num(r.get("train_loss")),
                     "lr": _num(r.get("lr")),  # peak learning rate; groups learning-rate sweeps
+                    "schedule": _str(r.get("schedule")) or None, "role": _str(r.get("role")) or None,
+                    "parent": _str(r.get("parent")) or None, "C_spent": _num(r.get("C_spent")),
                     "run_dir": r.get("run_dir")})
     return _finish(out, n, conv)
 
@@ -271,6 +276,21 @@ def load_curves(sweep_dir: str | Path, *, loss: str = "train_loss", n: str = "no
     if not frames:
         raise ValueError(f"no usable run below {str(sweep_dir)!r} has a metrics.jsonl with tokens, flops and {loss}")
     return pd.concat(frames, ignore_index=True)
+
+
+def endpoint_curves(df: pd.DataFrame) -> pd.DataFrame:
+    """Chinchilla Approach 1's curves from valid points only: per model size (N), the final losses of its usable runs
+    at their D and C, in increasing C (columns run, N, C, D, loss).
+
+    A run's intermediate losses are not the losses of runs of that length: a cosine run has not annealed at step t < T
+    (Hoffmann et al. 2022, Appendix B, Fig. A1: the cycle must match the run), nor has a WSD run in its stable phase
+    (Hägele et al. 2024, Sec. 3). The end of every run that anneals to its own D is valid: a size trained to several D
+    (on several IsoFLOP budget lines, a ladder's branches, a grid) gives one curve through those ends."""
+    runs = usable(df)
+    runs = runs[runs["schedule"].fillna("") != "constant"] if "schedule" in runs else runs
+    return pd.DataFrame({"run": [f"N={n:.6g}" for n in runs["N"]], "N": runs["N"].to_numpy(float),
+                         "C": runs["C"].to_numpy(float), "D": runs["D"].to_numpy(float),
+                         "loss": runs["loss"].to_numpy(float)}).sort_values(["run", "C"], ignore_index=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -74,10 +74,19 @@ def _log_x_ticks(ax, values) -> None:
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
+def _seed_errorbars(ax, spread: pd.DataFrame | None, x: str, color=None, label: str | None = None) -> None:
+    """+-1 sigma over seeds around each replicated point's mean loss (analysis.seeds.replicate_points rows)."""
+    if spread is None or spread.empty:
+        return
+    ax.errorbar(spread[x], spread["loss"], yerr=spread["sigma"], fmt="_", ms=7, color=color or "k", ecolor=color or "k",
+                elinewidth=1, capsize=2.5, zorder=4, label=label)
+
+
 def plot_loss_vs_compute(df: pd.DataFrame, out_dir: Path, kaplan_C: KaplanFit | None = None,
-                         curves: pd.DataFrame | None = None) -> list[Path]:
+                         curves: pd.DataFrame | None = None, spread: pd.DataFrame | None = None) -> list[Path]:
     """Final losses (or whole training curves) against C, the compute-efficient frontier and the fitted L(C_min)
-    (Kaplan et al. 2020 fig. 1). With curves, the frontier is their lower envelope, else that of final losses."""
+    (Kaplan et al. 2020 fig. 1). With curves, the frontier is their lower envelope, else that of final losses.
+    `spread`: seed-replicated points (mean loss, sigma), drawn as mean +- sigma."""
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5.5, 4))
         norm = matplotlib.colors.Normalize(np.log10(df["N"].min()), np.log10(df["N"].max()))
@@ -94,6 +103,7 @@ def plot_loss_vs_compute(df: pd.DataFrame, out_dir: Path, kaplan_C: KaplanFit | 
         ax.scatter(df["C"], df["loss"], c=np.log10(df["N"]), cmap=cmap, norm=norm, s=18, alpha=0.9, lw=0.4, zorder=3,
                    edgecolors="k", label="final loss (fitted)")
         fig.colorbar(matplotlib.cm.ScalarMappable(norm, cmap), ax=ax, label=r"$\log_{10} N$")
+        _seed_errorbars(ax, spread, "C", label=r"mean $\pm\sigma$ over seeds")
         ax.plot(fx, fy, color="k", lw=1.2, label="frontier (lower envelope)")
         if kaplan_C is not None:
             c = np.geomspace(fx.min(), fx.max(), 100)
@@ -106,8 +116,9 @@ def plot_loss_vs_compute(df: pd.DataFrame, out_dir: Path, kaplan_C: KaplanFit | 
         return _save(fig, out_dir, "loss_vs_compute")
 
 
-def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path) -> list[Path]:
-    """IsoFLOP curves: loss vs N per budget, fitted parabolas in log N and their minima (Hoffmann fig. 3 left)."""
+def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path, spread: pd.DataFrame | None = None) -> list[Path]:
+    """IsoFLOP curves: loss vs N per budget, fitted parabolas in log N and their minima (Hoffmann fig. 3 left).
+    `spread`: seed-replicated points (mean loss, sigma), drawn as mean +- sigma in their budget's colour."""
     key = isoflop_key(df)
     colors = _budget_colors(df[key])
     with plt.rc_context(STYLE):
@@ -125,6 +136,10 @@ def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path) -> list[Pat
                 ax.plot(np.exp(x), row.parabola_N(x), color=colors[row.budget], lw=1.2, label=f"C={row.budget:.1e}")
             ax.plot(row.N_opt, row.loss_opt, marker="*", color="k", ms=9, zorder=4)
         ax.plot([], [], "k*", label="minimum")
+        if spread is not None and not spread.empty:
+            for b, g in spread.groupby("budget" if key == "budget" else "C"):
+                _seed_errorbars(ax, g, "N", colors.get(b, "k"))
+            ax.errorbar([], [], yerr=[], fmt="_", color="k", capsize=2.5, label=r"mean $\pm\sigma$ over seeds")
         ax.set(xscale="log", xlabel="parameters N", ylabel="final loss [nats/token]", title="IsoFLOP curves")
         _log_x_ticks(ax, df["N"])
         ax.legend(fontsize=7, ncol=2)

@@ -14,28 +14,37 @@ import pandas as pd
 from analysis import plots
 from analysis.approach3 import Approach3Fit, TokenCost
 from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, isoflop_key, lower_envelope
-from analysis.load import excluded, load_curves, load_runs_csv, load_sweep, usable
+from analysis.load import endpoint_curves, excluded, load_curves, load_runs_csv, load_sweep, usable
 from analysis.lr import lr_sweeps
+from analysis.seeds import POINT, W_LOG, W_LOSS, point_means, seed_noise
 from analysis.uncertainty import (Approach1Stat, Approach2Stat, Approach3Stat, KaplanStat, backtest, bootstrap)
 from scaling.record import clean_json, write_json_atomic, write_text_atomic
 
 APPROACHES = (1, 2, 3)
-NO_CURVES = ("a run table (runs.csv) has no training curves, which Approach 1 needs (each run's metrics.jsonl): "
-             "report on the sweep directory to fit it")
+
 
 
 def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, n_bootstrap: int = 200,
             curves: pd.DataFrame | None = None, seed: int = 0, n_jobs: int = 2, isoflop_method: str = "parabola",
-            approach3_method: str = "huber", no_curves: str | None = None) -> tuple[dict, dict]:
+            approach3_method: str = "huber") -> tuple[dict, dict]:
     """Fit the requested approaches on the usable runs of `df`. Returns (results for JSON, fitted objects for
     plots). A fit that cannot run on this data is reported with its reason instead of failing the others.
 
     Every approach fits against the table's C and is queried at the one `C_query` (`C`, else one decade beyond the
     largest run). Approach 2 groups runs by their planned budget; each slice's C is in the table's convention
-    (analysis.fits.slice_C). `no_curves` says why Approach 1 has no curves when it has none."""
+    (analysis.fits.slice_C). `curves` (training curves, from
+    metrics.jsonl) only draw the Kaplan L(C) frontier; Approach 1 fits valid points only (analysis.load.endpoint_curves).
+
+    Seed replicates (analysis.seeds): runs of one point at several seeds. Then results["seeds"] holds the seed spread,
+    the bootstraps resample points with their seeds, Kaplan's L(N), L(D) take point means, and when the seed noise
+    varies with N, D the fits are weighted by 1/sigma^2. Without replicates all of this is skipped: the same fits."""
     runs = usable(df)
     if runs.empty:
         raise ValueError("no usable runs: every run is excluded (see the excluded list); nothing to fit")
+    noise = seed_noise(runs)
+    weighted = noise is not None and noise.weighted
+    if noise is not None:
+        runs = noise.runs  # + the point id and its sigma / weights
     bad = sorted(set(approaches) - set(APPROACHES))
     if bad:
         raise ValueError(f"approach {bad} is unknown; choose from 1, 2, 3 (e.g. --approach 2,3)")
@@ -48,6 +57,11 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
            "n_runs": int(len(df)), "n_used": int(len(runs)), "C_query": C,
            "excluded": excluded(df)[["name", "status", "reason"]].to_dict("records")}
     fitted: dict = {}
+    if noise is not None:
+        res["seeds"], fitted["seeds"] = noise.as_dict(), noise
+
+    def w_of(col):  # a weight column, or None (unweighted) when the noise is the same everywhere / unmeasured
+        return col if weighted else None
 
     def attempt(key, fn):
         try:
@@ -56,13 +70,22 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
             res[key] = {"error": str(exc)}
 
     boot = dict(n_resamples=n_bootstrap, seed=seed, n_jobs=n_jobs)
+    if noise is not None:
+        boot["group"] = POINT  # a cluster bootstrap: a point with all its seeds (analysis.uncertainty)
 
     def kaplan():
         out = {}
+        # With replicates, the best point per size by its mean over seeds: a minimum over seeds is biased low.
+        points = point_means(noise) if noise is not None else None
         for var in ("N", "D"):
-            best = runs.groupby(var)["loss"].min()
+            if points is None:
+                best = runs.groupby(var)["loss"].min()
+                X, L, w = best.index, best.to_numpy(), None
+            else:
+                best = points.loc[points.groupby(var)["loss"].idxmin()]
+                X, L, w = best[var].to_numpy(), best["loss"].to_numpy(), best[W_LOG] if weighted else None
             if len(best) >= 3:
-                fitted[f"kaplan_{var}"] = fit_kaplan(best.index, best.to_numpy(), variable=var)
+                fitted[f"kaplan_{var}"] = fit_kaplan(X, L, variable=var, weights=w)
                 out[f"L({var})"] = fitted[f"kaplan_{var}"].as_dict()
         # Kaplan et al. 2020 fit L(C_min) on the compute-efficient frontier of training curves when we have them.
         fx, fy = lower_envelope(*((curves["C"], curves["loss"]) if curves is not None else (runs["C"], runs["loss"])))
@@ -71,15 +94,24 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
         return out
 
     def approach1():
-        if curves is None:
-            raise ValueError(no_curves or "approach 1 needs training curves (metrics.jsonl); give a sweep directory")
-        fitted["a1"] = fit_approach1(curves)
+        # Valid points only: each model size's curve runs through its runs' final losses (intermediate losses of a
+        # cosine run, or a WSD run's stable phase, are not losses of runs of that length).
+        ends = endpoint_curves(df)
+        if not (ends.groupby("run").size() >= 2).any():
+            raise ValueError("every model size was trained to one D only, so no size has a curve of valid points: "
+                             "Approach 1 needs sizes trained to several D (a ladder's branches, a size on several "
+                             "IsoFLOP budget lines, a size x tokens grid); a run's intermediate losses are not runs "
+                             "of that length")
+        fitted["a1"] = fit_approach1(ends)
         stat = Approach1Stat(C=C)
-        return _with_ci(stat, curves, boot, group="run")
+        out = _with_ci(stat, ends, boot | {"group": "run"})
+        out["points"] = (f"the final losses of {len(ends)} runs, one curve per model size through its runs' ends "
+                         f"({ends['run'].nunique()} sizes): intermediate losses of a run are not runs of that length")
+        return out
 
     def approach2():
-        fitted["a2"] = fit_approach2(runs, method=isoflop_method)
-        stat = Approach2Stat(C=C, method=isoflop_method)
+        fitted["a2"] = fit_approach2(runs, method=isoflop_method, run_weights=w_of(W_LOSS))
+        stat = Approach2Stat(C=C, method=isoflop_method, run_weights=w_of(W_LOSS))
         out = _with_ci(stat, runs, boot, strata=isoflop_key(runs))
         fitted["a2_samples"] = out.pop("_samples", None)
         out["minima"] = fitted["a2"].minima[["C", "N_opt", "D_opt", "loss_opt", "n_runs"]].to_dict("records")
@@ -87,14 +119,16 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
         return out
 
     def approach3():
-        full = Approach3Stat(method=approach3_method, n_starts=32, flops_per_token=fpt).fit(runs)
+        # 1/sigma^2 in each fitter's residual units: log loss for the paper's Huber fit, loss for VPNLS
+        w = w_of(W_LOG if approach3_method == "huber" else W_LOSS)
+        full = Approach3Stat(method=approach3_method, n_starts=32, flops_per_token=fpt, weights=w).fit(runs)
         k = runs["flops_per_token"].to_numpy(float)
         spread = float(k.max() / k.min())
         # One k = C/(N D) describes the runs to within 25%: eq. 4's closed form. Otherwise (small models, whose
         # embedding/head FLOPs dwarf 6N) the optimum is taken on the family's own budget line D = C / f(N).
         cost = TokenCost.from_runs(runs) if spread > 1.25 and runs["N"].nunique() >= 2 else None
         stat = Approach3Stat(C=C, method=approach3_method, flops_per_token=fpt,
-                             init=(full.E, full.A, full.B, full.alpha, full.beta), cost=cost)
+                             init=(full.E, full.A, full.B, full.alpha, full.beta), cost=cost, weights=w)
         out = _with_ci(stat, runs, boot)
         out.pop("_samples", None)
         out.update({k: v for k, v in full.as_dict(C).items() if not isinstance(v, float) or k not in out})
@@ -148,16 +182,18 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
          f"Runs: {res['n_runs']} in the table, {res['n_used']} used in fits, {len(res['excluded'])} excluded.", "",
          "## Conventions", "",
          f"- N: {conv['N']} parameters; C: {conv['C']} (flops per token k = C/(N D) = {conv['flops_per_token']:.4g})",
-         "- loss: final validation loss in nats/token; intervals: 95% percentile bootstrap over runs", ""]
+         "- loss: final validation loss in nats/token; intervals: 95% percentile bootstrap over "
+         + ("points (each with all its seeds)" if res.get("seeds") else "runs"), ""]
     L += ["## Excluded runs", ""]
     if res["excluded"]:
         L += ["| run | status | reason |", "|---|---|---|"] + [
             f"| {e['name']} | {e['status']} | {e['reason']} |" for e in res["excluded"]]
     else:
         L.append("None.")
+    L += _seeds_markdown(res.get("seeds"))
     L += _lr_markdown(res.get("lr_sweeps") or [])
     sections = [("kaplan", "Kaplan et al. 2020 power laws", None),
-                ("approach1", "Chinchilla Approach 1 (training-curve envelope)", ["a", "b", "k_N", "k_D", "N_opt", "D_opt"]),
+                ("approach1", "Chinchilla Approach 1 (envelope of each size's final losses over C)", ["a", "b", "k_N", "k_D", "N_opt", "D_opt"]),
                 ("approach2", "Chinchilla Approach 2 (IsoFLOP parabolas)", ["a", "b", "k_N", "k_D", "N_opt", "D_opt"]),
                 ("approach3", "Chinchilla Approach 3 (parametric L(N, D) = E + A/N^alpha + B/D^beta)",
                  ["E", "A", "B", "alpha", "beta", "a", "b", "N_opt", "D_opt", "L_opt"])]
@@ -173,6 +209,8 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
             for law, f in d.items():
                 L.append(f"- {law}: " + ", ".join(f"{k} = {_fmt(v)}" for k, v in f.items()))
             continue
+        if d.get("points"):
+            L += [f"Points: {d['points']}.", ""]
         if d.get("allocation"):
             L += [f"N_opt, D_opt, L_opt below: on the {d['allocation']}.", ""]
         if "N_opt" in d:
@@ -190,6 +228,29 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
             f"| {k} | {_fmt(v)} |" for k, v in res["backtest"].items()]
     L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(L) + "\n"
+
+
+def _seeds_markdown(seeds: dict | None) -> list[str]:
+    """The "Seed spread" section (analysis.seeds): each point's runs over seeds, the pooled noise, how fits were
+    weighted. None (no point has two seeds): no section."""
+    if not seeds:
+        return []
+    L = ["", "## Seed spread", "",
+         f"{seeds['n_replicated']} of {seeds['n_points']} points were trained at 2 or more seeds ({seeds['n_runs']} "
+         "runs). A point is the runs with equal N, D, planned budget and lr; its loss is their mean and sigma their "
+         "standard deviation over seeds (ddof=1).", "",
+         "| N | D | budget C | lr | n | seeds | mean loss | sigma | sigma / mean |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for p in seeds["points"]:
+        L.append(f"| {_fmt(p['N'])} | {_fmt(p['D'])} | {_fmt(p['budget'])} | {_fmt(p['lr'])} | {p['n']} | "
+                 f"{','.join(map(str, p['seeds'])) or '-'} | {_fmt(p['loss'])} | {_fmt(p['sigma'])} | "
+                 + (f"{p['rel_sigma']:.2%} |" if p["rel_sigma"] is not None else "- |"))
+    L += ["", "- pooled sigma of log loss (relative sigma) over the replicated points: "
+          f"{_fmt(seeds['pooled_sigma_log'])} on {seeds['dof']} degrees of freedom (the within-point mean square, "
+          "sum (n-1) s^2 / sum (n-1)); a point of one run is given it unless the fits are weighted by a trend (below)",
+          f"- fits: {seeds['weighting']}",
+          "- intervals: a bootstrap over points, each drawn with all its seeds (within budgets for Approach 2)"]
+    return L
 
 
 def _lr_markdown(sweeps: list[dict]) -> list[str]:
@@ -225,10 +286,12 @@ def _lr_markdown(sweeps: list[dict]) -> list[str]:
 
 def make_plots(runs: pd.DataFrame, fitted: dict, res: dict, out_dir: Path,
                curves: pd.DataFrame | None = None) -> list[Path]:
-    paths = plots.plot_loss_vs_compute(runs, out_dir, fitted.get("kaplan_C"), curves)
+    noise = fitted.get("seeds")
+    spread = noise.points[noise.points["replicated"]] if noise is not None else None  # +-sigma error bars
+    paths = plots.plot_loss_vs_compute(runs, out_dir, fitted.get("kaplan_C"), curves, spread)
     a2, a3 = fitted.get("a2"), fitted.get("a3")
     if a2 is not None:
-        paths += plots.plot_isoflops(runs, a2, out_dir)
+        paths += plots.plot_isoflops(runs, a2, out_dir, spread)
         paths += plots.plot_optimal_allocation(a2.minima, a2.N_opt, a2.D_opt, out_dir, fitted.get("a2_samples"),
                                                extend_to=res.get("C_query"))
     if isinstance(a3, Approach3Fit):
@@ -246,17 +309,15 @@ def write_report(source: str | Path, out_dir: str | Path | None = None, *, n: st
     C is in the records' own convention unless `c` asks another; `skip_corrupt` and `mixed_data` as in load_sweep.
     Returns the report path."""
     source = Path(source)
-    no_curves = None
     if source.is_file():  # a collected run table (load_runs_csv says so when it is not one)
-        df, curves, no_curves = load_runs_csv(source, n=n, c=c), None, NO_CURVES
+        df, curves = load_runs_csv(source, n=n, c=c), None
     else:
         df = load_sweep(source, n=n, c=c, skip_corrupt=skip_corrupt, mixed_data=mixed_data)
         try:
             curves = load_curves(source, n=n, c=c, mixed_data=mixed_data)
         except ValueError:
             curves = None
-    res, fitted = fit_all(df, C=C, n_bootstrap=n_bootstrap, curves=curves, n_jobs=n_jobs, seed=seed,
-                          no_curves=no_curves)
+    res, fitted = fit_all(df, C=C, n_bootstrap=n_bootstrap, curves=curves, n_jobs=n_jobs, seed=seed)
     sweeps = lr_sweeps(df)
     if sweeps:
         res["lr_sweeps"] = clean_json([s.as_dict() for s in sweeps])

@@ -42,14 +42,28 @@ def isoflop_runs(budgets=(1e17, 3e17, 1e18, 3e18, 1e19), n_per_budget: int = 9, 
     return df
 
 
+def seed_replicates(points: pd.DataFrame, seeds=(0, 1, 2), sigma=0.01, seed: int = 0) -> pd.DataFrame:
+    """Seed replicates of noise-free points (e.g. `isoflop_runs(noise=0)`): one run per point and seed, named
+    `<name>-s<seed>`, with loss = L * exp(sigma_p z), z ~ N(0, 1). `sigma` is one relative noise for every point or
+    one per point (the seed noise analysis.seeds estimates)."""
+    rng = np.random.default_rng(seed)
+    sig = np.broadcast_to(np.asarray(sigma, float), (len(points),))
+    rows = []
+    for (_, p), s_p in zip(points.iterrows(), sig):
+        for s in seeds:
+            rows.append(p.to_dict() | {"name": f"{p['name']}-s{s}", "seed": int(s),
+                                       "loss": float(p["loss"] * np.exp(s_p * rng.standard_normal()))})
+    return pd.DataFrame(rows)
+
+
 # The real record's model and optim objects (scaling.model.decoder.ModelConfig, scaling.train.optim.OptimConfig defaults, written out
 # because analysis never imports the model; tests/test_record.py checks they still match the dataclasses).
 MODEL = {"d_model": 64, "n_layers": 2, "n_heads": 4, "d_ff": None, "vocab_size": 512, "seq_len": 128,
          "pos_encoding": "learned", "tie_embeddings": True, "use_bias": True, "dropout": 0.0, "param_dtype": "float32",
          "compute_dtype": "float32", "remat": "none", "scan_layers": False, "attention": "auto", "attention_block": 64,
-         "head_loss": "auto", "rope_base": 10000.0}
+         "head_loss": "auto", "rope_base": 10000.0, "parametrization": "sp", "mup_base_d_model": None}
 OPTIM = {"lr": 1e-3, "schedule": "cosine", "warmup_steps": None, "warmup_fraction": 0.02, "min_lr_ratio": 0.1,
-         "decay_fraction": 0.2, "b1": 0.9, "b2": 0.95, "eps": 1e-08, "weight_decay": 0.1, "decay_embeddings": False,
+         "decay_fraction": 0.2, "decay_shape": "linear", "b1": 0.9, "b2": 0.95, "eps": 1e-08, "weight_decay": 0.1, "decay_embeddings": False,
          "decay_norms_and_biases": False, "grad_clip": 1.0}
 # C per FLOP convention relative to 6N, for fixtures (the real ratios depend on the shape; these only need to differ).
 FIXTURE_RATIOS = {"6N": 1.0, "kaplan": 1.05, "chinchilla": 1.1}
@@ -95,7 +109,7 @@ def write_sweep(root: str | Path, runs: pd.DataFrame, *, n_steps: int = 20, seq_
             **{f"C_{c}": v for c, v in C_by.items()}, "batch_size": 8, "seq_len": seq_len,
             "C": C, "C_convention": convention, "flops_per_token": {c: v / D for c, v in C_by.items()},
             "budget": {"kind": "flops", "value": float(r["budget"]), "convention": convention}, "sweep": sweep,
-            "model": MODEL | {"seq_len": seq_len}, "optim": OPTIM, "seed": 0,
+            "model": MODEL | {"seq_len": seq_len}, "optim": OPTIM, "seed": int(r.get("seed", 0)),
             "loss": None if status != "completed" else float(r["loss"]),
             "train_loss": float(curve[-1]), "epochs": 0.5,
         })

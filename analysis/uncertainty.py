@@ -3,6 +3,13 @@
 Resampling runs, not points: a run's many logged points are not independent evidence, and the population the
 interval speaks about is "runs we could have trained" (Hoffmann et al. 2022 and Besiroglu et al. 2024 bootstrap
 over runs; Porian et al. 2024 over per-budget noise).
+
+With seed replicates (analysis.seeds) the unit is the point with all its seeds (`group="point"`), drawn within
+budgets: a cluster bootstrap, resampling the top level of two-level data and keeping each cluster whole, which
+Davison & Hinkley 1997 (Bootstrap Methods and their Application, sec. 3.8) recommend since it keeps the
+between-point variation and lets the seeds bring their own noise. Drawing seeds within points instead would hold the
+design fixed, shrink each point mean's variance by (n - 1) / n (half with 2 seeds) and give points of one run none.
+A table with one run per point draws exactly the runs it drew before.
 """
 
 from __future__ import annotations
@@ -37,15 +44,17 @@ class Approach3Stat:
     flops_per_token: float = FLOPS_PER_TOKEN
     cost: TokenCost | None = None  # when given, N_opt, D_opt, L_opt lie on the family's budget line D = C / f(N)
     N_range: tuple[float, float] | None = None  # where that optimum is searched
+    weights: str | None = None  # column of 1/sigma^2 per run, in the method's units (huber: of log loss, vpnls: loss)
 
     def fit(self, df: pd.DataFrame) -> Approach3Fit:
+        w = None if self.weights is None else df[self.weights]
         if self.method == "huber":
             n_starts = self.n_starts if self.init is not None else max(self.n_starts, 32)
             return fit_approach3(df["N"], df["D"], df["loss"], n_starts=n_starts, init=self.init,
-                                 flops_per_token=self.flops_per_token)
+                                 flops_per_token=self.flops_per_token, weights=w)
         if self.method == "vpnls":
             return fit_approach3_vpnls(df["N"], df["D"], df["loss"], init=self.init,
-                                       flops_per_token=self.flops_per_token)
+                                       flops_per_token=self.flops_per_token, weights=w)
         raise ValueError(f"approach 3 method={self.method!r} is unknown; use 'huber' or 'vpnls'")
 
     def __call__(self, df: pd.DataFrame) -> dict:
@@ -64,9 +73,11 @@ class Approach2Stat:
     method: str = "parabola"
     window: int | None = None
     weights: str | None = None
+    run_weights: str | None = None  # column of per-run parabola weights, 1/sigma^2 of the loss (analysis.seeds)
 
     def __call__(self, df: pd.DataFrame) -> dict:
-        f = fit_approach2(df, method=self.method, window=self.window, weights=self.weights)
+        f = fit_approach2(df, method=self.method, window=self.window, weights=self.weights,
+                          run_weights=self.run_weights)
         out = {k: float(v) for k, v in f.as_dict().items() if k != "n_budgets"}
         if self.C is not None:
             out.update(N_opt=float(f.N_opt(self.C)), D_opt=float(f.D_opt(self.C)))

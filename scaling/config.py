@@ -40,6 +40,12 @@ class TrainConfig:
     divergence_factor: float = 3.0  # stop as diverged when the train loss exceeds this x its first value
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; None: table, or a measured CPU probe
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # A branch (a ladder's cooldown, scaling.sweep.plan kind "ladder"): the run starts from the checkpoint of step
+    # `branch_step` of the run in `parent` (a run directory; relative paths are siblings of this run's directory) and
+    # trains on with its own schedule. Same model, data, batch and seed as the parent, so the branch is the run it
+    # would have been from step 0, minus the steps it shares (tested bit for bit).
+    parent: Optional[str] = None
+    branch_step: Optional[int] = None
 
     def __post_init__(self) -> None:
         # "exactly one budget" is checked by check_budget (from resolve_budget), since Hydra merges a preset's
@@ -61,6 +67,13 @@ class TrainConfig:
             )
         if not self.divergence_factor > 1.0:
             raise ValueError(f"train.divergence_factor={self.divergence_factor!r} is invalid: it must exceed 1.")
+        if (self.parent is None) != (self.branch_step is None):
+            raise ValueError(f"train.parent={self.parent!r} and train.branch_step={self.branch_step!r}: a branch needs "
+                             "both (the parent's run directory and the step it forks at), an ordinary run neither.")
+        if self.branch_step is not None and (isinstance(self.branch_step, bool) or not isinstance(self.branch_step, int)
+                                             or self.branch_step < 1):
+            raise ValueError(f"train.branch_step={self.branch_step!r} is invalid: give the parent's step to fork at, "
+                             "a positive integer.")
         if isinstance(self.checkpoint, dict):  # built by hand rather than by OmegaConf
             self.checkpoint = CheckpointConfig(**self.checkpoint)
 
@@ -110,6 +123,10 @@ def resolve_budget(model: ModelConfig, train: TrainConfig) -> Budget:
     else:
         tokens = float(train.flops) / flops_per_token(model, train.flops_convention)
         steps = max(1, round(tokens / tokens_per_step))
+    if train.branch_step is not None and train.branch_step >= steps:
+        raise ValueError(f"train.branch_step={train.branch_step} is not before the run's last step {steps} (D = "
+                         f"{steps * tokens_per_step:.4g} tokens): a branch forks before its own end; raise its budget "
+                         "or fork earlier.")
     D = steps * tokens_per_step
     return Budget(steps, tokens_per_step, D, {c: flops_per_token(model, c) * D for c in FLOP_CONVENTIONS})
 

@@ -250,7 +250,7 @@ COLUMNS = [
     "seq_len", "tokens_per_step", "C", "C_convention", "C_6N", "C_kaplan", "C_chinchilla", "loss", "train_loss",
     "epochs", "d_model", "n_layers", "n_heads", "d_ff", "vocab_size", "lr", "schedule", "warmup_fraction", "seed",
     "tokens_per_s", "mfu", "wall_s", "compile_s", "device_kind", "error", "diverged_step", "git_commit", "run_dir",
-    "schema_version", "budget_convention",
+    "schema_version", "budget_convention", "role", "parent", "branch_step", "C_spent",
 ]
 
 
@@ -274,6 +274,12 @@ def record_row(rec: dict, run_dir: Path | str) -> dict:
         vocab_size=model.get("vocab_size"), lr=optim.get("lr"), schedule=optim.get("schedule"),
         warmup_fraction=optim.get("warmup_fraction"), run_dir=str(run_dir),
         schema_version=rec.get("schema_version", 1),
+        # A ladder branch shares its parent's steps up to branch_step: its C is the whole trajectory's (a point of
+        # the law), C_spent what the run trained itself (a sweep's cost). Records before ladders: C_spent = C.
+        # role: a ladder's "parent" (stable phase only: its loss is no point of a law) or "branch"; else null
+        role="branch" if rec.get("branch") else "parent" if rec.get("branch_points") else None,
+        parent=(rec.get("branch") or {}).get("parent"), branch_step=(rec.get("branch") or {}).get("step"),
+        C_spent=rec.get("C_spent", rec.get("C")),
     )
     return row
 

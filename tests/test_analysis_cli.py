@@ -64,7 +64,6 @@ def test_fit_csv_writes_json_with_paper_symbols_and_intervals(csv_file, tmp_path
 
 @pytest.mark.parametrize("args, match", [
     (["--N", "nparams"], "column 'nparams' (for N) not found"),
-    (["--approach", "1"], "--approach 1 needs training curves"),
 ])
 def test_fit_cli_errors_are_clear(csv_file, capsys, args, match):
     base = ["fit", "--csv", str(csv_file), "--N", "params", "--D", "tokens", "--bootstrap", "0"]
@@ -103,7 +102,9 @@ def test_report_on_sweep_lists_excluded_runs_and_writes_figures(tmp_path):
     assert res["conventions"]["C"] == "6N" and "mismatch" not in md and "convention)" not in md
     assert res["approach3"]["C"] == res["C_query"]
     assert not any("C_query" in res[k] or "C_axis" in res[k] for k in ("approach1", "approach2", "approach3"))
-    assert md.count(f"at C = {res['C_query']:.3g} FLOPs (6N)") == 3
+    # Approach 1 fits valid points only: here every size lies on one budget line, so there is no curve to fit
+    assert "Not fitted: every model size was trained to one D only" in md
+    assert md.count(f"at C = {res['C_query']:.3g} FLOPs (6N)") == 2
     figs = sweep / "report" / "figures"
     assert all((figs / f"{n}.png").stat().st_size > 10_000 for n in ("isoflops", "contours", "optimal_allocation"))
 
@@ -175,7 +176,7 @@ def _numbers(x, key="") -> dict:
     return {key: x}
 
 
-def test_report_on_a_collected_runs_csv_skips_approach1_and_matches_the_sweep(tmp_path):
+def test_report_on_a_collected_runs_csv_matches_the_sweep(tmp_path):
     from scaling.sweep.schedule import collect, write_csv
 
     sweep, _ = family_sweep(tmp_path / "s")
@@ -185,12 +186,13 @@ def test_report_on_a_collected_runs_csv_skips_approach1_and_matches_the_sweep(tm
     assert main(["report", str(sweep), "--out", str(tmp_path / "dir"), "--bootstrap", "0", "--at-C", "1e15"]) == 0
     from_csv = json.loads((tmp_path / "csv" / "results.json").read_text())
     from_dir = json.loads((tmp_path / "dir" / "results.json").read_text())
-    for k in ("approach2", "approach3", "conventions", "C_query"):  # run order differs: fits agree to rounding
+    # Approach 1 too: it fits the runs' final losses, which a run table holds as well as the run directories
+    for k in ("approach1", "approach2", "approach3", "conventions", "C_query"):  # fits agree to rounding
         a, b = _numbers(from_csv[k]), _numbers(from_dir[k])
         assert a.keys() == b.keys(), k
         for path in a:
             same = a[path] == b[path] if isinstance(b[path], str) else a[path] == pytest.approx(b[path], 1e-6, 1e-12)
             assert same, (k, path, a[path], b[path])
     md = (tmp_path / "csv" / "report.md").read_text()
-    assert "Not fitted: a run table (runs.csv) has no training curves" in md
+    assert "Points: the final losses of" in md and "intermediate losses of a run are not runs of that length" in md
     assert "error" not in from_dir["approach1"]

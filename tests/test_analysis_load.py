@@ -281,3 +281,23 @@ def test_a_resumed_wandb_run_is_read_once_from_its_latest_file(tmp_path, monkeyp
     df = L.load_wandb_offline(tmp_path)
     assert len(df) == 1 and seen == ["offline-run-20260101_010000-abc"]
     assert (df["C"].iloc[0], df["C_convention"].iloc[0]) == (7e15, "chinchilla")
+
+
+def test_ladder_parents_are_no_points_and_approach1_takes_run_ends_only():
+    from analysis.load import endpoint_curves, runs_table
+
+    def row(name, N, D, loss, **kw):
+        return {"name": name, "status": "completed", "N": N, "D": D, "loss": loss, "C": 6 * N * D, "C_convention": "6N",
+                "schedule": "wsd", "run_dir": f"s/{name}", **kw}
+
+    rows = [row("parent-a", 1e5, 8e6, 3.5, schedule="constant", role="parent"),
+            row("a-D2e6", 1e5, 2e6, 3.4, role="branch", parent="parent-a", C_spent=6 * 1e5 * 2e6 * 0.2),
+            row("a-D1e7", 1e5, 1e7, 3.1, role="branch", parent="parent-a"),
+            row("b-D1e7", 4e5, 1e7, 3.0, schedule="cosine")]
+    df = runs_table(rows)
+    assert df.set_index("name").loc["parent-a", "reason"].startswith("a ladder parent")
+    assert set(usable(df)["name"]) == {"a-D2e6", "a-D1e7", "b-D1e7"}
+    assert df.set_index("name").loc["a-D2e6", "C_spent"] == pytest.approx(2.4e11)
+    ends = endpoint_curves(df)
+    assert list(ends["run"]) == ["N=100000", "N=100000", "N=400000"]  # one curve per size, through its runs' ends
+    np.testing.assert_allclose(ends["loss"], [3.4, 3.1, 3.0])

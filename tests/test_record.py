@@ -159,10 +159,13 @@ def test_git_commit_inside_and_outside_a_checkout(tmp_path):
 
 
 def test_record_row_has_the_contract_columns_in_order():
-    assert R.COLUMNS[:3] == ["name", "status", "sweep"] and R.COLUMNS[-2:] == ["schema_version", "budget_convention"]
-    assert len(R.COLUMNS) == 41 == len(set(R.COLUMNS))
+    assert R.COLUMNS[:3] == ["name", "status", "sweep"]
+    assert R.COLUMNS[-6:] == ["schema_version", "budget_convention", "role", "parent", "branch_step", "C_spent"]
+    assert len(R.COLUMNS) == 45 == len(set(R.COLUMNS))
     row = R.record_row(R.read_record(V1), "runs/x")
     assert list(row) == R.COLUMNS and row["run_dir"] == "runs/x" and row["lr"] == 0.01 and row["d_ff"] == 32
+    # a record from before ladders: no role, no parent, and it spent its own C
+    assert (row["role"], row["parent"], row["branch_step"], row["C_spent"]) == (None, None, None, row["C"])
 
 
 def test_summary_fields_are_what_analysis_reads_from_wandb():

@@ -5,7 +5,8 @@ Hydra imports every module under `hydra_plugins` at start-up, so this one import
 `vmap`: runs that differ only in lr / seed (an lr plan's runs of one shape and budget, `scaling.train.stack.group_by_shape`)
 go to the launcher as ONE job per group, which calls `scaling.train.loop.train_group`: one vmapped step for the group on a
 GPU/TPU, or the runs one after another on CPU (`auto`, the default, decides in the job from its device; `true` forces
-the vmapped step, `false` gives one job per run as for other plans). `auto` groups only lr plans.
+the vmapped step, `false` gives one job per run as for other plans). `auto` groups lr plans and the seed replicates of
+any plan (`plan.seeds`), whose runs differ only in train.seed.
 """
 
 
@@ -27,7 +28,9 @@ log = logging.getLogger("scaling.sweep.schedule")
 @dataclass
 class PlanSweeperConf:
     _target_: str = "hydra_plugins.scaling_sweeper.plan_sweeper.PlanSweeper"
-    plan: Dict[str, Any] = field(default_factory=dict)  # scaling.sweep.plan.SweepSpec fields
+    # scaling.sweep.plan.SweepSpec fields. `seeds` is present (empty: one run per point, as SweepSpec's default) so that
+    # `hydra.sweeper.plan.seeds=[0,1,2]` works on the command line without `+`, whatever the experiment sets.
+    plan: Dict[str, Any] = field(default_factory=lambda: {"seeds": []})
     run_overrides: Dict[str, List[str]] = field(default_factory=dict)  # run-name glob -> extra overrides
     max_batch_size: Optional[int] = None  # jobs handed to the launcher at once (None: all)
     skip_finished: bool = True  # relaunch: completed / diverged runs are not launched again
@@ -77,6 +80,9 @@ class PlanSweeper(Sweeper):
         combos = BasicSweeper.split_arguments(parsed, None)[0]
         first = loader.load_sweep_config(self.config, combos[0])
         spec = SweepSpec(**self.plan_cfg)
+        if spec.seeds and any(o.split("=", 1)[0].lstrip("+~") == "train.seed" for combo in combos for o in combo):
+            raise ValueError(f"hydra.sweeper.plan.seeds={spec.seeds} and a train.seed override both set the seed (the "
+                             "plan's would win): drop train.seed=... and list every seed in plan.seeds.")
         plan = plan_sweep(spec, OmegaConf.to_object(first.model), first.train.flops_convention)
         sweep_name = first.get("sweep") or spec.prefix or spec.kind
         jobs = S.expand_jobs(plan, sweep_name, combos, self.run_overrides)
@@ -87,7 +93,8 @@ class PlanSweeper(Sweeper):
             return []
 
         # Each job's directory (and, to group runs, its typed config) from its own composed config, as the launcher sees it.
-        grouping = S.groups_runs(self.vmap, spec.kind)
+        # Seed replicates differ only in train.seed (stack.FREE_FIELDS), as an lr plan's runs differ only in lr.
+        grouping = S.groups_runs(self.vmap, spec.kind) or (bool(spec.seeds) and self.vmap == "auto")
         composed = {j.name: loader.load_sweep_config(self.config, j.overrides) for j in jobs}
         run_dirs = {name: (Path(c.hydra.sweep.dir) / str(c.hydra.sweep.subdir)).absolute() for name, c in composed.items()}
         sweep_dirs = {str(Path(c.hydra.sweep.dir)) for c in composed.values()}
@@ -115,7 +122,8 @@ class PlanSweeper(Sweeper):
 
         returns, failed, offset = [], [], 0
         size = self.max_batch_size or max(1, plan_.n_jobs)
-        units = [("run", [[j] for j in plan_.singles]), ("group", plan_.grouped)]
+        # Ladder branches last: by then every parent has trained (or failed, which its branches' records then say).
+        units = [("run", [[j] for j in plan_.singles]), ("group", plan_.grouped), ("run", [[j] for j in plan_.branches])]
         for kind, batch_units in units:
             if not batch_units:
                 continue

@@ -30,7 +30,7 @@ def load_run(run_dir: Path) -> tuple[Config, dict]:
     saved = json.loads(config_path.read_text())
     cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
     params = init_params(cfg.model, jax.random.key(0))
-    optimizer = cfg.optim.build(resolve_budget(cfg.model, cfg.train).steps)
+    optimizer = cfg.optim.build(resolve_budget(cfg.model, cfg.train).steps, cfg.model)  # the saved opt_state's tree
     template = {"params": params, "opt_state": optimizer.init(params)}
     restored = Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint).restore_latest(template)
     if restored is None:

@@ -7,7 +7,9 @@ attends only to keys [0, end_i), so the masked upper triangle of all but the dia
 ((n+1)/2n of the work for n blocks), and the backward is written out (Dao et al. 2022, FlashAttention, Alg. 2, with
 the probabilities saved instead of recomputed, which is cheaper on CPU at these lengths):
 
-  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = dS K / sqrt(K),  dK = dS^T Q / sqrt(K).
+  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = dS K / sqrt(K),  dK = dS^T Q / sqrt(K)
+
+(with µP's 1/K in place of 1/sqrt(K) when `scale` says so: scaling/model/mup.py).
 
 The math is the reference attention's (float32 softmax of masked scores); tests/test_model.py checks values, gradients
 and causality against `scaling.model.decoder.einsum_attention`. Used for training on CPU only; decoding against a KV cache,
@@ -36,18 +38,26 @@ def _to_bhlk(x_BxLxHxK: jnp.ndarray) -> jnp.ndarray:
     return jnp.transpose(x_BxLxHxK, (0, 2, 1, 3))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _scale(K: int, scale: float | None) -> float:
+    return 1.0 / math.sqrt(K) if scale is None else scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def blocked_causal_attention(
-    q_BxLxHxK: jnp.ndarray, k_BxLxHxK: jnp.ndarray, v_BxLxHxK: jnp.ndarray, block: int = DEFAULT_BLOCK
+    q_BxLxHxK: jnp.ndarray,
+    k_BxLxHxK: jnp.ndarray,
+    v_BxLxHxK: jnp.ndarray,
+    block: int = DEFAULT_BLOCK,
+    scale: float | None = None,
 ) -> jnp.ndarray:
-    """softmax(Q K^T / sqrt(K) + causal mask) V over [B, L, H, K] inputs, returning [B, L, H, K]."""
-    return _forward(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block)[0]
+    """softmax(scale Q K^T + causal mask) V over [B, L, H, K] inputs, returning [B, L, H, K]; scale None = 1/sqrt(K)."""
+    return _forward(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block, scale)[0]
 
 
-def _forward(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block):
+def _forward(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block, scale):
     B, L, H, K = q_BxLxHxK.shape
     # The scale folded into Q ([B, L, H, K]) rather than into the [B, H, L, S] scores.
-    q_BxHxLxK = _to_bhlk(q_BxLxHxK * jnp.asarray(1.0 / math.sqrt(K), q_BxLxHxK.dtype))
+    q_BxHxLxK = _to_bhlk(q_BxLxHxK * jnp.asarray(_scale(K, scale), q_BxLxHxK.dtype))
     k_BxHxLxK, v_BxHxLxK = _to_bhlk(k_BxLxHxK), _to_bhlk(v_BxLxHxK)
     outs, probs = [], []
     for s, e in query_blocks(L, block):
@@ -63,7 +73,7 @@ def _forward(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block):
     return jnp.transpose(o_BxHxLxK, (0, 2, 1, 3)), (q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, o_BxHxLxK, probs)
 
 
-def _backward(block, residuals, do_BxLxHxK):
+def _backward(block, scale, residuals, do_BxLxHxK):
     q_BxHxLxK, k_BxHxLxK, v_BxHxLxK, o_BxHxLxK, probs = residuals
     B, H, L, K = q_BxHxLxK.shape
     f32 = jnp.float32
@@ -85,13 +95,13 @@ def _backward(block, residuals, do_BxLxHxK):
         dk_BxHxLxK += jnp.pad(jnp.einsum("bhqs,bhqk->bhsk", ds_BxHxCxS, q_BxHxLxK[:, :, s:e],
                                          preferred_element_type=f32), pad)
     # Q was scaled before the scores, so dK already carries the scale; dQ takes it here.
-    dq_BxHxLxK = jnp.concatenate(dq_blocks, axis=2) * (1.0 / math.sqrt(K))
+    dq_BxHxLxK = jnp.concatenate(dq_blocks, axis=2) * _scale(K, scale)
     dtype = q_BxHxLxK.dtype
     return tuple(jnp.transpose(g, (0, 2, 1, 3)).astype(dtype) for g in (dq_BxHxLxK, dk_BxHxLxK, dv_BxHxLxK))
 
 
-def _fwd_rule(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block):
-    return _forward(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block)
+def _fwd_rule(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block, scale):
+    return _forward(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, block, scale)
 
 
 blocked_causal_attention.defvjp(_fwd_rule, _backward)

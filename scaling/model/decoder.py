@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from scaling.model import mup
 from scaling.model.attention import blocked_causal_attention
 from scaling.model.head_loss import head_cross_entropy
 
@@ -56,6 +57,8 @@ class ModelConfig:
     attention_block: int = 64  # query block length of the "blocked" attention (scaling/model/attention.py)
     head_loss: str = "auto"  # see HEAD_LOSS_IMPLS (the training loss only: the model's logits are the same)
     rope_base: float = 10000.0
+    parametrization: str = "sp"  # "sp" (GPT-2's) | "mup" (scaling/model/mup.py)
+    mup_base_d_model: Optional[int] = None  # µP's base width: where µP equals SP (bar attention); ignored under sp
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "vocab_size", "seq_len", "attention_block"):
@@ -87,6 +90,27 @@ class ModelConfig:
             raise ValueError(f"model.head_loss={self.head_loss!r} is unknown: use one of {HEAD_LOSS_IMPLS}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout!r} is invalid: it must be in [0, 1).")
+        if self.parametrization not in mup.PARAMETRIZATIONS:
+            raise ValueError(
+                f"model.parametrization={self.parametrization!r} is unknown: use one of {mup.PARAMETRIZATIONS}."
+            )
+        base = self.mup_base_d_model
+        if base is not None and (not isinstance(base, int) or isinstance(base, bool) or base <= 0):
+            raise ValueError(
+                f"model.mup_base_d_model={base!r} is invalid: give a positive integer, the d_model of the base model "
+                "the hyperparameters were tuned on (e.g. 64), or null under model.parametrization=sp."
+            )
+        if self.parametrization == "mup" and base is None:
+            raise ValueError(
+                "model.mup_base_d_model=None with model.parametrization=mup: set it to the d_model of the base model "
+                f"the hyperparameters were tuned on, e.g. model.mup_base_d_model={self.d_model} (µP equals SP there)."
+            )
+        if self.parametrization == "mup" and base > self.d_model:
+            raise ValueError(
+                f"model.mup_base_d_model={base} exceeds model.d_model={self.d_model}: the base is the narrow model the "
+                "hyperparameters were tuned on; use a base width <= d_model "
+                f"(e.g. model.mup_base_d_model={self.d_model})."
+            )
 
     @property
     def ff_dim(self) -> int:
@@ -141,10 +165,15 @@ def apply_rotary(x_BxLxHxK: jnp.ndarray, positions_L: jnp.ndarray, base: float) 
 
 
 def einsum_attention(
-    q_BxLxHxK: jnp.ndarray, k_BxSxHxK: jnp.ndarray, v_BxSxHxK: jnp.ndarray, mask_LxS: jnp.ndarray
+    q_BxLxHxK: jnp.ndarray,
+    k_BxSxHxK: jnp.ndarray,
+    v_BxSxHxK: jnp.ndarray,
+    mask_LxS: jnp.ndarray,
+    scale: Optional[float] = None,
 ) -> jnp.ndarray:
-    """Scaled dot-product attention (Vaswani et al. 2017, Eq. 1), softmax in float32: the reference path."""
-    scale = 1.0 / math.sqrt(q_BxLxHxK.shape[-1])
+    """Scaled dot-product attention (Vaswani et al. 2017, Eq. 1), softmax in float32: the reference path.
+    `scale` None is 1/sqrt(K); µP passes 1/K (scaling/model/mup.py)."""
+    scale = 1.0 / math.sqrt(q_BxLxHxK.shape[-1]) if scale is None else scale
     att_BxHxLxS = jnp.einsum("blhk,bshk->bhls", q_BxLxHxK, k_BxSxHxK, preferred_element_type=jnp.float32) * scale
     att_BxHxLxS = jnp.where(mask_LxS[None, None], att_BxHxLxS, jnp.finfo(jnp.float32).min)
     att_BxHxLxS = jax.nn.softmax(att_BxHxLxS, axis=-1).astype(v_BxSxHxK.dtype)
@@ -183,10 +212,11 @@ class CausalSelfAttention(nn.Module):
             mask_LxS = jnp.tril(jnp.ones((L, L), bool))
 
         impl = resolve_attention(cfg.attention, decode)
+        scale = mup.attention_scale(cfg)  # None: every implementation's own 1/sqrt(K)
         if impl == "einsum":
-            y_BxLxHxK = einsum_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_LxS)
+            y_BxLxHxK = einsum_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_LxS, scale)
         elif impl == "blocked":
-            y_BxLxHxK = blocked_causal_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, cfg.attention_block)
+            y_BxLxHxK = blocked_causal_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, cfg.attention_block, scale)
         else:
             # is_causal lets cuDNN use its causal kernel; the explicit mask is only needed against a KV cache.
             y_BxLxHxK = jax.nn.dot_product_attention(
@@ -195,6 +225,7 @@ class CausalSelfAttention(nn.Module):
                 v_BxSxHxK,
                 mask=mask_LxS[None, None] if decode else None,
                 is_causal=not decode,
+                scale=scale,
                 implementation=impl if impl in ("xla", "cudnn") else None,
             )
         y_BxLxD = y_BxLxHxK.reshape(B, L, D)
@@ -218,6 +249,7 @@ class CausalSelfAttention(nn.Module):
 def _dense_factory(cfg: ModelConfig):
     def make(features: int, name: str, residual: bool = False) -> nn.Dense:
         std = _INIT_STD / math.sqrt(2 * cfg.n_layers) if residual else _INIT_STD
+        std = std * mup.hidden_init_multiplier(cfg)  # every Dense made here is a hidden layer; x 1.0 under SP
         return nn.Dense(
             features,
             use_bias=cfg.use_bias,
@@ -307,8 +339,9 @@ class Transformer(nn.Module):
         deterministic: bool = True,
         head: bool = True,
     ) -> jnp.ndarray:
-        """Returns logits_BxLxV in float32, or with head=False the final LayerNorm's output x_BxLxD (which the chunked
-        head + loss of `loss_fn` consumes). `positions_L` (absolute positions) is only needed when decoding."""
+        """Returns logits_BxLxV in float32, or with head=False the head's input x_BxLxD (the final LayerNorm's output,
+        times µP's output multiplier), which the chunked head + loss of `loss_fn` consumes. `positions_L` (absolute
+        positions) is only needed when decoding."""
         cfg = self.cfg
         B, L = tokens_BxL.shape
         if positions_L is None:
@@ -342,6 +375,11 @@ class Transformer(nn.Module):
             for i in range(cfg.n_layers):
                 x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, positions_L, decode, deterministic)
         x_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
+        out_mult = mup.output_multiplier(cfg)
+        if out_mult is not None:
+            # µP's output multiplier b/d_model on the head's input, as mup's MuReadout does (Yang et al. 2022,
+            # Table 8): here, before the head, it holds for the logits, the chunked head loss and decoding alike.
+            x_BxLxD = x_BxLxD * out_mult
         if not head:
             return x_BxLxD
 

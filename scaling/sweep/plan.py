@@ -16,8 +16,9 @@ from typing import Any, Optional
 from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token
 from scaling.config import TrainConfig, resolve_budget
 from scaling.model.decoder import ModelConfig
+from scaling.train.optim import DECAY_SHAPES, OptimConfig
 
-PLAN_KINDS = ("isoflop", "grid", "lr")
+PLAN_KINDS = ("isoflop", "grid", "lr", "ladder")
 
 
 @dataclass
@@ -72,6 +73,8 @@ class HyperRule:
 
     lr = base_lr * (base_d_model / d_model)^lr_width_exponent * (B / base_batch)^lr_batch_exponent:
       width: Adam's hidden-layer lr scales as 1/width under muP (Yang et al. 2022, "Tensor Programs V", Table 3);
+        with model.parametrization=mup that scaling is already in the optimizer, per layer (scaling/model/mup.py), so
+        set lr_width_exponent=0 there (and model.mup_base_d_model = base_d_model), or the width is counted twice;
       batch: the square-root rule for Adam (Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
       Algorithms", Sec. 3: lr ~ sqrt(B)).
     B = base_batch * (C / base_flops)^batch_flops_exponent, rounded to a power of two: the optimal batch grows with
@@ -136,6 +139,13 @@ class SweepSpec:
     lrs: list[float] = field(default_factory=list)  # lr: absolute learning rates
     lr_multipliers: list[float] = field(default_factory=list)  # lr: factors on hyper.lr(d_model, batch)
     tolerance: float = 0.02  # max |achieved / nominal - 1| of C (isoflop, lr) or D (grid)
+    # Every planned run once per seed (train.seed=s, name suffix -s<s>): replicates from which analysis estimates each
+    # point's seed noise (analysis.seeds). Empty: one run per point, with the config's own train.seed.
+    seeds: list[int] = field(default_factory=list)
+    # ladder: the cooldown of each branch, as a fraction of its own steps (Hägele et al. 2024 find 20% matches a cosine
+    # run to the same length), and its shape (optim.decay_shape: linear or 1-sqrt)
+    cooldown_fraction: float = 0.2
+    cooldown_shape: str = "linear"
     prefix: Optional[str] = None  # run-name prefix; default: the kind
     family: FamilyRule = field(default_factory=FamilyRule)
     hyper: HyperRule = field(default_factory=HyperRule)
@@ -158,6 +168,22 @@ class SweepSpec:
                 raise ValueError(f"plan.prior_fit={self.prior_fit!r} is invalid: give [G, a] with N_opt = G * C^a, G > 0.")
             if not self.tokens_per_param > 0:
                 raise ValueError(f"plan.tokens_per_param={self.tokens_per_param!r} is invalid: it must be positive, e.g. 20.")
+        elif self.kind == "ladder":
+            if bool(self.budgets) == bool(self.sizes):
+                raise ValueError(
+                    "plan: a ladder needs exactly one of plan.budgets (IsoFLOP budgets: each size's branches are its "
+                    "points on the budget lines) and plan.sizes with plan.tokens or plan.grid_tokens_per_param, got "
+                    f"budgets={self.budgets!r}, sizes={self.sizes!r}.")
+            if self.sizes and bool(self.tokens) == bool(self.grid_tokens_per_param):
+                raise ValueError("plan: a ladder over sizes needs exactly one of plan.tokens (D values) and "
+                                 "plan.grid_tokens_per_param (D/N ratios).")
+            if any(not float(x) > 0 for x in [*self.budgets, *self.sizes, *self.tokens, *self.grid_tokens_per_param]):
+                raise ValueError("plan.budgets / sizes / tokens / grid_tokens_per_param must all be positive.")
+            if not 0.0 < self.cooldown_fraction < 1.0:
+                raise ValueError(f"plan.cooldown_fraction={self.cooldown_fraction!r} is invalid: use a fraction of each "
+                                 "branch in (0, 1), e.g. 0.2 (Hägele et al. 2024).")
+            if self.cooldown_shape not in DECAY_SHAPES:
+                raise ValueError(f"plan.cooldown_shape={self.cooldown_shape!r} is unknown: use one of {DECAY_SHAPES}.")
         elif self.kind == "lr":
             if bool(self.budgets) == bool(self.tokens):
                 raise ValueError(
@@ -183,6 +209,11 @@ class SweepSpec:
                 raise ValueError("plan.tokens / plan.grid_tokens_per_param must all be positive.")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"plan.tolerance={self.tolerance!r} is invalid: use a fraction in (0, 1), e.g. 0.02.")
+        self.seeds = list(self.seeds or [])
+        if (any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds)
+                or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"plan.seeds={self.seeds!r} is invalid: give distinct non-negative integers, e.g. "
+                             "plan.seeds=[0,1,2] (each run is trained once per seed), or [] for one run per point.")
 
 
 @dataclass(frozen=True)
@@ -206,9 +237,19 @@ class PlannedRun:
     warmup_fraction: float
     schedule: str
     nominal: float  # what the trainer is asked for: C (kind flops) or D (kind tokens)
-    # Runs with equal `group` differ only in lr (an lr sweep's runs of one shape and budget): one vmapped step can
-    # train them (scaling.train.stack). Every other run is a group of its own.
+    # Runs with equal `group` differ only in lr / seed (an lr sweep's runs of one shape and budget, a run's seed
+    # replicates): one vmapped step can train them (scaling.train.stack.FREE_FIELDS). Other runs are groups of their own.
     group: str = ""
+    seed: Optional[int] = None  # train.seed of a seed replicate (plan.seeds); None: the config's own seed
+    # Ladders (plan kind "ladder"): a parent trains the stable phase and keeps `keep_steps`; a branch forks from
+    # `parent` at `branch_step` and cools down over its last `decay_fraction` of steps. Both share `warmup_steps`.
+    role: str = ""  # "" | "parent" | "branch"
+    parent: Optional[str] = None
+    branch_step: Optional[int] = None
+    keep_steps: tuple = ()
+    warmup_steps: Optional[int] = None
+    decay_fraction: Optional[float] = None
+    decay_shape: Optional[str] = None
 
     def overrides(self) -> list[str]:
         """Hydra overrides that make the trainer run exactly this (its own resolve_budget gives the same steps)."""
@@ -229,14 +270,21 @@ class PlannedRun:
             f"optim.lr={self.lr:.6g}",
             f"optim.schedule={self.schedule}",
             f"optim.warmup_fraction={self.warmup_fraction}",
-            "optim.warmup_steps=null",
+            f"optim.warmup_steps={'null' if self.warmup_steps is None else self.warmup_steps}",
+            *([f"optim.decay_fraction={self.decay_fraction!r}", f"optim.decay_shape={self.decay_shape}"]
+              if self.decay_fraction is not None else []),
+            *([f"train.parent={self.parent}", f"train.branch_step={self.branch_step}"] if self.parent else []),
+            *([f"train.checkpoint.keep_steps=[{','.join(map(str, self.keep_steps))}]"] if self.keep_steps else []),
+            *([f"train.seed={self.seed}"] if self.seed is not None else []),
         ]
 
     def tags(self) -> list[str]:
         size = f"N{fmt_sci(self.N)}"
-        lr = [f"lr{fmt_sci(self.lr, 2)}"] if self.group and self.group != self.name else []  # an lr sweep's run
+        unreplicated = self.name if self.seed is None else self.name.removesuffix(f"-s{self.seed}")
+        lr = [f"lr{fmt_sci(self.lr, 2)}"] if self.group and self.group != unreplicated else []  # an lr sweep's run
         budget = [f"C{fmt_sci(self.budget)}"] if self.budget else [f"D{fmt_sci(self.D)}"]
-        return budget + [size, f"d{self.d_model}-L{self.n_layers}"] + lr
+        seed = [f"s{self.seed}"] if self.seed is not None else []
+        return budget + [size, f"d{self.d_model}-L{self.n_layers}"] + lr + seed
 
     def manifest(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -272,10 +320,26 @@ def plan_sweep(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla
     if convention not in FLOP_CONVENTIONS:
         raise ValueError(f"convention={convention!r} is unknown: use one of {FLOP_CONVENTIONS}.")
     if spec.kind == "isoflop":
-        return plan_isoflop(spec, base, convention)
-    if spec.kind == "lr":
-        return plan_lr(spec, base, convention)
-    return plan_grid(spec, base, convention)
+        plan = plan_isoflop(spec, base, convention)
+    elif spec.kind == "lr":
+        plan = plan_lr(spec, base, convention)
+    elif spec.kind == "ladder":
+        plan = plan_ladder(spec, base, convention)
+    else:
+        plan = plan_grid(spec, base, convention)
+    return _replicate(plan, spec.seeds)
+
+
+def _replicate(plan: Plan, seeds: list[int]) -> Plan:
+    """Each run once per seed, replicates adjacent: name `<run>-s<seed>`, override train.seed=<seed>, and the run's
+    `group` kept, since replicates differ only in seed and may share one vmapped step (scaling.train.stack).
+    No seeds: the plan as it is (one run per point, the config's seed)."""
+    if not seeds:
+        return plan
+    runs = [dataclasses.replace(r, name=f"{r.name}-s{s}", seed=int(s), parent=r.parent and f"{r.parent}-s{s}")
+            for r in plan.runs for s in seeds]
+    _check_unique(runs)
+    return dataclasses.replace(plan, runs=runs)
 
 
 def _nearest_shapes(shapes: list[ModelConfig], targets: list[float]) -> list[ModelConfig]:
@@ -352,13 +416,8 @@ def plan_isoflop(spec: SweepSpec, base: ModelConfig, convention: str = "chinchil
     prefix = spec.prefix or "isoflop"
     runs, skipped, optimum = [], [], {}
     for C in sorted(float(c) for c in spec.budgets):
-        n_opt = _isoflop_optimum(C, shapes, spec, convention)
-        optimum[fmt_sci(C)] = n_opt
-        half = (spec.n_sizes - 1) / 2
-        targets = [n_opt * spec.size_step ** (i - half) for i in range(spec.n_sizes)]
-        for shape in _nearest_shapes(shapes, targets):
-            N = count_params(shape).non_embedding
-            target = min(targets, key=lambda t: abs(math.log(t / N)))
+        optimum[fmt_sci(C)], placed = _isoflop_shapes(C, shapes, spec, convention)
+        for shape, target in placed:
             name = f"{prefix}-C{fmt_sci(C)}-d{shape.d_model}-L{shape.n_layers}"
             run, why = _place(shape, "flops", C, C, target, name, spec, convention, C)
             if run:
@@ -367,6 +426,104 @@ def plan_isoflop(spec: SweepSpec, base: ModelConfig, convention: str = "chinchil
                 skipped.append({"target": name, "reason": why})
     _check_unique(runs)
     return Plan(runs, skipped, spec, convention, optimum)
+
+
+def _isoflop_shapes(C: float, shapes: list[ModelConfig], spec: SweepSpec, convention: str):
+    """The prior N_opt of budget C and its n_sizes shapes, evenly spaced in log N around it (with each one's target N)."""
+    n_opt = _isoflop_optimum(C, shapes, spec, convention)
+    half = (spec.n_sizes - 1) / 2
+    targets = [n_opt * spec.size_step ** (i - half) for i in range(spec.n_sizes)]
+    placed = []
+    for shape in _nearest_shapes(shapes, targets):
+        N = count_params(shape).non_embedding
+        placed.append((shape, min(targets, key=lambda t: abs(math.log(t / N)))))
+    return n_opt, placed
+
+
+def plan_ladder(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla") -> Plan:
+    """Scaling ladders (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+    Durations", Sec. 3-4): per shape, one parent trains the warmup and the stable (constant-lr) phase of a
+    warmup-stable-decay schedule up to its last branch point; each point (D) of that shape is a branch forked from the
+    parent's checkpoint at round((1 - cooldown_fraction) * steps) that cools down to its own end. A branch is the wsd
+    run to its D bit for bit (tests/test_ladder.py), for the cost of its cooldown.
+
+    Points: plan.budgets gives each budget's IsoFLOP shapes (as kind isoflop), so a shape on several budget lines has
+    one branch per budget; plan.sizes x plan.tokens (or grid_tokens_per_param) gives a grid. One batch per shape
+    (the hyper rule's at the shape's largest C, halved until its shortest branch has hyper.min_steps) and one warmup
+    (hyper.warmup_fraction of the shortest branch), since the branches share the parent's steps.
+    """
+    shapes = spec.family.shapes(base)
+    prefix = spec.prefix or "ladder"
+    points: dict[tuple[int, int], list] = {}  # shape -> [(kind, nominal, budget, target N, point name)]
+    optimum: dict = {}
+    if spec.budgets:
+        for C in sorted(float(c) for c in spec.budgets):
+            optimum[fmt_sci(C)], placed = _isoflop_shapes(C, shapes, spec, convention)
+            for shape, target in placed:
+                name = f"{prefix}-C{fmt_sci(C)}-d{shape.d_model}-L{shape.n_layers}"
+                points.setdefault((shape.d_model, shape.n_layers), []).append((shape, "flops", C, C, target, name))
+    else:
+        for shape in _nearest_shapes(shapes, [float(n) for n in spec.sizes]):
+            N = count_params(shape).non_embedding
+            for D in sorted([float(d) for d in spec.tokens] or [r * N for r in spec.grid_tokens_per_param]):
+                name = f"{prefix}-d{shape.d_model}-L{shape.n_layers}-D{fmt_sci(D)}"
+                points.setdefault((shape.d_model, shape.n_layers), []).append((shape, "tokens", round(D), None, N, name))
+    runs, skipped = [], []
+    for (d_model, n_layers), pts in points.items():
+        ladder, why = _ladder(pts, f"{prefix}-d{d_model}-L{n_layers}", spec, convention)
+        runs += ladder
+        skipped += [{"target": p[-1], "reason": why} for p in pts] if not ladder else why
+    _check_unique(runs)
+    return Plan(runs, skipped, spec, convention, optimum)
+
+
+def _ladder(points: list, parent_name: str, spec: SweepSpec, convention: str):
+    """One shape's parent and branches; ([], reason) when no batch gives every branch hyper.min_steps steps."""
+    hyper, shape = spec.hyper, points[0][0]
+    fpt = flops_per_token(shape, convention)
+    C_max = max(fpt * nominal if kind == "tokens" else nominal for _, kind, nominal, *_ in points)
+    B = hyper.batch_size(C_max)
+
+    def budgets(B: int):
+        return [resolve_budget(shape, TrainConfig(batch_size=B, flops_convention=convention,
+                                                  **{"flops" if kind == "flops" else "tokens": nominal}))
+                for _, kind, nominal, *_ in points]
+
+    while min(b.steps for b in budgets(B)) < hyper.min_steps and B // 2 >= hyper.min_batch:
+        B //= 2
+    resolved = budgets(B)
+    shortest = min(b.steps for b in resolved)
+    if shortest < hyper.min_steps:
+        return [], f"only {shortest} steps at the minimum batch {B} (< hyper.min_steps={hyper.min_steps})"
+    cooldown = OptimConfig(decay_fraction=spec.cooldown_fraction)
+    warmup = int(round(hyper.warmup_fraction * shortest))
+    counts, lr = count_params(shape), hyper.lr(shape.d_model, B)
+    common = dict(N=counts.non_embedding, N_total=counts.total, batch_size=B, d_model=shape.d_model,
+                  n_layers=shape.n_layers, n_heads=shape.n_heads, d_ff=shape.ff_dim, lr=lr,
+                  warmup_fraction=hyper.warmup_fraction, warmup_steps=warmup)
+    branches, skipped = [], []
+    for (_, kind, nominal, budget, target, name), b in zip(points, resolved):
+        error = (b.C[convention] if kind == "flops" else b.D) / nominal - 1.0
+        fork = cooldown.stable_end(b.steps)
+        if abs(error) > spec.tolerance or fork < warmup:
+            why = (f"achieved/nominal - 1 = {error:+.2%} exceeds plan.tolerance={spec.tolerance}" if abs(error) > spec.tolerance
+                   else f"the cooldown would start at step {fork}, inside the warmup ({warmup} steps)")
+            skipped.append({"target": name, "reason": why})
+            continue
+        branches.append(PlannedRun(
+            name=f"{name}-B{B}", kind=kind, budget=budget, target_N=float(target), D=b.D, steps=b.steps, C=dict(b.C),
+            budget_error=error, schedule="wsd", nominal=float(nominal), group=f"{name}-B{B}", role="branch",
+            parent=f"{parent_name}-B{B}", branch_step=fork, decay_fraction=spec.cooldown_fraction,
+            decay_shape=spec.cooldown_shape, **common))
+    if not branches:
+        return [], skipped
+    forks = sorted({r.branch_step for r in branches})
+    p = resolve_budget(shape, TrainConfig(batch_size=B, steps=forks[-1], flops_convention=convention))
+    parent = PlannedRun(
+        name=f"{parent_name}-B{B}", kind="tokens", budget=None, target_N=float(counts.non_embedding), D=p.D,
+        steps=p.steps, C=dict(p.C), budget_error=0.0, schedule="constant", nominal=float(p.D),
+        group=f"{parent_name}-B{B}", role="parent", keep_steps=tuple(forks), **common)
+    return [parent, *branches], skipped
 
 
 def plan_grid(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla") -> Plan:

@@ -105,6 +105,7 @@ class Schedule:
     singles: list[Job]  # unfinished runs of one-run groups: one ordinary job each
     grouped: list[list[Job]]  # unfinished members of multi-run groups: one job per group (lead first)
     finished: list[str]  # runs whose record is final: left alone
+    branches: list[Job]  # unfinished ladder branches: launched after everything else, once their parents have trained
 
     @property
     def job_group(self) -> dict[str, str]:
@@ -113,11 +114,11 @@ class Schedule:
 
     @property
     def n_runs(self) -> int:
-        return len(self.singles) + sum(map(len, self.grouped))
+        return len(self.singles) + sum(map(len, self.grouped)) + len(self.branches)
 
     @property
     def n_jobs(self) -> int:
-        return len(self.singles) + len(self.grouped)
+        return len(self.singles) + len(self.grouped) + len(self.branches)
 
 
 def schedule(jobs: list[Job], statuses: dict[str, Optional[str]], group_keys: Optional[dict[str, str]] = None,
@@ -134,14 +135,16 @@ def schedule(jobs: list[Job], statuses: dict[str, Optional[str]], group_keys: Op
         groups = [[j] for j in jobs]
     else:
         by_key: dict[str, list[Job]] = {}
-        for j in jobs:
-            by_key.setdefault(group_keys[j.name], []).append(j)
+        for j in jobs:  # a ladder's runs train alone: a branch reads its parent's own checkpoints
+            by_key.setdefault(j.name if j.run.role else group_keys[j.name], []).append(j)
         groups = [g[i:i + max_k] for g in by_key.values() for i in range(0, len(g), max_k)]
     final = {j.name for j in jobs if skip_finished and statuses.get(j.name) in FINAL}
     todo = [[j for j in g if j.name not in final] for g in groups]
-    return Schedule(groups=groups, singles=[t[0] for g, t in zip(groups, todo) if len(g) == 1 and t],
+    singles = [t[0] for g, t in zip(groups, todo) if len(g) == 1 and t]
+    return Schedule(groups=groups, singles=[j for j in singles if not j.run.parent],
                     grouped=[t for g, t in zip(groups, todo) if len(g) > 1 and t],
-                    finished=[j.name for j in jobs if j.name in final])
+                    finished=[j.name for j in jobs if j.name in final],
+                    branches=[j for j in singles if j.run.parent])
 
 
 def manifest(plan: Plan, sweep: str, jobs: list[Job], arguments: list[str]) -> dict:
@@ -187,6 +190,12 @@ def write_csv(df: pd.DataFrame, path: Path) -> None:
 def summary(df: pd.DataFrame) -> str:
     counts = df["status"].value_counts().to_dict()
     lines = [", ".join(f"{n} {s}" for s, n in sorted(counts.items()))]
+    if len(df) and "C_spent" in df:
+        # A ladder's points share their parents' steps: what the sweep cost is below what its points' C add up to.
+        points = df[df["role"] != "parent"] if "role" in df else df
+        conv = ",".join(sorted(set(df["C_convention"].dropna()))) or "?"
+        lines.append(f"FLOPs spent {df['C_spent'].sum():.4g} ({conv}); sum of C over its {len(points)} points "
+                     f"{points['C'].sum():.4g}")
     for _, r in df.iterrows():
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) and math.isfinite(r["loss"]) else "-"
         budget = fmt_sci(r["budget"]) if isinstance(r["budget"], (int, float)) and math.isfinite(r["budget"]) else "-"

@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,8 @@ class CheckpointConfig:
     every: int = 200  # save when step % every == 0 (plus forced saves, e.g. the final step)
     keep: int = 3  # newest complete checkpoints kept on disk
     enabled: bool = True  # False: save() and restore_latest() are no-ops, nothing is written
+    # Steps always saved and never deleted: a ladder parent's branch points (scaling.sweep.plan, kind ladder).
+    keep_steps: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -47,6 +49,9 @@ class CheckpointConfig:
                     f"(e.g. checkpoint.{name}={CheckpointConfig.__dataclass_fields__[name].default}), "
                     "or checkpoint.enabled=false to turn checkpointing off"
                 )
+        if any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1 for s in self.keep_steps):
+            raise ValueError(f"checkpoint.keep_steps={list(self.keep_steps)!r} is invalid: give positive step numbers "
+                             "(the steps whose checkpoints are kept for good, e.g. a ladder's branch points)")
 
 
 class CorruptCheckpointError(ValueError):
@@ -98,7 +103,9 @@ def _abstract(template: PyTree) -> PyTree:
 
 
 class Checkpointer:
-    def __init__(self, directory: Path, cfg: CheckpointConfig) -> None:
+    def __init__(self, directory: Path, cfg: CheckpointConfig, read_only: bool = False) -> None:
+        """`read_only`: restore only, touching nothing (a branch reads its parent's checkpoints while the parent may
+        still be saving: no tmp-directory cleanup, no retention)."""
         cfg.validate()
         self.cfg = cfg
         self.directory = Path(directory).absolute()
@@ -110,12 +117,18 @@ class Checkpointer:
                 f"checkpoint directory {self.directory} exists and is not a directory: "
                 "remove it or choose another run directory"
             )
+        retention: dict[str, Any] = {"max_to_keep": cfg.keep}
+        if cfg.keep_steps:
+            policies = ocp.checkpoint_managers
+            retention = {"preservation_policy": policies.AnyPreservationPolicy(
+                [policies.LatestN(cfg.keep), policies.CustomSteps(sorted(int(s) for s in cfg.keep_steps))])}
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=cfg.every,
-            max_to_keep=cfg.keep,
-            create=True,
+            **retention,
+            create=not read_only,
             # Delete `<step>.orbax-checkpoint-tmp-*` leftovers of a save interrupted by a crash.
-            cleanup_tmp_directories=True,
+            cleanup_tmp_directories=not read_only,
+            read_only=read_only,
         )
         self._mgr = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta", "integrity")
@@ -134,7 +147,7 @@ class Checkpointer:
         step = int(step)
         # Cheap checks first: the trainer calls save() every step.
         # Our own interval test: orbax's should_save() also saves the first step a manager sees (step 1 of every run).
-        if not (force or step % self.cfg.every == 0) or step in self._mgr.all_steps():
+        if not (force or step % self.cfg.every == 0 or step in self.cfg.keep_steps) or step in self._mgr.all_steps():
             return False
         try:
             meta_json = json.loads(json.dumps(meta))  # NaN/inf allowed (a diverged loss is worth keeping)
@@ -196,6 +209,17 @@ class Checkpointer:
             bad = sorted(k for k in set(expected) | set(actual) if expected.get(k) != actual.get(k))
             raise CorruptCheckpointError(f"array data fails its integrity check at {', '.join(bad[:5])}")
         return state, meta
+
+    def restore_step(self, step: int, template_state: PyTree) -> tuple[PyTree, dict]:
+        """The checkpoint of exactly `step` (a ladder branch's fork point), verified; CorruptCheckpointError if it is
+        missing or unreadable: a branch never starts from another step than the one it was planned at."""
+        if self._mgr is None:
+            raise CorruptCheckpointError(f"checkpointing is disabled for {self.directory}")
+        self._mgr.reload()
+        if step not in self._mgr.all_steps():
+            raise CorruptCheckpointError(f"{self.directory} has no checkpoint of step {step} "
+                                         f"(it has steps {sorted(self._mgr.all_steps())})")
+        return self._restore_step(step, _abstract(template_state))
 
     def restore_latest(self, template_state: PyTree) -> tuple[int, PyTree, dict] | None:
         """Restore the newest checkpoint that reads back intact; None when there is none.

@@ -29,7 +29,7 @@ import optax
 
 from scaling.train import stack
 from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token, peak_flops_per_device
-from scaling.train.checkpoint import Checkpointer
+from scaling.train.checkpoint import Checkpointer, CorruptCheckpointError
 from scaling.config import Budget, Config, resolve_budget, to_dict
 from scaling.data.tokens import TokenData, load_tokens
 from scaling.train.lock import DirLock
@@ -109,6 +109,8 @@ def train_runs(cfgs: Sequence[Config], run_dirs: Sequence[Path]) -> list[dict]:
     resumes it; another member set (some finished meanwhile) is another group and starts from step 0.
     """
     stack.check_group(cfgs)
+    if len(cfgs) > 1 and any(c.train.parent is not None for c in cfgs):
+        raise ValueError("train_runs: ladder branches (train.parent) train one at a time, not as a vmapped group.")
     run_dirs = [Path(d) for d in run_dirs]
     if len(run_dirs) != len(cfgs) or len({d.absolute() for d in run_dirs}) != len(run_dirs):
         raise ValueError(f"train: give one distinct run directory per config (got {len(run_dirs)} for {len(cfgs)}).")
@@ -193,7 +195,7 @@ def _build_stack(cfgs: Sequence[Config], num_steps: int) -> _Stack:
     model, A, seed = cfg0.model, cfg0.train.grad_accum, cfg0.train.seed
     eval_one = lambda params, batch_BxLp1: loss_fn(params, model, batch_BxLp1)  # noqa: E731
     if K == 1:
-        optimizer = cfg0.optim.build(num_steps)
+        optimizer = cfg0.optim.build(num_steps, model)
 
         def init() -> TrainState:
             params = init_params(model, jax.random.key(seed))
@@ -201,7 +203,7 @@ def _build_stack(cfgs: Sequence[Config], num_steps: int) -> _Stack:
 
         return _Stack(init, lambda shardings: make_train_step(model, optimizer, A, seed, shardings),
                       jax.jit(eval_one), leading_axes=0, batch_axis=1)
-    optimizer = stack.unit_lr_optimizer(cfg0.optim, num_steps)
+    optimizer = stack.unit_lr_optimizer(cfg0.optim, num_steps, model)
     seeds, lrs = [c.train.seed for c in cfgs], [c.optim.lr for c in cfgs]
     shared = len(set(seeds)) == 1  # one data stream for all: the batch is broadcast, not stacked
     return _Stack(lambda: stack.init_stacked(model, optimizer, seeds, lrs),
@@ -243,12 +245,16 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
             checkpoint_dir = group_dir / "checkpoints"
         checkpointer = Checkpointer(checkpoint_dir, cfg0.train.checkpoint)
         restored = checkpointer.restore_latest(state)
+        forked = restored is None and cfg0.train.parent is not None
+        if forked:  # a branch's first start (or a restart before its own first checkpoint): the parent's state
+            restored = _fork(cfg0, run_dirs[0], state, budget)
         start_step = 0
         first_K, alive_K = np.full(K, np.nan), np.ones(K, bool)
         if restored is not None:
             start_step, state, meta = restored
             first_K, alive_K = _restore_meta(meta, members, records, checkpoint_dir, identity)
-            log.info("resuming %s from step %d", run_dirs[0] if K == 1 else checkpoint_dir.parent, start_step)
+            log.info("%s %s from step %d", "forking" if forked else "resuming",
+                     run_dirs[0] if K == 1 else checkpoint_dir.parent, start_step)
         trackers = [
             build_tracker(c.logging, d, to_dict(c), c.name, start_step if restored else None)
             if jax.process_index() == 0
@@ -359,6 +365,68 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
     return [_finish(d, r, t) for d, r, t in zip(run_dirs, records, trackers)]
 
 
+# Optimizer fields a branch may change: its schedule. Everything else must equal its parent's.
+_SCHEDULE_FIELDS = ("schedule", "warmup_steps", "warmup_fraction", "min_lr_ratio", "decay_fraction", "decay_shape")
+
+
+def parent_dir(cfg: Config, run_dir: Path) -> Path:
+    parent = Path(cfg.train.parent)
+    return parent if parent.is_absolute() else Path(run_dir).parent / parent
+
+
+def _fork(cfg: Config, run_dir: Path, template: TrainState, budget: Budget) -> tuple[int, TrainState, dict]:
+    """A branch starts from its parent's checkpoint of step `train.branch_step`, once it is sure to continue the
+    parent's trajectory: same model, data, batch, seed and optimizer, and the two learning-rate schedules equal on
+    every step before the fork (a cooldown starts at or after its branch point)."""
+    from omegaconf import OmegaConf
+
+    from scaling.config import from_omegaconf
+
+    pdir, b = parent_dir(cfg, run_dir), int(cfg.train.branch_step)
+    saved = _read_json(pdir / CONFIG)
+    if saved is None:
+        raise ValueError(f"train.parent={cfg.train.parent!r}: {pdir} holds no run ({CONFIG} is missing); train the "
+                         "parent first (a ladder sweep launches each branch after its parent), or fix the path.")
+    parent = from_omegaconf(OmegaConf.merge(OmegaConf.structured(Config), saved))
+    mismatch = [name for name, a, c in [
+        ("model", parent.model, cfg.model), ("data", parent.data, cfg.data),
+        *[(f"train.{k}", getattr(parent.train, k), getattr(cfg.train, k)) for k in ("batch_size", "grad_accum", "seed")],
+        *[(f"optim.{f.name}", getattr(parent.optim, f.name), getattr(cfg.optim, f.name))
+          for f in dataclasses.fields(cfg.optim) if f.name not in _SCHEDULE_FIELDS]] if a != c]
+    if mismatch:
+        raise ValueError(f"branch {cfg.name} differs from its parent {pdir.name} in {', '.join(mismatch)}: a branch "
+                         "continues its parent's run and may change only the schedule; make these equal.")
+    parent_steps = resolve_budget(parent.model, parent.train).steps
+    if b > parent_steps:
+        raise ValueError(f"train.branch_step={b} is beyond the last step {parent_steps} of the parent {pdir.name} "
+                         f"(its D = {parent_steps * budget.tokens_per_step:.4g} tokens): plan the parent to reach "
+                         "every branch point, or fork earlier.")
+    steps_b = jnp.arange(b)
+    lr_parent = np.asarray(jax.vmap(parent.optim.schedule_fn(parent_steps))(steps_b))
+    lr_branch = np.asarray(jax.vmap(cfg.optim.schedule_fn(budget.steps))(steps_b))
+    if not np.array_equal(lr_parent, lr_branch):
+        s = int(np.flatnonzero(lr_parent != lr_branch)[0])
+        raise ValueError(f"branch {cfg.name}'s learning rate differs from its parent's at step {s} (< branch_step "
+                         f"{b}): {lr_branch[s]:.6g} vs {lr_parent[s]:.6g}. Its cooldown must start at or after the fork "
+                         "(wsd: the stable phase ends at round((1 - optim.decay_fraction) * steps)) with the parent's "
+                         "warmup (optim.warmup_steps).")
+    ckpt_dir = pdir / "checkpoints"
+    try:
+        if not ckpt_dir.is_dir():
+            raise CorruptCheckpointError(f"{ckpt_dir} does not exist")
+        with Checkpointer(ckpt_dir, parent.train.checkpoint, read_only=True) as ckpt:
+            state, meta = ckpt.restore_step(b, template)
+    except CorruptCheckpointError as e:
+        status = record_status(pdir)
+        if status in ("diverged", "failed"):
+            raise ValueError(f"parent {pdir.name} {status} before leaving a checkpoint of step {b} ({e}): branch "
+                             f"{cfg.name} has nothing to start from; fix and retrain the parent, then relaunch.") from None
+        raise ValueError(f"branch {cfg.name} cannot start: {e}. The parent {pdir.name} (status "
+                         f"{status or 'not finished'}) must reach step {b} and keep it (train.checkpoint.keep_steps); "
+                         "train the parent first.") from None
+    return b, state, meta
+
+
 def _per_run(window: list, K: int) -> list[np.ndarray]:
     """The logging window's train losses of each run (K = 1: the losses are scalars)."""
     losses = np.stack([np.atleast_1d(np.asarray(x)) for x in window])
@@ -438,6 +506,12 @@ def _static_record(cfg: Config, budget: Budget) -> dict:
         "seq_len": cfg.model.seq_len,
         "C": budget.C[cfg.train.flops_convention],
         "C_convention": cfg.train.flops_convention,
+        # what this run trains itself: a ladder branch shares its parent's first branch_step steps (scaling.record)
+        "C_spent": budget.C[cfg.train.flops_convention] * (budget.steps - (cfg.train.branch_step or 0)) / budget.steps,
+        "branch": None if cfg.train.parent is None else {
+            "parent": Path(cfg.train.parent).name, "step": cfg.train.branch_step,
+            "tokens": cfg.train.branch_step * budget.tokens_per_step},
+        "branch_points": list(cfg.train.checkpoint.keep_steps) or None,
         "flops_per_token": {c: flops_per_token(cfg.model, c) for c in FLOP_CONVENTIONS},
         "budget": _budget_spec(cfg),
         "loss": None,
@@ -482,13 +556,21 @@ def _check_same_run(cfg: Config, run_dir: Path) -> None:
         if jax.process_index() == 0:
             write_json_atomic(path, to_dict(cfg))
         return
-    saved = {k: v for k, v in saved.items() if k not in _RELAUNCH_FREE}
+    # A field added since the run started (its config.json lacks it) counts as its default: old runs still resume.
+    saved = {k: v for k, v in _with_defaults(saved, to_dict(Config())).items() if k not in _RELAUNCH_FREE}
     if saved != current:
         diff = sorted(_diff_keys(saved, current))
         raise ValueError(
             f"run directory {run_dir} holds a run with another config (differs in: {', '.join(diff[:8])}): "
             "give this run its own name (name=...) or hydra.run.dir=..., or delete that directory to start over."
         )
+
+
+def _with_defaults(saved: Any, defaults: Any) -> Any:
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    return {**{k: v for k, v in defaults.items() if k not in saved},
+            **{k: _with_defaults(v, defaults.get(k)) for k, v in saved.items()}}
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

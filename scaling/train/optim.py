@@ -10,13 +10,21 @@ After ``num_steps`` every schedule stays at its end value.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from scaling.model.mup import lr_multipliers
+
+if TYPE_CHECKING:
+    from scaling.model.decoder import ModelConfig
+
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
 # Leaf names of the Flax linen param tree and the decay rule they follow.
 _KERNEL_NAMES = frozenset({"kernel"})
 _EMBEDDING_NAMES = frozenset({"embedding"})
@@ -30,7 +38,8 @@ class OptimConfig:
     warmup_steps: int | None = None  # None -> round(warmup_fraction * num_steps)
     warmup_fraction: float = 0.02
     min_lr_ratio: float = 0.1  # floor = min_lr_ratio * lr for cosine / linear / wsd end
-    decay_fraction: float = 0.2  # wsd: final fraction of steps that decays
+    decay_fraction: float = 0.2  # wsd: final fraction of steps that decays (the cooldown)
+    decay_shape: str = "linear"  # wsd cooldown: "linear" | "1-sqrt" (Hägele et al. 2024, Sec. 3)
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
@@ -61,6 +70,8 @@ class OptimConfig:
             raise bad("min_lr_ratio", "use a ratio in [0, 1] (floor = min_lr_ratio * lr)")
         if not 0.0 < self.decay_fraction <= 1.0:
             raise bad("decay_fraction", "use a fraction in (0, 1], e.g. 0.2 (wsd decays over the last 20%)")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise bad("decay_shape", f"choose one of {', '.join(DECAY_SHAPES)}")
         for name in ("b1", "b2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise bad(name, "use a value in [0, 1), e.g. b1=0.9, b2=0.95")
@@ -75,6 +86,10 @@ class OptimConfig:
         if self.warmup_steps is not None:
             return int(self.warmup_steps)
         return int(round(self.warmup_fraction * num_steps))
+
+    def stable_end(self, num_steps: int) -> int:
+        """wsd: the last step of the stable phase, where the cooldown starts (a ladder's branch point)."""
+        return int(round((1.0 - self.decay_fraction) * num_steps))
 
     def schedule_fn(self, num_steps: int) -> optax.Schedule:
         self.validate()
@@ -101,17 +116,14 @@ class OptimConfig:
             phases = [optax.linear_schedule(self.lr, floor, max(decay_len, 1))]
             boundaries = []
         else:  # wsd: warmup-stable-decay (Hu et al. 2024 "MiniCPM"; Hägele et al. 2024), linear cooldown.
-            stable_end = int(round((1.0 - self.decay_fraction) * num_steps))
+            stable_end = self.stable_end(num_steps)
             if warmup > stable_end:
                 raise ValueError(
                     f"optim.decay_fraction={self.decay_fraction!r} is invalid with warmup={warmup} and "
                     f"num_steps={num_steps}: the decay would start at step {stable_end}, before warmup ends; "
                     "lower optim.decay_fraction or the warmup"
                 )
-            phases = [
-                optax.constant_schedule(self.lr),
-                optax.linear_schedule(self.lr, floor, max(num_steps - stable_end, 1)),
-            ]
+            phases = [optax.constant_schedule(self.lr), self._cooldown(floor, max(num_steps - stable_end, 1))]
             boundaries = [stable_end]
         if warmup > 0:
             phases = [optax.linear_schedule(0.0, self.lr, warmup)] + phases
@@ -123,20 +135,51 @@ class OptimConfig:
             return phases[0]
         return optax.join_schedules(phases, boundaries)
 
-    def build(self, num_steps: int) -> optax.GradientTransformation:
+    def _cooldown(self, floor: float, length: int) -> optax.Schedule:
+        if self.decay_shape == "linear":
+            return optax.linear_schedule(self.lr, floor, length)
+        # "1-sqrt" (Hägele et al. 2024, Sec. 3): lr_t = floor + (lr - floor) * (1 - sqrt(t / T_cooldown)); it keeps the
+        # lr high for longer and closes most of the gap to a cosine run that a linear cooldown leaves.
+        lr = self.lr
+        return lambda count: floor + (lr - floor) * (1.0 - jnp.sqrt(jnp.clip(count / length, 0.0, 1.0)))
+
+    def build(self, num_steps: int, model: "ModelConfig | None" = None) -> optax.GradientTransformation:
+        """AdamW for `num_steps`; for a µP `model` (scaling/model/mup.py), with its per-layer Adam lr multipliers."""
         schedule = self.schedule_fn(num_steps)
-        adamw = optax.adamw(
-            learning_rate=schedule,
-            b1=self.b1,
-            b2=self.b2,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            mask=lambda params: decay_mask(params, self),
-        )
+        mask = lambda params: decay_mask(params, self)  # noqa: E731
+        if model is None or model.parametrization == "sp":
+            adamw = optax.adamw(
+                learning_rate=schedule, b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay, mask=mask
+            )
+        else:
+            # optax.adamw's own chain (Adam, decoupled decay, -lr_t) with µP's per-layer multiplier on Adam's step:
+            # a hidden kernel's Adam lr is lr_t * b/d_model (Yang et al. 2022, Table 3). The decay is added after the
+            # multiplier, so every decayed leaf loses lr_t * weight_decay of itself per step at every width, as in
+            # mup's MuAdamW (its hidden groups get lr / m and weight_decay * m: mup/optim.py). Decaying by the
+            # layer's lr instead would stretch a hidden layer's decay timescale 1 / (lr_layer * wd) by m, so the best
+            # weight_decay would drift with width; AdamW's weights are an EMA of recent updates over that timescale,
+            # and keeping it fixed is what lets lr and decay transfer (Wang & Aitchison 2024, "How to set AdamW's
+            # weight decay as you scale model and dataset size"; Kosson et al. 2025, "Weight Decay may matter more
+            # than muP for Learning Rate Transfer in Practice", find µP's lr transfer needs a decay that does not
+            # shrink with the layer's lr). Under SP (above) this chain is optax.adamw itself.
+            adamw = optax.chain(
+                optax.scale_by_adam(b1=self.b1, b2=self.b2, eps=self.eps),
+                scale_by_layer_lr(functools.partial(lr_multipliers, model)),
+                optax.add_decayed_weights(self.weight_decay, mask),
+                optax.scale_by_learning_rate(schedule),
+            )
         if not self.grad_clip:
             return adamw
         # Clip before Adam so the moments see the clipped gradient (as in GPT-2/3 training code).
         return optax.chain(optax.clip_by_global_norm(self.grad_clip), adamw)
+
+
+def scale_by_layer_lr(multipliers: Callable[[Any], Any]) -> optax.GradientTransformation:
+    """Multiplies each update leaf by its entry of `multipliers(updates)` (a tree of floats shaped like the updates,
+    so it needs no params and no state)."""
+    return optax.stateless(
+        lambda updates, params=None: jax.tree_util.tree_map(lambda u, m: u * m, updates, multipliers(updates))
+    )
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str:

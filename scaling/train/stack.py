@@ -56,8 +56,11 @@ def scale_by_model_lr() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def unit_lr_optimizer(optim: OptimConfig, num_steps: int) -> optax.GradientTransformation:
-    return optax.chain(dataclasses.replace(optim, lr=1.0).build(num_steps), scale_by_model_lr())
+def unit_lr_optimizer(optim: OptimConfig, num_steps: int,
+                      model: ModelConfig | None = None) -> optax.GradientTransformation:
+    """`optim` at lr = 1 (with µP's per-layer multipliers for a µP `model`), then times each model's own lr: the
+    multipliers and the decay sit inside the update that lr_k scales, so model k's update is its K = 1 update."""
+    return optax.chain(dataclasses.replace(optim, lr=1.0).build(num_steps, model), scale_by_model_lr())
 
 
 def init_stacked(model: ModelConfig, optimizer: optax.GradientTransformation, seeds: Sequence[int],
