@@ -59,7 +59,7 @@ def _shipped_files(src: Path) -> set:
              for p in (src / root).rglob("*.py")}
     files |= {"scaling/configs/" + p.relative_to(src / "configs").as_posix() for p in (src / "configs").rglob("*")
               if p.suffix == ".yaml" or p.name == "__init__.py"}
-    files |= {p.relative_to(src).as_posix() for p in (src / "scaling" / "corpus").iterdir()}
+    files |= {p.relative_to(src).as_posix() for p in (src / "scaling" / "data" / "corpus").iterdir()}
     return files | {"scaling/py.typed"}
 
 
