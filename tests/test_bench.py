@@ -124,13 +124,6 @@ def test_attention_used_reads_the_compiled_hlo():
     assert bench.attention_used(model.replace(attention="einsum"), "dot(...)") == "einsum"
 
 
-def test_profile_groups_a_step_by_model_part():
-    report = bench.main([*QUICK, "--refs", "", "--profile"])
-    groups = {p["group"]: p for p in report["rows"][0]["profile"]}
-    assert sum(p["share"] for p in groups.values()) == pytest.approx(1.0)
-    assert any(g.startswith("bwd attn core") for g in groups) and any("mlp/fc matmul" in g for g in groups)
-
-
 def test_bad_arguments_fail_clearly():
     with pytest.raises(SystemExit):
         bench.parse_args(["--steps", "0"])
@@ -138,9 +131,13 @@ def test_bad_arguments_fail_clearly():
         bench.parse_args(["--refs", "numpy"])
 
 
-def test_scan_flag_adds_a_scanned_row_with_the_same_shape():
-    report = bench.main([*QUICK, "--refs", "", "--scan"])
+def test_scan_flag_adds_a_scanned_row_and_profile_groups_a_step_by_model_part():
+    # one bench invocation for both flags: each starts worker processes and compiles
+    report = bench.main([*QUICK, "--refs", "", "--scan", "--profile"])
     variants = {r["variant"]: r for r in report["rows"]}
     assert set(variants) == {"f32", "f32-scan"}
     assert variants["f32"]["N"] == variants["f32-scan"]["N"]
     assert variants["f32-scan"]["compile_s"] > 0
+    groups = {p["group"]: p for p in variants["f32"]["profile"]}
+    assert sum(p["share"] for p in groups.values()) == pytest.approx(1.0)
+    assert any(g.startswith("bwd attn core") for g in groups) and any("mlp/fc matmul" in g for g in groups)
