@@ -211,3 +211,14 @@ def test_lr_plan_validation_and_name_collisions():
     # other plan kinds: every run is a group of its own
     iso = plan_sweep(isoflop(budgets=[1e12]), BASE)
     assert all(r.group == r.name for r in iso.runs)
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"budgets": [1e12], "budget": [1e12]}, r"plan: unknown key\(s\) 'budget'; the keys are kind, budgets"),
+    ({"budgets": [1e12], "hyper": {"base_lr": 1e-3, "lr_width": 0.0}}, r"plan.hyper: unknown key\(s\) 'lr_width'"),
+    ({"budgets": [1e12], "family": {"headdim": 8}}, r"plan.family: unknown key\(s\) 'headdim'"),
+])
+def test_unknown_plan_keys_are_named(values, match):
+    with pytest.raises(ValueError, match=match):
+        SweepSpec.from_dict(values)
+    assert SweepSpec.from_dict({"budgets": [1e12]}) == SweepSpec(budgets=[1e12])

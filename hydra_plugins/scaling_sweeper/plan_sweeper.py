@@ -79,7 +79,7 @@ class PlanSweeper(Sweeper):
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
         combos = BasicSweeper.split_arguments(parsed, None)[0]
         first = loader.load_sweep_config(self.config, combos[0])
-        spec = SweepSpec(**self.plan_cfg)
+        spec = SweepSpec.from_dict(self.plan_cfg)
         if spec.seeds and any(o.split("=", 1)[0].lstrip("+~") == "train.seed" for combo in combos for o in combo):
             raise ValueError(f"hydra.sweeper.plan.seeds={spec.seeds} and a train.seed override both set the seed (the "
                              "plan's would win): drop train.seed=... and list every seed in plan.seeds.")

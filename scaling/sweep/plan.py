@@ -152,9 +152,9 @@ class SweepSpec:
 
     def __post_init__(self) -> None:
         if isinstance(self.family, dict):
-            self.family = FamilyRule(**self.family)
+            self.family = FamilyRule(**_known("plan.family", FamilyRule, self.family))
         if isinstance(self.hyper, dict):
-            self.hyper = HyperRule(**self.hyper)
+            self.hyper = HyperRule(**_known("plan.hyper", HyperRule, self.hyper))
         if self.kind not in PLAN_KINDS:
             raise ValueError(f"plan.kind={self.kind!r} is unknown: use one of {PLAN_KINDS}.")
         if self.kind == "isoflop":
@@ -214,6 +214,21 @@ class SweepSpec:
                 or len(set(self.seeds)) != len(self.seeds)):
             raise ValueError(f"plan.seeds={self.seeds!r} is invalid: give distinct non-negative integers, e.g. "
                              "plan.seeds=[0,1,2] (each run is trained once per seed), or [] for one run per point.")
+
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "SweepSpec":
+        """From `hydra.sweeper.plan`: an unknown key (a typo) is one clear error naming it, not a TypeError."""
+        return cls(**_known("plan", cls, dict(values)))
+
+
+def _known(where: str, cls: type, values: dict) -> dict:
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; the keys are {', '.join(fields)} "
+                         f"(e.g. hydra.sweeper.{where}.{fields[1]}=...).")
+    return values
 
 
 @dataclass(frozen=True)
