@@ -414,8 +414,13 @@ def _fork(cfg: Config, run_dir: Path, template: TrainState, budget: Budget) -> t
     try:
         if not ckpt_dir.is_dir():
             raise CorruptCheckpointError(f"{ckpt_dir} does not exist")
-        with Checkpointer(ckpt_dir, parent.train.checkpoint, read_only=True) as ckpt:
-            state, meta = ckpt.restore_step(b, template)
+        absl = logging.getLogger("absl")
+        level, _ = absl.level, absl.setLevel(logging.ERROR)  # orbax warns "directory is read only": we asked for that
+        try:
+            with Checkpointer(ckpt_dir, parent.train.checkpoint, read_only=True) as ckpt:
+                state, meta = ckpt.restore_step(b, template)
+        finally:
+            absl.setLevel(level)
     except CorruptCheckpointError as e:
         status = record_status(pdir)
         if status in ("diverged", "failed"):
