@@ -93,8 +93,7 @@ class PlanSweeper(Sweeper):
             return []
 
         # Each job's directory (and, to group runs, its typed config) from its own composed config, as the launcher sees it.
-        # Seed replicates differ only in train.seed (stack.FREE_FIELDS), as an lr plan's runs differ only in lr.
-        grouping = S.groups_runs(self.vmap, spec.kind) or (bool(spec.seeds) and self.vmap == "auto")
+        grouping = S.groups_runs(self.vmap, spec.kind, replicated=bool(spec.seeds))
         composed = {j.name: loader.load_sweep_config(self.config, j.overrides) for j in jobs}
         run_dirs = {name: (Path(c.hydra.sweep.dir) / str(c.hydra.sweep.subdir)).absolute() for name, c in composed.items()}
         sweep_dirs = {str(Path(c.hydra.sweep.dir)) for c in composed.values()}

@@ -92,11 +92,12 @@ def parse_vmap(value: str | bool) -> str:
     return mode
 
 
-def groups_runs(vmap: str | bool, plan_kind: str) -> bool:
-    """Whether same-shape runs form one job: always under vmap=true; under auto only for lr plans (whose runs differ
-    only in lr), the job then deciding from its device whether to vmap them (scaling.train.loop.train_group)."""
+def groups_runs(vmap: str | bool, plan_kind: str, replicated: bool = False) -> bool:
+    """Whether same-shape runs form one job: always under vmap=true; under auto only for lr plans and seed-replicated
+    plans (whose runs differ only in lr / seed: scaling.train.stack.FREE_FIELDS), the job then deciding from its
+    device whether to vmap them (scaling.train.loop.train_group)."""
     mode = parse_vmap(vmap)
-    return mode == "true" or (mode == "auto" and plan_kind == "lr")
+    return mode == "true" or (mode == "auto" and (plan_kind == "lr" or replicated))
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def schedule(jobs: list[Job], statuses: dict[str, Optional[str]], group_keys: Op
              max_k: int = 16, skip_finished: bool = True) -> Schedule:
     """Jobs to launch from the plan's jobs and the status of each one's run directory (`record_status`).
 
-    `group_keys` (run name -> multi.group_key of its config; None: no grouping) puts runs with equal keys in groups
+    `group_keys` (run name -> scaling.train.stack.group_key of its config; None: no grouping) puts runs with equal keys in groups
     of at most `max_k`, in plan order. A relaunch leaves final runs alone, so a partly finished group launches only
     its unfinished members (as a smaller group: scaling.train.loop.train_runs).
     """

@@ -30,7 +30,7 @@ import optax
 from scaling.train import stack
 from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token, peak_flops_per_device
 from scaling.train.checkpoint import Checkpointer, CorruptCheckpointError
-from scaling.config import Budget, Config, resolve_budget, to_dict
+from scaling.config import Budget, Config, from_omegaconf, resolve_budget, to_dict
 from scaling.data.tokens import TokenData, load_tokens
 from scaling.train.lock import DirLock
 from scaling.model.decoder import ModelConfig, init_params, loss_fn, resolve_attention, resolve_head_loss
@@ -380,8 +380,6 @@ def _fork(cfg: Config, run_dir: Path, template: TrainState, budget: Budget) -> t
     every step before the fork (a cooldown starts at or after its branch point)."""
     from omegaconf import OmegaConf
 
-    from scaling.config import from_omegaconf
-
     pdir, b = parent_dir(cfg, run_dir), int(cfg.train.branch_step)
     saved = _read_json(pdir / CONFIG)
     if saved is None:
@@ -619,7 +617,7 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from scaling.config import from_omegaconf, register_configs
+    from scaling.config import register_configs
 
     register_configs()
 
