@@ -12,10 +12,11 @@ TINY = bench.PRESETS["tiny"][0]
 QUICK = ["--preset", "tiny", "--steps", "1", "--warmup", "0", "--vmap", "", "--allow-busy"]
 
 
-def test_tiny_bench_prints_every_column_and_writes_json(tmp_path, capsys):
+def test_tiny_bench_prints_every_column_writes_json_and_scan_profile_rows(tmp_path, capsys):
+    # One bench invocation for every flag: each invocation starts worker processes and compiles (~20 s).
     out = tmp_path / "bench.json"
     report = bench.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--vmap", "2", "--refs", "linen",
-                         "--allow-busy", "--json", str(out)])
+                         "--allow-busy", "--json", str(out), "--scan", "--profile"])
     printed = capsys.readouterr().out
     for column in ("tokens/s", "step ms", "FLOP/s", "MFU", "compile s", "peak mem", "attention", "linen tok/s",
                    "x linen", "load", "speed-up"):
@@ -23,6 +24,7 @@ def test_tiny_bench_prints_every_column_and_writes_json(tmp_path, capsys):
     on_disk = json.loads(out.read_text())
     assert on_disk["rows"] == json.loads(json.dumps(report["rows"]))
     row = on_disk["rows"][0]
+    assert row["variant"] == "f32"
     model = bench.model_config(TINY, {})
     assert row["N"] == count_params(model).non_embedding
     # achieved FLOP/s is tokens/s times the chinchilla FLOPs per token, and MFU divides it by the stated peak
@@ -35,6 +37,13 @@ def test_tiny_bench_prints_every_column_and_writes_json(tmp_path, capsys):
     for measured in (row, row["refs"]["linen"]):
         assert len(measured["load"]["loadavg_before"]) == 3 and len(measured["load"]["loadavg_after"]) == 3
     assert row["refs"]["linen"]["tokens_per_s"] > 0
+    variants = {r["variant"]: r for r in report["rows"]}
+    assert set(variants) == {"f32", "f32-scan"}
+    assert variants["f32"]["N"] == variants["f32-scan"]["N"]
+    assert variants["f32-scan"]["compile_s"] > 0
+    groups = {p["group"]: p for p in variants["f32"]["profile"]}
+    assert sum(p["share"] for p in groups.values()) == pytest.approx(1.0)
+    assert any(g.startswith("bwd attn core") for g in groups) and any("mlp/fc matmul" in g for g in groups)
 
 
 def test_every_implementation_runs_in_its_own_process_on_the_same_cores():
@@ -131,13 +140,3 @@ def test_bad_arguments_fail_clearly():
         bench.parse_args(["--refs", "numpy"])
 
 
-def test_scan_flag_adds_a_scanned_row_and_profile_groups_a_step_by_model_part():
-    # one bench invocation for both flags: each starts worker processes and compiles
-    report = bench.main([*QUICK, "--refs", "", "--scan", "--profile"])
-    variants = {r["variant"]: r for r in report["rows"]}
-    assert set(variants) == {"f32", "f32-scan"}
-    assert variants["f32"]["N"] == variants["f32-scan"]["N"]
-    assert variants["f32-scan"]["compile_s"] > 0
-    groups = {p["group"]: p for p in variants["f32"]["profile"]}
-    assert sum(p["share"] for p in groups.values()) == pytest.approx(1.0)
-    assert any(g.startswith("bwd attn core") for g in groups) and any("mlp/fc matmul" in g for g in groups)
