@@ -225,6 +225,9 @@ def fit_approach3(N, D, loss, *, delta: float = 1e-3, n_starts: int | None = 32,
                               method="L-BFGS-B", options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-10})
         if np.all(np.isfinite(r.x)) and (best is None or r.fun < best.fun):
             best = r
+    if best is None:  # e.g. a warm start from a fit whose A overflowed (the loss does not vary with N)
+        raise ValueError("approach 3: no start reached finite parameters (log A, log B or log E ran off to infinity: "
+                         "do the losses vary with both N and D?); analysis.laws fits the law within bounds instead")
     a, b, e, alpha, beta = best.x
     return Approach3Fit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
                         beta=float(beta), n_points=len(N), objective=float(best.fun), method="huber-lbfgs",
@@ -242,6 +245,9 @@ def _vp_inner(alpha, beta, N, D, loss, sqrt_w=None):
     return coef / scale, rnorm ** 2
 
 
+VPNLS_BOX = (0.01, 3.0)  # the search box of VPNLS's exponents alpha, beta (analysis.identify reads a fit on it)
+
+
 def fit_approach3_vpnls(N, D, loss, *, flops_per_token: float = FLOPS_PER_TOKEN,
                         grid: int = 16, init: Sequence[float] | None = None, weights=None) -> Approach3Fit:
     """Variable projection (Golub & Pereyra 1973) of Hoffmann et al. 2022 eq. 2: solve (E, A, B) by nonnegative
@@ -257,7 +263,7 @@ def fit_approach3_vpnls(N, D, loss, *, flops_per_token: float = FLOPS_PER_TOKEN,
 
     def sse(p):
         al, be = p
-        if not (0.01 <= al <= 3 and 0.01 <= be <= 3):
+        if not (VPNLS_BOX[0] <= al <= VPNLS_BOX[1] and VPNLS_BOX[0] <= be <= VPNLS_BOX[1]):
             return 1e30
         return _vp_inner(al, be, n, d, loss, sqrt_w)[1]
 

@@ -6,8 +6,11 @@ Every loader returns a DataFrame with one row per run and these columns (the fit
   N_convention ("non_embedding" | "total" | "csv" | ...), C_convention ("chinchilla" | "6N" | "kaplan" | "6ND" | ...),
   flops_per_token (C / (N D), the k of C = k N D used for compute-optimal conversions), plus source extras
   (budget_C: the budget in the table's C convention at the run's shape, budget_convention, C_record: the run's own
-  C, lr: the peak learning rate, sweep, seed, train_loss, run_dir).
+  C, lr: the peak learning rate, sweep, seed, train_loss, epochs, run_dir; eval_<task>_acc/_acc_norm/_logprob/_chance of
+  evaluated runs, EVAL_COLUMN).
 Failed, diverged, running or unusable runs stay in the table with `excluded=True` and a reason; `usable()` drops them.
+Records also give the validation text's bytes_per_token, chars_per_token, bpb and bits_per_char (TEXT_COLUMNS); with
+`target="bpb"` (or "bits_per_char") the loaders put that in `loss`, the column every fit reads (`select_target`).
 
 One convention end to end: C is the convention the records carry (the one the sweep was planned in, `C_convention`)
 unless another is asked (`c=`, the CLI's --c-convention); then each run's C and budget are converted through
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,7 +37,16 @@ N_CONVENTIONS = {"non_embedding": "N", "total": "N_total"}  # Kaplan et al. 2020
 OWN = "record"  # --c-convention record: an alias of the default, the convention each record carries
 COLUMNS = ["name", "status", "excluded", "reason", "N", "D", "C", "loss", "budget", "N_convention", "C_convention",
            "flops_per_token"]
+# Per-task evaluation columns of a run-table row (scaling.record.record_row): eval_<task>_acc, _acc_norm, _logprob,
+# _chance (analysis.downstream reads them)
+EVAL_COLUMN = re.compile(r"^eval_(?P<task>.+)_(?P<field>"
+                         + "|".join(sorted(R.EVAL_COLUMNS.values(), key=len, reverse=True)) + ")$")  # acc_norm first
 EXTRAS = ["budget_C", "budget_convention", "C_record", "sweep", "seed", "train_loss", "lr", "run_dir"]
+# The validation text's size per token and the loss per byte / character (scaling.record.text_metrics).
+TEXT_COLUMNS = ("bytes_per_token", "chars_per_token", "bpb", "bits_per_char")
+# What a fit takes as L (--target): the loss per token, or per byte / character of text, which compares runs whose
+# tokenizers cut the same text differently (Gao et al. 2020, The Pile, sec. 4).
+TARGETS = {"loss": "nats/token", "bpb": "bits per byte", "bits_per_char": "bits per character"}
 
 
 def _check_conventions(n: str, c: str | None) -> None:
@@ -166,7 +179,10 @@ def runs_table(rows: Iterable[dict], *, n: str = "non_embedding", c: str | None 
                     "lr": _num(r.get("lr")),  # peak learning rate; groups learning-rate sweeps
                     "schedule": _str(r.get("schedule")) or None, "role": _str(r.get("role")) or None,
                     "parent": _str(r.get("parent")) or None, "C_spent": _num(r.get("C_spent")),
-                    "run_dir": r.get("run_dir")})
+                    **{k: _num(r.get(k)) for k in TEXT_COLUMNS},  # NaN in records written before them
+                    "epochs": _num(r.get("epochs")),  # D / unique training tokens (analysis.data_constrained)
+                    "run_dir": r.get("run_dir"),
+                    **{k: _num(v) for k, v in r.items() if EVAL_COLUMN.match(k)}})
     return _finish(out, n, conv)
 
 
@@ -185,37 +201,68 @@ def _data_identity(run_dir: str) -> tuple[str, str, str] | None:
     return source, tokenizer, _str(data.get("source_description")) if isinstance(data, dict) else ""
 
 
-def check_one_data(rows: list[dict], where: str) -> None:
+def check_one_data(rows: list[dict], where: str, target: str = "loss") -> None:
     """Losses on different corpora or tokenizers are not comparable (nats per token of another token set): runs whose
     records name different data (`data.source`, its content hash included) or tokenizers (`tokenizer.identity`) are
-    one clear error naming the groups and where each lives."""
+    one clear error naming the groups and where each lives. A per-byte or per-character `target` compares tokenizers
+    on one text: then only the data must agree."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         ident = _data_identity(r["run_dir"]) if _str(r.get("run_dir")) else None
         if ident:
-            groups.setdefault(ident[:2], []).append(r | {"_desc": ident[2]})
+            key = ident[:2] if target == "loss" else (ident[0], "")
+            groups.setdefault(key, []).append(r | {"_desc": ident[2]})
     if len(groups) < 2:
         return
     parts = []
     for (source, tokenizer), members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         dirs = [str(Path(m["run_dir"]).parent) for m in members]
         home = os.path.commonpath(dirs) if len(set(dirs)) > 1 else dirs[0]
-        parts.append(f"{len(members)} run(s) on {members[0]['_desc'] or source} (data.source {source}) with tokenizer "
-                     f"{tokenizer or '?'}, under {home}")
+        by_tokenizer = f" with tokenizer {tokenizer or '?'}" if target == "loss" else ""
+        parts.append(f"{len(members)} run(s) on {members[0]['_desc'] or source} (data.source {source}){by_tokenizer}, "
+                     f"under {home}")
     raise ValueError(f"{where}: the runs were trained on different data or tokenizers, whose losses are not "
                      f"comparable: {'; '.join(parts)}. Point at a folder holding one group's runs, or pass "
                      "--allow-mixed-data (mixed_data=True) to fit them together anyway")
 
 
+def _check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"target {target!r} is unknown; use one of {', '.join(TARGETS)} (--target)")
+
+
+def select_target(df: pd.DataFrame, target: str = "loss") -> pd.DataFrame:
+    """The table with `loss` = the `target` column (TARGETS), which the fits read as L; the loss per token is kept as
+    `loss_per_token`. Runs without the target (records written before bits per byte, tokens without text) are excluded
+    with the reason; a table where no run has it is one clear error."""
+    _check_target(target)
+    if target == "loss":
+        return df
+    out = df.copy()
+    values = out[target].astype(float) if target in out.columns else pd.Series(np.nan, index=out.index)
+    has = np.isfinite(values) & (values > 0)
+    if not (has & ~out["excluded"]).any():
+        raise ValueError(f"none of the {int((~out['excluded']).sum())} usable runs carries {target} "
+                         f"({TARGETS[target]}): their records predate it or their tokens have no text (synthetic "
+                         "data); fit --target loss, or retrain them with this version")
+    out["loss_per_token"], out["loss"] = out["loss"], values
+    out.loc[~has & ~out["excluded"], "reason"] = (f"no {target}: a record written before bits per byte, or tokens "
+                                                 "without text (synthetic data)")
+    out["excluded"], out["target"] = out["reason"] != "", target
+    return out
+
+
 def load_sweep(sweep_dir: str | Path, *, n: str = "non_embedding", c: str | None = None,
-               skip_corrupt: bool = False, mixed_data: bool = False) -> pd.DataFrame:
-    """All runs below `sweep_dir` (any depth, found by record.json), plus planned runs without a record. Runs on
-    different data or tokenizers are refused unless `mixed_data` (`check_one_data`)."""
+               skip_corrupt: bool = False, mixed_data: bool = False, target: str = "loss") -> pd.DataFrame:
+    """All runs below `sweep_dir` (any depth, found by record.json), plus planned runs without a record, with `loss`
+    the fit `target` (`select_target`). Runs on different data (or, for a per-token loss, tokenizers) are refused
+    unless `mixed_data` (`check_one_data`)."""
     _check_conventions(n, c)
+    _check_target(target)
     rows = R.read_runs(sweep_dir, skip_corrupt=skip_corrupt)
     if not mixed_data:
-        check_one_data(rows, str(sweep_dir))
-    return runs_table(rows, n=n, c=c, where=str(sweep_dir))
+        check_one_data(rows, str(sweep_dir), target)
+    return select_target(runs_table(rows, n=n, c=c, where=str(sweep_dir)), target)
 
 
 RUN_TABLE_COLUMNS = ("name", "status", "N", "D", "C", "C_convention", "loss")  # what makes a CSV a collected run table
@@ -230,10 +277,12 @@ def is_runs_csv(path: str | Path) -> bool:
     return set(RUN_TABLE_COLUMNS) <= set(header)
 
 
-def load_runs_csv(path: str | Path, *, n: str = "non_embedding", c: str | None = None) -> pd.DataFrame:
+def load_runs_csv(path: str | Path, *, n: str = "non_embedding", c: str | None = None,
+                  target: str = "loss") -> pd.DataFrame:
     """A run table collected by `python -m scaling.sweep collect` (runs.csv): the same table as `load_sweep` on the
     sweep directory it came from, without the training curves."""
     _check_conventions(n, c)
+    _check_target(target)
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"run table {str(p)!r} does not exist; check the path")
@@ -241,19 +290,21 @@ def load_runs_csv(path: str | Path, *, n: str = "non_embedding", c: str | None =
         raise ValueError(f"{str(p)!r} is not a collected run table (it lacks some of the columns "
                          f"{list(RUN_TABLE_COLUMNS)}); name its columns with `analysis fit --csv ... --N --D --loss`")
     raw = pd.read_csv(p)
-    return runs_table(raw.to_dict("records"), n=n, c=c, where=str(p))
+    return select_target(runs_table(raw.to_dict("records"), n=n, c=c, where=str(p)), target)
 
 
 def load_curves(sweep_dir: str | Path, *, loss: str = "train_loss", n: str = "non_embedding",
-                c: str | None = None, mixed_data: bool = False) -> pd.DataFrame:
+                c: str | None = None, mixed_data: bool = False, target: str = "loss") -> pd.DataFrame:
     """Training curves of usable runs (for Chinchilla Approach 1): columns run, N, C, D, loss, one row per step.
 
     metrics.jsonl `flops` is cumulative C under the run's own convention; it is rescaled to the chosen C convention
-    (C / C_record), so the curve ends at the run's C in the table.
+    (C / C_record), so the curve ends at the run's C in the table. A per-byte `target` rescales each run's losses by
+    its final target / loss: exact for eval_loss (the same validation text), for train_loss it takes the training
+    text to have the validation text's bytes per token.
     """
     if loss not in ("train_loss", "eval_loss"):
         raise ValueError(f"curve loss {loss!r} is unknown; use 'train_loss' or 'eval_loss'")
-    runs = usable(load_sweep(sweep_dir, n=n, c=c, skip_corrupt=True, mixed_data=mixed_data))
+    runs = usable(load_sweep(sweep_dir, n=n, c=c, skip_corrupt=True, mixed_data=mixed_data, target=target))
     frames = []
     for r in runs.itertuples():
         path = Path(r.run_dir) / "metrics.jsonl"
@@ -271,8 +322,9 @@ def load_curves(sweep_dir: str | Path, *, loss: str = "train_loss", n: str = "no
             continue
         m = m.dropna(subset=[loss])
         scale = r.C / r.C_record if np.isfinite(r.C_record) and r.C_record > 0 else 1.0
+        per_unit = 1.0 if target == "loss" else r.loss / r.loss_per_token  # 1 / (ln 2 bytes_per_token) for bpb
         frames.append(pd.DataFrame({"run": r.name, "N": r.N, "C": m["flops"].astype(float) * scale,
-                                    "D": m["tokens"].astype(float), "loss": m[loss].astype(float)}))
+                                    "D": m["tokens"].astype(float), "loss": m[loss].astype(float) * per_unit}))
     if not frames:
         raise ValueError(f"no usable run below {str(sweep_dir)!r} has a metrics.jsonl with tokens, flops and {loss}")
     return pd.concat(frames, ignore_index=True)
@@ -362,6 +414,7 @@ def load_csv(path: str | Path, *, N: str, D: str, loss: str, C: str | None = Non
 # --------------------------------------------------------------------------------------------------------------------
 # wandb: offline run files (no server) and the public API (a server)
 # --------------------------------------------------------------------------------------------------------------------
+ANALYSIS_JOB = "analysis"  # the job_type of the run `analysis report --wandb` writes (analysis.wandb_report)
 WANDB_STATUS = {"finished": "completed", "crashed": "failed", "failed": "failed", "killed": "failed",
                 "running": "running"}
 # Where a summary key is absent, the run's config (scaling.config.to_dict, nested) still says how it was budgeted.
@@ -394,7 +447,7 @@ def _wandb_row(name: str, state: str, summary: dict, config: dict, group: Any, k
     row = {"name": name, "status": str(summary.get("status") or WANDB_STATUS.get(state, state)), "sweep": group,
            "N": get(keys["N"]), "N_total": get("N_total"), "D": get(keys["D"]), "loss": get(keys["loss"]),
            "error": summary.get("error"), "diverged_step": summary.get("diverged_step"),
-           "train_loss": get("train_loss")}
+           "train_loss": get("train_loss"), **{k: get(k) for k in TEXT_COLUMNS}}
     if keys.get("C"):  # a user-named key: C as given, also the IsoFLOP budget, in the convention the flag names
         row.update(C=get(keys["C"]), C_convention=keys["c_label"],
                    budget=get(keys["budget"]) if keys.get("budget") else get(keys["C"]), budget_kind="flops",
@@ -415,7 +468,7 @@ def _wandb_cli() -> list[str]:
 
 def read_wandb_file(path: str | Path) -> dict:
     """One offline run (.wandb transaction log) via `wandb leet inspect` (the reader wandb ships; no server, no
-    key): {"name", "state", "summary", "config", "group", "history": [step dicts]}."""
+    key): {"name", "state", "summary", "config", "group", "job_type", "history": [step dicts]}."""
     import subprocess
 
     p = str(path)
@@ -434,7 +487,7 @@ def read_wandb_file(path: str | Path) -> dict:
     except json.JSONDecodeError:
         raise ValueError(f"wandb file {p!r}: unreadable summary from `wandb leet inspect`; is the file complete?") \
             from None
-    group, history = None, []
+    group, job_type, history = None, None, []
     for line in recs.stdout.splitlines():
         try:
             r = json.loads(line)
@@ -442,11 +495,12 @@ def read_wandb_file(path: str | Path) -> dict:
             continue
         if r.get("type") == "run":
             group = r["run"].get("run_group") or group
+            job_type = r["run"].get("job_type") or job_type
         elif r.get("type") == "history":
             history.append(r["history"].get("item", {}))
     return {"name": info.get("name") or info.get("run_id"), "state": info.get("state", "unknown"),
             "summary": info.get("summary") or {}, "config": info.get("config") or {}, "group": group,
-            "history": history}
+            "job_type": job_type, "history": history}
 
 
 def _keys(N: str, D: str, loss: str, C: str | None, budget: str | None, c_convention: str | None) -> dict:
@@ -454,20 +508,22 @@ def _keys(N: str, D: str, loss: str, C: str | None, budget: str | None, c_conven
             "c_label": c_convention if c_convention not in (None, OWN) else f"summary {C}"}
 
 
-def _wandb_table(rows: list[dict], keys: dict, n_convention: str, c_convention: str | None, where: str):
+def _wandb_table(rows: list[dict], keys: dict, n_convention: str, c_convention: str | None, where: str,
+                 target: str = "loss"):
     # Column N holds the user's N key. A user-named C key is read as given (the flag, if any, names its convention);
     # otherwise C is in the convention the runs carry, or the one asked, converted per run.
     table = runs_table(rows, c=None if keys["C"] else c_convention, where=where)
     table["N_convention"] = n_convention
-    return table
+    return select_target(table, target)
 
 
 def load_wandb_offline(path: str | Path, *, N: str = "N", D: str = "D", loss: str = "loss", C: str | None = None,
                        budget: str | None = None, n_convention: str = "wandb",
-                       c_convention: str | None = None) -> pd.DataFrame:
+                       c_convention: str | None = None, target: str = "loss") -> pd.DataFrame:
     """Every offline run below `path` (a wandb/ folder or any parent): values from the summary, else the config.
     By default C, its convention and the planned budget are the summary's (scaling.record.SUMMARY_KEYS), so the
     table equals the one the same runs' records give; `C` names another key (read as given, also the budget)."""
+    _check_target(target)
     files = sorted(Path(path).rglob("*.wandb")) if Path(path).is_dir() else [Path(path)]
     files = [f for f in files if f.is_file()]
     if not files:
@@ -482,19 +538,47 @@ def load_wandb_offline(path: str | Path, *, N: str = "N", D: str = "D", loss: st
     rows = []
     for f in files:
         r = read_wandb_file(f)
+        if r.get("job_type") == ANALYSIS_JOB:  # `analysis report --wandb`'s own run: fits, not a training run
+            continue
         rows.append(_wandb_row(r["name"], r["state"], r["summary"], r["config"], r["group"], keys)
                     | {"run_dir": str(f.parent)})
-    return _wandb_table(rows, keys, n_convention, c_convention, str(path))
+    if not rows:
+        raise ValueError(f"the .wandb files below {str(path)!r} hold only analysis runs; give the folder of the "
+                         "training runs")
+    return _wandb_table(rows, keys, n_convention, c_convention, str(path), target)
 
 
 def load_wandb_api(api: Any, path: str, *, group: str | None = None, N: str = "N", D: str = "D",
                    loss: str = "loss", C: str | None = None, budget: str | None = None,
-                   c_convention: str | None = None) -> pd.DataFrame:
-    """Runs of `entity/project` (optionally one group) from a `wandb.Api()`-like object (needs a server)."""
+                   c_convention: str | None = None, target: str = "loss") -> pd.DataFrame:
+    """Runs of `entity/project` (optionally one group) from a `wandb.Api()`-like object (needs a server); the
+    analysis runs `analysis report --wandb` adds to a group are left out."""
+    _check_target(target)
     runs: Iterable = api.runs(path, filters={"group": group} if group else None)
     keys = _keys(N, D, loss, C, budget, c_convention)
     rows = [_wandb_row(r.name, r.state, dict(r.summary), dict(r.config), getattr(r, "group", None), keys)
-            for r in runs]
+            for r in runs if getattr(r, "job_type", None) != ANALYSIS_JOB]
     if not rows:
         raise ValueError(f"wandb project {path!r}{f' group {group!r}' if group else ''} has no runs; check the names")
-    return _wandb_table(rows, keys, "wandb", c_convention, path)
+    return _wandb_table(rows, keys, "wandb", c_convention, path, target)
+
+
+def wandb_path(text: str) -> tuple[str, str | None]:
+    """"ENTITY/PROJECT[/GROUP]" -> ("ENTITY/PROJECT", GROUP or None); one clear error for anything else."""
+    parts = text.strip("/").split("/")
+    if not 2 <= len(parts) <= 3 or not all(parts):
+        raise ValueError(f"--wandb {text!r} is no folder of offline runs here, nor ENTITY/PROJECT[/GROUP]: give the "
+                         "folder that wandb.init(dir=...) wrote to, or e.g. --wandb my-team/scaling/isoflop-quickstart")
+    return "/".join(parts[:2]), parts[2] if len(parts) == 3 else None
+
+
+def wandb_api(timeout_s: int = 30) -> Any:
+    """A `wandb.Api()` (reads runs from the server: needs an API key); one clear error when there is none."""
+    import wandb  # slow import; only for the API
+
+    try:
+        return wandb.Api(timeout=timeout_s)
+    except Exception as exc:  # noqa: BLE001 - wandb raises UsageError / AuthenticationError / network errors
+        raise ValueError(f"cannot open the wandb API ({type(exc).__name__}: {str(exc)[:200]}): run `wandb login` (or "
+                         "set WANDB_API_KEY) on a machine that reaches the server, or read offline run files with "
+                         "--wandb FOLDER") from None

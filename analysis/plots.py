@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 
 from analysis.approach3 import Approach3Fit  # noqa: E402
 from analysis.fits import Approach2Fit, KaplanFit, PowerLaw, isoflop_key, lower_envelope  # noqa: E402
+from analysis.load import TARGETS  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "savefig.dpi": 200, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3,
          "axes.spines.top": False, "axes.spines.right": False, "legend.frameon": False}
@@ -22,6 +23,11 @@ STYLE = {"figure.dpi": 110, "savefig.dpi": 200, "font.size": 10, "axes.grid": Tr
 # and Hoffmann et al. 2022 table 2 (approach 2) N_opt ~ C^0.49, D_opt ~ C^0.51.
 REFERENCE_A = {"Kaplan 2020 (a=0.73)": 0.73, "Chinchilla 2022 (a=0.49)": 0.49}
 REFERENCE_B = {"Kaplan 2020 (b=0.27)": 0.27, "Chinchilla 2022 (b=0.51)": 0.51}
+
+
+def _unit(df: pd.DataFrame) -> str:
+    """The fitted loss's unit: nats/token, or bits per byte / character under --target (analysis.load.select_target)."""
+    return TARGETS[str(df["target"].iloc[0])] if "target" in df and len(df) else TARGETS["loss"]
 
 
 def _save(fig, out_dir: Path, name: str) -> list[Path]:
@@ -109,16 +115,19 @@ def plot_loss_vs_compute(df: pd.DataFrame, out_dir: Path, kaplan_C: KaplanFit | 
             c = np.geomspace(fx.min(), fx.max(), 100)
             ax.plot(c, kaplan_C(c), "--", color="tab:red",
                     label=rf"$L=(C_c/C)^{{{kaplan_C.alpha:.3f}}}$" + (f" + {kaplan_C.E:.2f}" if kaplan_C.E else ""))
-        ax.set(xscale="log", yscale="log", xlabel="training compute C [FLOPs]", ylabel="loss [nats/token]",
+        ax.set(xscale="log", yscale="log", xlabel="training compute C [FLOPs]", ylabel=f"loss [{_unit(df)}]",
                title="Loss vs compute")
         _plain_log_y(ax)
         ax.legend(fontsize=8)
         return _save(fig, out_dir, "loss_vs_compute")
 
 
-def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path, spread: pd.DataFrame | None = None) -> list[Path]:
+def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path, spread: pd.DataFrame | None = None,
+                  flagged: pd.DataFrame | None = None, budget_flags: dict | None = None) -> list[Path]:
     """IsoFLOP curves: loss vs N per budget, fitted parabolas in log N and their minima (Hoffmann fig. 3 left).
-    `spread`: seed-replicated points (mean loss, sigma), drawn as mean +- sigma in their budget's colour."""
+    `spread`: seed-replicated points (mean loss, sigma), drawn as mean +- sigma in their budget's colour.
+    `flagged`: runs analysis.quality flagged (N, loss, flags), ringed in red and lettered (o outlier, d duplicate);
+    `budget_flags`: {budget: "off_centre;weak_curvature"}, named in that budget's legend entry."""
     key = isoflop_key(df)
     colors = _budget_colors(df[key])
     with plt.rc_context(STYLE):
@@ -133,14 +142,23 @@ def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path, spread: pd.
             g = df[df[key] == row.budget]
             if row.parabola_N is not None:
                 x = np.linspace(np.log(g["N"].min()), np.log(g["N"].max()), 100)
-                ax.plot(np.exp(x), row.parabola_N(x), color=colors[row.budget], lw=1.2, label=f"C={row.budget:.1e}")
+                why = (budget_flags or {}).get(row.budget, "").replace("_", " ").replace(";", ", ")
+                ax.plot(np.exp(x), row.parabola_N(x), color=colors[row.budget], lw=1.2,
+                        label=f"C={row.budget:.1e}" + (f" ({why})" if why else ""))
             ax.plot(row.N_opt, row.loss_opt, marker="*", color="k", ms=9, zorder=4)
         ax.plot([], [], "k*", label="minimum")
         if spread is not None and not spread.empty:
             for b, g in spread.groupby("budget" if key == "budget" else "C"):
                 _seed_errorbars(ax, g, "N", colors.get(b, "k"))
             ax.errorbar([], [], yerr=[], fmt="_", color="k", capsize=2.5, label=r"mean $\pm\sigma$ over seeds")
-        ax.set(xscale="log", xlabel="parameters N", ylabel="final loss [nats/token]", title="IsoFLOP curves")
+        if flagged is not None and not flagged.empty:
+            ax.scatter(flagged["N"], flagged["loss"], s=90, facecolors="none", edgecolors="tab:red", lw=1.4, zorder=5,
+                       label="QC flag (o: spline outlier, d: near-duplicate N)")
+            for f in flagged.itertuples():
+                tag = "".join(t for t, name in (("o", "spline_outlier"), ("d", "near_duplicate")) if name in f.flags)
+                ax.annotate(tag, (f.N, f.loss), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                            color="tab:red")
+        ax.set(xscale="log", xlabel="parameters N", ylabel=f"final loss [{_unit(df)}]", title="IsoFLOP curves")
         _log_x_ticks(ax, df["N"])
         ax.legend(fontsize=7, ncol=2)
         return _save(fig, out_dir, "isoflops")

@@ -11,11 +11,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import plots
+from analysis import downstream, downstream_plots, plots
 from analysis.approach3 import Approach3Fit, TokenCost
+from analysis.data_constrained import fit_data_constrained
+from analysis.data_constrained import markdown_section as dc_markdown
 from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, isoflop_key, lower_envelope
-from analysis.load import endpoint_curves, excluded, load_curves, load_runs_csv, load_sweep, usable
+from analysis.identify import describe, mark_identification
+from analysis.load import TARGETS, endpoint_curves, excluded, load_curves, load_runs_csv, load_sweep, usable
 from analysis.lr import lr_sweeps
+from analysis.quality import isoflop_quality, quality_markdown
 from analysis.seeds import POINT, W_LOG, W_LOSS, point_means, seed_noise
 from analysis.uncertainty import (Approach1Stat, Approach2Stat, Approach3Stat, KaplanStat, backtest, bootstrap)
 from scaling.record import clean_json, write_json_atomic, write_text_atomic
@@ -53,7 +57,7 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
         largest = runs["budget_C"].max() if "budget_C" in runs and runs["budget_C"].notna().all() else np.nan
         C = float(largest if np.isfinite(largest) else runs["C"].max()) * 10
     res = {"conventions": {"N": str(df["N_convention"].iloc[0]), "C": str(df["C_convention"].iloc[0]),
-                           "flops_per_token": fpt},
+                           "flops_per_token": fpt, "target": str(df["target"].iloc[0]) if "target" in df else "loss"},
            "n_runs": int(len(df)), "n_used": int(len(runs)), "C_query": C,
            "excluded": excluded(df)[["name", "status", "reason"]].to_dict("records")}
     fitted: dict = {}
@@ -142,6 +146,17 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
     for k, fn in ((1, approach1), (2, approach2), (3, approach3)):
         if k in approaches:
             attempt(f"approach{k}", fn)
+    if 2 in approaches and isoflop_key(runs) == "budget":  # IsoFLOP curves to flag (analysis.quality)
+        def quality():
+            fitted["quality"] = isoflop_quality(runs)
+            return fitted["quality"].as_dict()
+        attempt("isoflop_quality", quality)
+    if "epochs" in runs.columns and runs["epochs"].max() > 1.5:  # repeated data: Muennighoff et al. 2023
+        def data_constrained():
+            out = fit_data_constrained(runs, n_bootstrap=n_bootstrap, seed=seed, n_jobs=n_jobs)
+            fitted["data_constrained"] = out.pop("_fit")
+            return out
+        attempt("data_constrained", data_constrained)
     for v in res.values():
         if isinstance(v, dict):
             v.pop("_samples", None)
@@ -152,7 +167,8 @@ def _with_ci(stat, table, boot, **kw) -> dict:
     if boot["n_resamples"] <= 0:
         return stat(table)
     b = bootstrap(table, stat, **boot, **kw)
-    return b.as_dict() | {"_samples": b.samples}
+    # A runaway interval is reported as "not identified (reason)", not as numbers (analysis.identify).
+    return mark_identification(b.as_dict(), stat) | {"_samples": b.samples}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -167,12 +183,16 @@ def _fmt(v) -> str:
 
 
 def _table(d: dict, keys) -> list[str]:
-    ci = d.get("ci95", {})
+    ci, ident = d.get("ci95", {}), d.get("identification")
     lines = ["| symbol | estimate | 95% interval |", "|---|---|---|"]
     for k in keys:
         if k in d:
-            lo_hi = ci.get(k)
-            lines.append(f"| {k} | {_fmt(d[k])} | {'[' + _fmt(lo_hi[0]) + ', ' + _fmt(lo_hi[1]) + ']' if lo_hi else '-'} |")
+            lo_hi, note = ci.get(k), describe(k, ident)
+            if note and note.startswith("not identified ("):  # no numbers for a parameter the data do not pin down
+                lines.append(f"| {k} | not identified | {note[len('not identified ('):-1]} |")
+                continue
+            interval = '[' + _fmt(lo_hi[0]) + ', ' + _fmt(lo_hi[1]) + ']' if lo_hi else '-'
+            lines.append(f"| {k} | {_fmt(d[k])} | {interval}{' (' + note + ')' if note else ''} |")
     return lines
 
 
@@ -182,7 +202,10 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
          f"Runs: {res['n_runs']} in the table, {res['n_used']} used in fits, {len(res['excluded'])} excluded.", "",
          "## Conventions", "",
          f"- N: {conv['N']} parameters; C: {conv['C']} (flops per token k = C/(N D) = {conv['flops_per_token']:.4g})",
-         "- loss: final validation loss in nats/token; intervals: 95% percentile bootstrap over "
+         f"- loss: final validation loss in {TARGETS[conv.get('target', 'loss')]}"
+         + ("" if conv.get("target", "loss") == "loss" else f" ({conv['target']}: the loss per token / ln 2 / the "
+            "validation text's bytes (characters) per token, Gao et al. 2020 sec. 4)")
+         + "; intervals: 95% percentile bootstrap over "
          + ("points (each with all its seeds)" if res.get("seeds") else "runs"), ""]
     L += ["## Excluded runs", ""]
     if res["excluded"]:
@@ -223,9 +246,12 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
         if d.get("skipped_budgets"):
             L += ["", "Budgets left out of Approach 2:"] + [f"- C={s['C']:.3g}: {s['reason']}"
                                                             for s in d["skipped_budgets"]]
+    L += quality_markdown(res.get("isoflop_quality"))
+    L += dc_markdown(res["data_constrained"]) if "data_constrained" in res else []
     if "backtest" in res:
         L += ["", "## Backtest", "", "| quantity | value |", "|---|---|"] + [
             f"| {k} | {_fmt(v)} |" for k, v in res["backtest"].items()]
+    L += downstream.markdown_section(res.get("downstream"))
     L += ["", "## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(L) + "\n"
 
@@ -291,30 +317,39 @@ def make_plots(runs: pd.DataFrame, fitted: dict, res: dict, out_dir: Path,
     paths = plots.plot_loss_vs_compute(runs, out_dir, fitted.get("kaplan_C"), curves, spread)
     a2, a3 = fitted.get("a2"), fitted.get("a3")
     if a2 is not None:
-        paths += plots.plot_isoflops(runs, a2, out_dir, spread)
+        q = fitted.get("quality")
+        paths += plots.plot_isoflops(runs, a2, out_dir, spread, q.flagged if q is not None else None,
+                                     dict(zip(q.budgets["budget"], q.budgets["flags"])) if q is not None else None)
         paths += plots.plot_optimal_allocation(a2.minima, a2.N_opt, a2.D_opt, out_dir, fitted.get("a2_samples"),
                                                extend_to=res.get("C_query"))
     if isinstance(a3, Approach3Fit):
         paths += plots.plot_residuals(runs, a3, out_dir)
         paths += plots.plot_contours(runs, a3, out_dir)
+    if fitted.get("data_constrained") is not None:  # fitted L against observed, residuals (analysis.laws)
+        from analysis.laws import plot_law_fit
+
+        paths += plot_law_fit(fitted["data_constrained"], runs, out_dir)
+    if res.get("downstream"):  # evaluated runs: accuracy vs N beside the log-likelihood, and the two-step fits
+        paths += downstream_plots.plot_emergence(runs, [r["task"] for r in res["downstream"]], out_dir)
+        paths += downstream_plots.plot_accuracy_vs_loss(runs, res["downstream"], out_dir)
     return paths
 
 
 def write_report(source: str | Path, out_dir: str | Path | None = None, *, n: str = "non_embedding",
                  c: str | None = None, C: float | None = None, n_bootstrap: int = 200,
                  backtest_below: float | None = None, n_jobs: int = 2, seed: int = 0, skip_corrupt: bool = False,
-                 mixed_data: bool = False) -> Path:
+                 mixed_data: bool = False, target: str = "loss") -> Path:
     """Load a sweep directory (or a runs.csv that `scaling.sweep.schedule collect` wrote), fit everything, and write
     report.md, results.json and figures/ into `out_dir` (default: SWEEP_DIR/report, or report/ next to the CSV).
-    C is in the records' own convention unless `c` asks another; `skip_corrupt` and `mixed_data` as in load_sweep.
-    Returns the report path."""
+    C is in the records' own convention unless `c` asks another; `skip_corrupt`, `mixed_data` and `target` (the fits'
+    L: loss per token, bpb or bits_per_char) as in load_sweep. Returns the report path."""
     source = Path(source)
     if source.is_file():  # a collected run table (load_runs_csv says so when it is not one)
-        df, curves = load_runs_csv(source, n=n, c=c), None
+        df, curves = load_runs_csv(source, n=n, c=c, target=target), None
     else:
-        df = load_sweep(source, n=n, c=c, skip_corrupt=skip_corrupt, mixed_data=mixed_data)
+        df = load_sweep(source, n=n, c=c, skip_corrupt=skip_corrupt, mixed_data=mixed_data, target=target)
         try:
-            curves = load_curves(source, n=n, c=c, mixed_data=mixed_data)
+            curves = load_curves(source, n=n, c=c, mixed_data=mixed_data, target=target)
         except ValueError:
             curves = None
     res, fitted = fit_all(df, C=C, n_bootstrap=n_bootstrap, curves=curves, n_jobs=n_jobs, seed=seed)
@@ -322,6 +357,8 @@ def write_report(source: str | Path, out_dir: str | Path | None = None, *, n: st
     if sweeps:
         res["lr_sweeps"] = clean_json([s.as_dict() for s in sweeps])
     runs = usable(df)
+    if downstream.eval_tasks(df):  # the "Downstream" section, only for evaluated runs
+        res["downstream"] = clean_json(downstream.analyze_all(df, n_bootstrap=n_bootstrap, seed=seed, n_jobs=n_jobs))
     if backtest_below is not None:
         try:
             res["backtest"] = clean_json(backtest(runs, backtest_below).summary())

@@ -112,6 +112,7 @@ def write_sweep(root: str | Path, runs: pd.DataFrame, *, n_steps: int = 20, seq_
             "model": MODEL | {"seq_len": seq_len}, "optim": OPTIM, "seed": int(r.get("seed", 0)),
             "loss": None if status != "completed" else float(r["loss"]),
             "train_loss": float(curve[-1]), "epochs": 0.5,
+            **(eval_record(r) if status == "completed" else {}),  # eval_<task>_* columns -> the record's `eval`
         })
         planned.append({"name": r["name"], "budget": float(r["budget"])})
     planned.append({"name": "never-ran", "budget": float(runs["budget"].iloc[0])})
@@ -119,3 +120,71 @@ def write_sweep(root: str | Path, runs: pd.DataFrame, *, n_steps: int = 20, seq_
                           "budgets": sorted({float(b) for b in runs["budget"]}), "planned": planned,
                           "rule": {"kind": "isoflop"}, "git_commit": "0" * 40})
     return root
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluated runs (analysis.downstream): task accuracy a known sigmoid of the loss, in the run table's eval_* columns
+# --------------------------------------------------------------------------------------------------------------------
+# A loss law whose tiny models (N 1e5-1e7, D 5-80 tokens per parameter) span ~2.3-4.5 nats, where a task can emerge.
+TINY_TRUTH = {"E": 2.0, "A": 60.0, "B": 300.0, "alpha": 0.4, "beta": 0.35}
+# acc(L) of analysis.downstream.AccuracyFit on the validation loss: 4-way multiple choice rising to 90%.
+SIGMOID_TRUTH = {"floor": 0.25, "ceiling": 0.9, "k": 3.0, "L0": 3.2}
+TASK_LOSS = (1.2, 0.3)  # task loss = 1.2 L + 0.3 (the correct answer's -log-likelihood follows the loss affinely)
+
+
+def downstream_runs(sizes=(1e5, 3e5, 1e6, 3e6, 1e7), tokens_per_param=(5, 20, 80), tasks: dict | None = None,
+                    truth: dict | None = None, acc_noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    """Runs N x D (D = r N for each r), C = 6ND, loss = L(N, D) of `truth`, and per task (name -> sigmoid truth, default
+    {"cloze": SIGMOID_TRUTH}) eval_<task>_acc = acc(loss) + acc_noise z (clipped to [0, 1]), _acc_norm = _acc,
+    _logprob = -(TASK_LOSS[0] loss + TASK_LOSS[1]), _chance = the floor. In the columns analysis.load gives a table."""
+    from analysis.downstream import AccuracyFit  # downstream imports the fits; keep this module's imports light
+
+    t, tasks = truth or TINY_TRUTH, tasks or {"cloze": SIGMOID_TRUTH}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for N in sizes:
+        for r in tokens_per_param:
+            D = r * N
+            loss = float(chinchilla_loss(N, D, **t))
+            row = {"name": f"N{N:.3g}-D{D:.3g}", "N": N, "D": D, "C": K6 * N * D, "budget": K6 * N * D,
+                   "loss": loss}
+            for task, s in tasks.items():
+                acc = AccuracyFit(**s, n_points=0, rmse=0.0, ceiling_fixed=False)(loss)
+                acc = float(np.clip(acc + acc_noise * rng.standard_normal(), 0, 1))
+                row.update({f"eval_{task}_acc": acc, f"eval_{task}_acc_norm": acc,
+                            f"eval_{task}_logprob": -(TASK_LOSS[0] * loss + TASK_LOSS[1]),
+                            f"eval_{task}_chance": s["floor"]})
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    df["status"], df["excluded"], df["reason"] = "completed", False, ""
+    df["flops_per_token"], df["N_convention"], df["C_convention"] = K6, "synthetic", "6ND"
+    return df
+
+
+def eval_record(row: dict) -> dict:
+    """The record's `eval` field ({task: {accuracy, accuracy_norm, logprob, n, k, chance, kind}}) from a row's flat
+    eval_<task>_* columns; {} when it has none."""
+    from analysis.load import EVAL_COLUMN
+    from scaling.record import EVAL_COLUMNS
+
+    out: dict = {}
+    names = {col: field for field, col in EVAL_COLUMNS.items()}  # column suffix -> record field
+    for col, v in row.items():
+        if (m := EVAL_COLUMN.match(col)) and v is not None and np.isfinite(v):
+            out.setdefault(m["task"], {"n": 200, "k": 0, "kind": "mc"})[names[m["field"]]] = float(v)
+    return {"eval": out} if out else {}
+
+
+def write_runs_csv(path: str | Path, runs: pd.DataFrame, convention: str = "6N") -> Path:
+    """`runs` as a collected run table (runs.csv: scaling.record.COLUMNS names, C in `convention`, eval columns
+    kept)."""
+    from scaling.record import COLUMNS
+
+    table = runs.drop(columns=[c for c in ("excluded", "reason", "flops_per_token", "N_convention") if c in runs])
+    table = table.assign(N_total=table["N"] * 1.1, budget_kind="flops", budget_convention=convention,
+                         C_convention=convention, **{f"C_{convention}": table["C"]})
+    first = [c for c in COLUMNS if c in table.columns]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table[first + [c for c in table.columns if c not in first]].to_csv(path, index=False)
+    return path

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from scaling.accounting import FLOP_CONVENTIONS, flops_per_token
 from scaling.train.checkpoint import CheckpointConfig
 from scaling.data.tokens import DataConfig
+from scaling.eval.tasks import EvalConfig
 from scaling.model.decoder import ModelConfig
 from scaling.train.optim import OptimConfig
 from scaling.train.sharding import ShardingConfig
@@ -87,6 +88,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)  # mesh + multi-host; not part of a run's identity
+    eval: EvalConfig = field(default_factory=EvalConfig)  # downstream tasks at the run's end; not part of its identity
     sweep: Optional[str] = None  # the sweep (wandb group) this run belongs to
 
 

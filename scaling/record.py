@@ -140,6 +140,14 @@ REQUIRED: dict[str, tuple[Any, str]] = {
 }
 
 
+# Optional fields (records written before them lack them), checked when present. Bits per byte / character of the
+# validation text (`text_metrics`) are null where the tokens have no text (synthetic data) or the run has no loss.
+OPTIONAL: dict[str, tuple[Any, str]] = {
+    k: (lambda v: v is None or _is_number(v) and v > 0, "a positive number or null")
+    for k in ("bytes_per_token", "chars_per_token", "bpb", "bits_per_char")
+}
+
+
 def validate_record(rec: Any, path: Path | str) -> dict:
     """`rec` if it is a run record this code reads, else RecordError naming `path`, the field and the fix.
 
@@ -173,10 +181,63 @@ def validate_record(rec: Any, path: Path | str) -> dict:
         if not ok(rec[field]):
             raise RecordError(f"{path}: field {field!r} is {rec[field]!r}, expected {what}; rerun that run "
                               "(delete record.json and relaunch)")
+    for field, (ok, what) in OPTIONAL.items():
+        if field in rec and not ok(rec[field]):
+            raise RecordError(f"{path}: field {field!r} is {rec[field]!r}, expected {what}; rerun that run "
+                              "(delete record.json and relaunch) or delete the field")
     if rec["status"] == "completed" and rec["loss"] is None:
         raise RecordError(f"{path}: field 'loss' is null but status is completed; a completed run has a final "
                           "validation loss: rerun that run (delete record.json and relaunch)")
+    if rec.get("eval") is not None:
+        _check_eval(rec["eval"], path)
     return rec if "schema_version" in rec else {**rec, "schema_version": version}
+
+
+# Optional `eval`: downstream task scores (scaling.eval), {task: {field: value}}; flattened in the run table as
+# eval_<task>_<column> (EVAL_COLUMNS: record field -> column suffix).
+EVAL_FIELDS: dict[str, tuple[Any, str]] = {
+    "accuracy": (_is_number, "a number"),
+    "accuracy_norm": (lambda v: v is None or _is_number(v), "a number or null (exact-match tasks)"),
+    "logprob": (lambda v: v is None or _is_number(v), "a number (nats) or null"),
+    "n": (_is_int, "an integer"),
+    "k": (_is_int, "an integer"),
+    "chance": (_is_number, "a number"),
+    "kind": (lambda v: v in ("mc", "exact"), "mc or exact"),
+}
+EVAL_COLUMNS = {"accuracy": "acc", "accuracy_norm": "acc_norm", "logprob": "logprob", "chance": "chance"}
+
+
+def _check_eval(ev: Any, path: Path | str) -> None:
+    fix = "re-evaluate the run (python -m scaling.evaluate RUN_DIR) or delete the field"
+    if not isinstance(ev, dict):
+        raise RecordError(f"{path}: field 'eval' is {ev!r}, expected an object {{task: scores}}; {fix}")
+    for task, scores in ev.items():
+        if not isinstance(scores, dict):
+            raise RecordError(f"{path}: field 'eval.{task}' is {scores!r}, expected an object of scores; {fix}")
+        for name, (ok, what) in EVAL_FIELDS.items():
+            if name not in scores or not ok(scores[name]):
+                got = "missing" if name not in scores else repr(scores[name])
+                raise RecordError(f"{path}: field 'eval.{task}.{name}' is {got}, expected {what}; {fix}")
+
+
+def eval_columns(ev: Optional[dict]) -> dict:
+    """The record's `eval` as flat run-table columns: eval_<task>_acc, _acc_norm, _logprob, _chance."""
+    return {f"eval_{task}_{col}": scores.get(name) for task, scores in (ev or {}).items()
+            for name, col in EVAL_COLUMNS.items()}
+
+
+def text_metrics(loss: Optional[float], bytes_per_token: Optional[float],
+                 chars_per_token: Optional[float]) -> dict:
+    """The record's text-normalised losses. A loss in nats per token over text of `bytes_per_token` UTF-8 bytes per
+    token is loss / ln 2 / bytes_per_token bits per byte (Gao et al. 2020, The Pile, sec. 4: BPB = (L_T / L_B)
+    loss / ln 2; Radford et al. 2019 report bits per character the same way): runs whose tokenizers cut the same
+    text into different tokens compare in it. None where a factor is missing or the loss is not finite."""
+    def per(unit: Optional[float]) -> Optional[float]:
+        ok = _is_number(loss) and math.isfinite(loss) and _is_number(unit) and unit > 0
+        return loss / math.log(2) / unit if ok else None
+
+    return {"bytes_per_token": bytes_per_token, "chars_per_token": chars_per_token, "bpb": per(bytes_per_token),
+            "bits_per_char": per(chars_per_token)}
 
 
 def failed_start_record(name: str, error: str) -> dict:
@@ -251,6 +312,7 @@ COLUMNS = [
     "epochs", "d_model", "n_layers", "n_heads", "d_ff", "vocab_size", "lr", "schedule", "warmup_fraction", "seed",
     "tokens_per_s", "mfu", "wall_s", "compile_s", "device_kind", "error", "diverged_step", "git_commit", "run_dir",
     "schema_version", "budget_convention", "role", "parent", "branch_step", "C_spent",
+    "bytes_per_token", "chars_per_token", "bpb", "bits_per_char",  # null in records written before them
 ]
 
 
@@ -281,18 +343,27 @@ def record_row(rec: dict, run_dir: Path | str) -> dict:
         parent=(rec.get("branch") or {}).get("parent"), branch_step=(rec.get("branch") or {}).get("step"),
         C_spent=rec.get("C_spent", rec.get("C")),
     )
+    row.update(eval_columns(rec.get("eval")))  # after COLUMNS: a run's own tasks (collect keeps them)
     return row
 
 
 # The wandb summary of each run: what `analysis.load.load_wandb_*` reads back (the same names as the run table).
 SUMMARY_KEYS = ("N", "N_total", "D", "C", "C_convention", "C_6N", "C_kaplan", "C_chinchilla", "budget", "budget_kind",
-                "budget_convention", "loss", "train_loss", "status", "error", "diverged_step", "tokens_per_s", "mfu")
+                "budget_convention", "loss", "train_loss", "status", "error", "diverged_step", "tokens_per_s", "mfu",
+                "bpb", "bits_per_char", "bytes_per_token", "chars_per_token")
 
 
 def summary_fields(rec: dict) -> dict:
-    """The record's SUMMARY_KEYS for a wandb run's summary, leaving out what it does not have yet (null, NaN)."""
-    row = clean_json({k: v for k, v in record_row(rec, "").items() if k in SUMMARY_KEYS})
-    return {k: row[k] for k in SUMMARY_KEYS if row.get(k) is not None}
+    """The record's SUMMARY_KEYS (and eval columns) for a wandb run's summary, leaving out what it does not have yet
+    (null, NaN)."""
+    keys = (*SUMMARY_KEYS, *eval_columns(rec.get("eval")))
+    row = clean_json({k: v for k, v in record_row(rec, "").items() if k in keys})
+    return {k: row[k] for k in keys if row.get(k) is not None}
+
+
+def extra_columns(rows: Iterable[dict]) -> list[str]:
+    """Columns of run-table rows beyond COLUMNS (eval_<task>_*), in first-seen order: `collect` keeps them."""
+    return list(dict.fromkeys(k for r in rows for k in r if k not in COLUMNS))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -160,8 +160,9 @@ def test_git_commit_inside_and_outside_a_checkout(tmp_path):
 
 def test_record_row_has_the_contract_columns_in_order():
     assert R.COLUMNS[:3] == ["name", "status", "sweep"]
-    assert R.COLUMNS[-6:] == ["schema_version", "budget_convention", "role", "parent", "branch_step", "C_spent"]
-    assert len(R.COLUMNS) == 45 == len(set(R.COLUMNS))
+    assert R.COLUMNS[-10:-4] == ["schema_version", "budget_convention", "role", "parent", "branch_step", "C_spent"]
+    assert R.COLUMNS[-4:] == ["bytes_per_token", "chars_per_token", "bpb", "bits_per_char"]
+    assert len(R.COLUMNS) == 49 == len(set(R.COLUMNS))
     row = R.record_row(R.read_record(V1), "runs/x")
     assert list(row) == R.COLUMNS and row["run_dir"] == "runs/x" and row["lr"] == 0.01 and row["d_ff"] == 32
     # a record from before ladders: no role, no parent, and it spent its own C
@@ -170,7 +171,9 @@ def test_record_row_has_the_contract_columns_in_order():
 
 def test_summary_fields_are_what_analysis_reads_from_wandb():
     fields = R.summary_fields(v1())
-    assert set(fields) == set(R.SUMMARY_KEYS) - {"error", "diverged_step"}  # null in a completed run: left out
+    # null in a completed run, or absent from a record written before bits per byte: left out
+    assert set(fields) == set(R.SUMMARY_KEYS) - {"error", "diverged_step", "bpb", "bits_per_char", "bytes_per_token",
+                                                 "chars_per_token"}
     failed = R.summary_fields(v1() | {"status": "failed", "loss": None, "error": "boom"})
     assert failed["error"] == "boom" and "loss" not in failed
     assert (fields["budget"], fields["budget_convention"], fields["C_convention"]) == (5e11, "chinchilla", "chinchilla")

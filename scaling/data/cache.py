@@ -82,26 +82,30 @@ def tokenize_source(source: Source, tokenizer: Tokenizer, val_fraction: float, o
     counts = {"train": [0, 0], "val": [0, 0]}  # split -> [documents, tokens]
     val_docs: list[int] = []
     n_bytes = 0
-    pending: np.ndarray | None = None  # the last train document, held back in case val stays empty
+    val_text = [0, 0]  # UTF-8 bytes and characters of the validation documents (bits per byte, scaling.record)
+    pending: tuple[np.ndarray, str] | None = None  # the last train document, held back in case val stays empty
     t0 = time.perf_counter()
     with open(out / "train.bin", "wb") as f_train, open(out / "val.bin", "wb") as f_val:
-        def write(split: str, ids: np.ndarray) -> None:
+        def write(split: str, ids: np.ndarray, doc: str) -> None:
             (f_train if split == "train" else f_val).write(ids.tobytes())
             counts[split][0] += 1
             counts[split][1] += len(ids)
+            if split == "val":
+                val_text[0] += len(doc.encode("utf-8"))
+                val_text[1] += len(doc)
 
         index = 0
         for chunk in _chunks(source.documents()):
             n_bytes += sum(len(d.encode("utf-8")) for d in chunk)
-            for ids in tokenizer.encode_batch(chunk):
+            for doc, ids in zip(chunk, tokenizer.encode_batch(chunk)):
                 arr = np.asarray(ids + [tokenizer.eot], dtype=dtype)
                 if is_val_doc(index, val_fraction):
-                    write("val", arr)
+                    write("val", arr, doc)
                     val_docs.append(index)
                 else:
                     if pending is not None:
-                        write("train", pending)
-                    pending = arr
+                        write("train", *pending)
+                    pending = arr, doc
                 index += 1
         if index == 0:
             raise ValueError(f"{source.description}: no documents (the text is empty or only whitespace); "
@@ -114,10 +118,10 @@ def tokenize_source(source: Source, tokenizer: Tokenizer, val_fraction: float, o
                              "set data.doc_bytes=0 (one document per blank-line-separated paragraph) or below the "
                              f"text's size ({n_bytes:,} bytes)")
         if counts["val"][0] == 0:  # fewer documents than the stride: the last one becomes validation
-            write("val", pending)
+            write("val", *pending)
             val_docs.append(index - 1)
         else:
-            write("train", pending)
+            write("train", *pending)
     seconds = time.perf_counter() - t0
     n_tokens = counts["train"][1] + counts["val"][1]
     return {
@@ -125,6 +129,7 @@ def tokenize_source(source: Source, tokenizer: Tokenizer, val_fraction: float, o
         "tokenizer": tokenizer.identity, "n_vocab": tokenizer.n_vocab, "eot": tokenizer.eot, "dtype": dtype.name,
         "train_tokens": counts["train"][1], "val_tokens": counts["val"][1],
         "train_docs": counts["train"][0], "val_docs": counts["val"][0], "documents": index, "bytes": n_bytes,
+        "val_bytes": val_text[0], "val_chars": val_text[1],
         "split": {"rule": "document i is validation iff i % k == k - 1", "val_fraction": val_fraction,
                   "val_doc_indices": val_docs},
         "tokenize_seconds": round(seconds, 3), "tokens_per_second": round(n_tokens / max(seconds, 1e-9)),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import tiktoken
 import tiktoken.load
 from filelock import FileLock
@@ -78,6 +80,22 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.encoding.decode([int(i) for i in ids], errors="replace")
+
+    @functools.cached_property
+    def text_sizes(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(bytes_V, chars_V): the UTF-8 bytes and characters each token id spells; None without text (synthetic).
+
+        Documents are encoded without special tokens, so a text's tokens concatenate to its UTF-8 bytes exactly:
+        summing bytes_V over them counts the text's bytes. Characters are counted as the bytes that start one (all but
+        the 10xxxxxx continuation bytes, RFC 3629 sec. 3), which sums correctly even over tokens that split a
+        character. End-of-text and other special tokens spell no text: 0 and 0."""
+        if self.encoding is None:
+            return None
+        bytes_V, chars_V = np.zeros(self.n_vocab, np.int64), np.zeros(self.n_vocab, np.int64)
+        for token, rank in self.encoding._mergeable_ranks.items():
+            bytes_V[rank] = len(token)
+            chars_V[rank] = sum((b & 0xC0) != 0x80 for b in token)
+        return bytes_V, chars_V
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.identity}, n_vocab={self.n_vocab}, eot={self.eot})"

@@ -133,6 +133,22 @@ class TokenData:
             idx_BxL1 = windows_B[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
             yield np.asarray(self.val[idx_BxL1], dtype=np.int32)
 
+    def val_text_per_token(self, n_tokens: int, batch_size: int, seq_len: int) -> tuple[float, float] | None:
+        """(UTF-8 bytes, characters) per target token of exactly the batches `val_batches` yields: the text whose mean
+        loss is the validation loss, so loss / ln 2 / bytes is its bits per byte (scaling.record.text_metrics). The
+        end-of-text targets count as tokens of no text. None when the tokens have no text (synthetic data)."""
+        sizes = self.tokenizer.text_sizes
+        if sizes is None:
+            return None
+        bytes_V, chars_V = sizes
+        n_bytes = n_chars = n_targets = 0
+        for batch_BxLp1 in self.val_batches(n_tokens, batch_size, seq_len):
+            targets_BxL = batch_BxLp1[:, 1:]
+            n_bytes += int(bytes_V[targets_BxL].sum())
+            n_chars += int(chars_V[targets_BxL].sum())
+            n_targets += targets_BxL.size
+        return n_bytes / n_targets, n_chars / n_targets
+
     def epochs(self, tokens_seen: int) -> float:
         """tokens_seen / unique training tokens. Beyond 1, data repeats, which changes the scaling law
         (Muennighoff et al. 2023, 'Scaling Data-Constrained Language Models'); warned about once."""

@@ -29,10 +29,14 @@ def load_run(run_dir: Path) -> tuple[Config, dict]:
         raise FileNotFoundError(f"{config_path} not found: {run_dir} is not a run directory (run scaling.train.loop first).")
     saved = json.loads(config_path.read_text())
     cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
-    params = init_params(cfg.model, jax.random.key(0))
     optimizer = cfg.optim.build(resolve_budget(cfg.model, cfg.train).steps, cfg.model)  # the saved opt_state's tree
-    template = {"params": params, "opt_state": optimizer.init(params)}
-    restored = Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint).restore_latest(template)
+
+    def template() -> dict:
+        params = init_params(cfg.model, jax.random.key(0))
+        return {"params": params, "opt_state": optimizer.init(params)}
+
+    # Shapes only (eval_shape): running the init would allocate and compute a second model (GPT-2 XL: 18 GB) for nothing.
+    restored = Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint).restore_latest(jax.eval_shape(template))
     if restored is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the run saved none yet.")
     return cfg, restored[1]["params"]

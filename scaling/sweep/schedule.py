@@ -19,7 +19,8 @@ from typing import Optional
 import pandas as pd
 
 from scaling.sweep.plan import Plan, PlannedRun, fmt_sci
-from scaling.record import COLUMNS, FINAL, git_commit, read_runs, write_manifest, write_text_atomic  # noqa: F401
+from scaling.record import (COLUMNS, FINAL, extra_columns, git_commit, read_runs, write_manifest,  # noqa: F401
+                            write_text_atomic)
 from scaling.record import MANIFEST_FILE as MANIFEST  # noqa: F401
 from scaling.record import RECORD_FILE as RECORD  # noqa: F401
 from scaling.record import record_status as run_status  # noqa: F401
@@ -178,7 +179,8 @@ def _asdict(obj) -> dict:
 
 def collect(sweep_dir: Path, skip_corrupt: bool = False) -> pd.DataFrame:
     """Every record.json below sweep_dir (any depth), plus a `missing` row per run planned in sweep.json without one."""
-    df = pd.DataFrame(read_runs(sweep_dir, skip_corrupt=skip_corrupt), columns=COLUMNS)
+    rows = read_runs(sweep_dir, skip_corrupt=skip_corrupt)
+    df = pd.DataFrame(rows, columns=COLUMNS + extra_columns(rows))  # eval_<task>_* after COLUMNS
     return df.sort_values(["budget", "N", "name"], na_position="last").reset_index(drop=True)
 
 

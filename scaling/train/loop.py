@@ -32,10 +32,11 @@ from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token, 
 from scaling.train.checkpoint import Checkpointer, CorruptCheckpointError
 from scaling.config import Budget, Config, from_omegaconf, resolve_budget, to_dict
 from scaling.data.tokens import TokenData, load_tokens
+from scaling.eval.suite import EvalSuite
 from scaling.train.lock import DirLock
 from scaling.model.decoder import ModelConfig, init_params, loss_fn, resolve_attention, resolve_head_loss
-from scaling.record import (FINAL, RecordError, failed_start_record, git_commit, read_record, record_status,
-                            summary_fields, write_json_atomic, write_record)
+from scaling.record import (FINAL, RecordError, eval_columns, failed_start_record, git_commit, read_record,
+                            record_status, summary_fields, text_metrics, write_json_atomic, write_record)
 from scaling.train.sharding import check_batch, constrain, initialize_distributed, init_sharded, make_mesh, put_batch, state_shardings
 from scaling.train.tracking import Progress, build_tracker, read_metrics
 
@@ -43,7 +44,7 @@ log = logging.getLogger("scaling.train.loop")
 
 CONFIG = "config.json"
 # Fields that may change between a run and its relaunch without making it another run.
-_RELAUNCH_FREE = ("logging", "sweep", "sharding")  # orbax restores a checkpoint onto any mesh
+_RELAUNCH_FREE = ("logging", "sweep", "sharding", "eval")  # orbax restores a checkpoint onto any mesh
 
 
 # {"params": ..., "opt_state": ...}: a plain dict, so a pytree for jit, orbax and the tests.
@@ -226,6 +227,9 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
         for r in records:
             r.update(tokenizer=_tokenizer_record(data), data=_data_record(data), epochs=data.epochs(budget.D))
         identity = _data_identity(data)
+        # downstream tasks (cfg.eval), built and encoded now so that a bad task fails before the first step
+        suite = EvalSuite(cfg0.eval, cfg0.model, data, cfg0.data.resolved_cache_dir()) if _evaluates(cfg0) else None
+        scores_K: dict[int, dict] = {}  # run -> its latest task scores (the last step's, if every_eval)
 
         mesh = make_mesh(cfg0.sharding)  # one device or many: the same code below
         check_batch(mesh, cfg0.train.batch_size, cfg0.train.grad_accum)
@@ -265,6 +269,8 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
             tracker.summary(summary_fields(r))
 
         A, L, B = cfg0.train.grad_accum, cfg0.model.seq_len, cfg0.train.batch_size
+        # bytes and characters per token of exactly the validation text evaluate_K averages over (None: no text)
+        bytes_per_token, chars_per_token = data.val_text_per_token(cfg0.train.eval_tokens, B, L) or (None, None)
         seeds = sorted({c.train.seed for c in cfgs}) if held.batch_axis == 1 else [c.train.seed for c in cfgs]
 
         def batch_at(step: int) -> jax.Array:
@@ -326,6 +332,13 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
                     eval_loss_K = evaluate_K(state["params"])
                     for k in np.flatnonzero(alive_K):
                         rows[k]["eval_loss"] = float(eval_loss_K[k])
+                        if bytes_per_token is not None:
+                            rows[k]["eval_bpb"] = text_metrics(float(eval_loss_K[k]), bytes_per_token, None)["bpb"]
+                if (suite is not None and cfg0.eval.every_eval and alive_K.any()
+                        and (done % cfg0.train.eval_every == 0 or last)):
+                    for k in np.flatnonzero(alive_K):
+                        scores_K[k] = suite(_member(state["params"], k, K))
+                        rows[k].update(eval_columns(scores_K[k]))
                 for k, row in rows.items():
                     trackers[k].log(row, done)
                 if not alive_K.any():
@@ -352,9 +365,12 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
                 mfu=tokens_per_s * fpt / peak,
                 wall_s=train_s + compile_s,
                 compile_s=compile_s,
+                **text_metrics(float(eval_loss_K[k]) if completed else None, bytes_per_token, chars_per_token),
             )
             if K > 1:
                 r["group_tokens_per_s"] = K * tokens_per_s
+            if suite is not None and r["status"] == "completed":
+                r["eval"] = scores_K.get(k) or suite(_member(state["params"], k, K))  # (every_eval scored the last step)
     except Exception as e:  # noqa: BLE001 - every failure must leave a record saying so
         for r in records:
             r.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -428,6 +444,18 @@ def _fork(cfg: Config, run_dir: Path, template: TrainState, budget: Budget) -> t
                          f"{status or 'not finished'}) must reach step {b} and keep it (train.checkpoint.keep_steps); "
                          "train the parent first.") from None
     return b, state, meta
+
+
+def _evaluates(cfg: Config) -> bool:
+    if cfg.eval.tasks and jax.process_count() > 1:
+        log.warning("eval.tasks is ignored on %d processes (params are not addressable from one): evaluate the run "
+                    "afterwards with python -m scaling.evaluate RUN_DIR", jax.process_count())
+    return bool(cfg.eval.tasks) and jax.process_count() == 1
+
+
+def _member(params: Any, k: int, K: int) -> Any:
+    """Run k's params: K = 1 holds them plainly, a group stacks them on a leading K axis."""
+    return params if K == 1 else jax.tree_util.tree_map(lambda x: x[k], params)
 
 
 def _per_run(window: list, K: int) -> list[np.ndarray]:
