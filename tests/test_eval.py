@@ -148,6 +148,29 @@ def test_offline_tasks_are_built_as_documented(held_out):
         assert len({c.lower() for c in ex.choices}) == T.CLOZE_CHOICES and all(c.startswith(" ") for c in ex.choices)
         assert any(ex.context + ex.answer in doc for doc in held_out.documents)  # the true next word, held out
     assert {ex.gold for ex in cloze.examples} == set(range(T.CLOZE_CHOICES))
+    spelling = T.build_task("spelling", held_out, n=50)
+    for ex in spelling.examples:
+        assert len(set(ex.choices)) == T.SPELLING_CHOICES and any(ex.context + ex.answer in d for d in held_out.documents)
+        assert {sorted(c) == sorted(ex.answer) and c[:2] == ex.answer[:2] for c in ex.choices} == {True}
+    assert {ex.gold for ex in spelling.examples} == set(range(T.SPELLING_CHOICES))
+
+
+def test_spelling_choices_have_the_right_words_token_count_under_a_subword_tokenizer():
+    # A random model prefers the choice of fewest tokens (each costs ~ln V nats): a subword tokenizer encodes a known
+    # word in one token and its misspellings in many, so such words must not be drawn. Toy tokenizer: a known word is
+    # one token, anything else one token per character.
+    known = {" walked", " people"}
+    encode = lambda text: [text] if text in known else list(text)  # noqa: E731
+    src = T.HeldOut(["x " * 30 + "the people walked along narrow roads to markets " * 5], "toy", encode=encode)
+    task = T.build_task("spelling", src, n=30)
+    for ex in task.examples:
+        assert len({len(encode(c)) for c in ex.choices}) == 1 and ex.answer not in known, ex.choices
+    only_known = T.HeldOut(["x " * 30 + "the people walked " * 20], "toy", encode=encode)
+    with pytest.raises(ValueError, match="no held-out word has enough misspellings of its own token count"):
+        T.build_task("spelling", only_known, n=1)
+
+
+def test_kv_recall_and_the_others_are_built_as_documented(held_out):
     kv = T.build_task("kv_recall", None, n=20)
     for ex in kv.examples:
         key = ex.context.split()[-1]
@@ -162,7 +185,7 @@ def test_offline_tasks_are_built_as_documented(held_out):
 
 
 def test_unknown_task_and_bad_settings_are_clear_errors(held_out):
-    with pytest.raises(ValueError, match=r"unknown task 'nope': choose among cloze, kv_recall, copy, pattern"):
+    with pytest.raises(ValueError, match=r"unknown task 'nope': choose among cloze, spelling, kv_recall, copy, pattern"):
         T.build_task("nope", held_out)
     with pytest.raises(ValueError, match=r"eval.tasks=\['cloze', 'nope'\]: unknown task 'nope'"):
         T.EvalConfig(tasks=["cloze", "nope"])
@@ -233,7 +256,7 @@ def test_benchmarks_load_through_datasets_and_say_offline_what_to_use(monkeypatc
     monkeypatch.setattr(T, "load_hf_rows", offline)
     with pytest.raises(ValueError, match=r"task hellaswag needs the Hugging Face dataset Rowan/hellaswag .* this "
                                          r"machine seems offline. Offline, use the suite that ships with the package: "
-                                         r"--tasks cloze,kv_recall,copy,pattern"):
+                                         r"--tasks cloze,spelling,kv_recall,copy,pattern"):
         T.build_task("hellaswag", None)
 
 

@@ -11,6 +11,8 @@ network. Chance is what a scorer that ignores the context gets in expectation (w
 |-------------|-------|---------------------------------------------------------------------------------------|---------------|
 | `cloze`     | mc    | next word after ~200 characters of a HELD-OUT document, vs 3 words drawn from the     | 1/4           |
 |             |       | same documents (all four drawn alike, so only the context tells them apart)           |               |
+| `spelling`  | mc    | a held-out word (5+ letters) after its context vs 3 misspellings swapping two adjacent | 1/4           |
+|             |       | letters, of equal token count (lexical minimal pairs, as BLiMP, Warstadt et al. 2020)  |               |
 | `kv_recall` | mc    | `a:7 q:3 z:9 d:1 q:` -> `3`, among the 4 values present (Olsson et al. 2022)          | 1/4           |
 | `copy`      | exact | 5 random words, then the first j of them again: the next word (induction)              | 1/256         |
 | `pattern`   | mc    | k = 3 shown examples of one rule (`abc -> cba`; `17 -> 18`), the rule's output among    | 1/4           |
@@ -81,9 +83,11 @@ class Task:
 class HeldOut:
     """The held-out (validation) documents of a run's data, as text: what `cloze` and `copy` are built from."""
 
-    def __init__(self, documents: list[str], tokenizer: Optional[str] = None) -> None:
+    def __init__(self, documents: list[str], tokenizer: Optional[str] = None,
+                 encode: Optional[Callable[[str], list[int]]] = None) -> None:
         self.documents = [d for d in documents if d.strip()]
         self.tokenizer = tokenizer
+        self.encode = encode  # the run's tokenizer: `spelling` keeps only choices of the right word's token count
 
     @classmethod
     def from_tokens(cls, data: Any) -> "HeldOut":
@@ -95,13 +99,18 @@ class HeldOut:
         val = np.asarray(data.val)
         cuts = np.flatnonzero(val == tok.eot)
         docs = [tok.decode(piece) for piece in np.split(val, cuts) if len(piece)]
-        return cls([d.replace("<|endoftext|>", "") for d in docs], tok.identity)
+        return cls([d.replace("<|endoftext|>", "") for d in docs], tok.identity, tok.encode)
 
     @functools.cached_property
     def word_spans(self) -> list[tuple[int, int, int]]:
         """(document, start of the space before the word, end) of every alphabetic word preceded by a space."""
         return [(d, m.start(), m.end()) for d, doc in enumerate(self.documents)
                 for m in _WORD.finditer(doc) if m.start() >= CLOZE_MIN_CONTEXT]
+
+    @functools.cached_property
+    def long_word_spans(self) -> list[tuple[int, int, int]]:
+        """The word spans of SPELLING_MIN_LETTERS+ letters."""
+        return [(d, s, e) for d, s, e in self.word_spans if e - s - 1 >= SPELLING_MIN_LETTERS]
 
     @functools.cached_property
     def common_words(self) -> list[str]:
@@ -119,6 +128,8 @@ CLOZE_CHOICES = 4
 CLOZE_CONTEXT = 200  # characters of the document before the word (left-truncated further to the model's seq_len)
 CLOZE_MIN_CONTEXT = 40
 KV_PAIRS = 4
+SPELLING_CHOICES = 4
+SPELLING_MIN_LETTERS = 5
 COPY_WORDS = 5
 COPY_POOL = 256
 PATTERN_RULES = 4
@@ -141,12 +152,57 @@ def draw_cloze(src: HeldOut, rng: np.random.Generator) -> Example:
         if len({w.lower() for w in words}) == CLOZE_CHOICES:
             break
     d, s, _ = picks[0]
-    context = src.documents[d][max(0, s - CLOZE_CONTEXT):s]
-    if s > CLOZE_CONTEXT and " " in context:  # start at a word
-        context = context[context.index(" ") + 1:]
     gold = int(rng.integers(CLOZE_CHOICES))
     words[0], words[gold] = words[gold], words[0]
-    return Example(context, tuple(words), gold)
+    return Example(_cloze_context(src, d, s), tuple(words), gold)
+
+
+def _cloze_context(src: HeldOut, d: int, s: int) -> str:
+    """Up to CLOZE_CONTEXT characters of document d before position s, starting at a word."""
+    context = src.documents[d][max(0, s - CLOZE_CONTEXT):s]
+    if s > CLOZE_CONTEXT and " " in context:
+        context = context[context.index(" ") + 1:]
+    return context
+
+
+def _transpositions(word: str) -> list[str]:
+    """The distinct misspellings of `word` that swap two adjacent letters after the first (the first keeps its case)."""
+    out: list[str] = []
+    for i in range(1, len(word) - 1):
+        v = word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        if v != word and v not in out:
+            out.append(v)
+    return out
+
+
+def draw_spelling(src: HeldOut, rng: np.random.Generator) -> Example:
+    """A held-out word of SPELLING_MIN_LETTERS+ letters after its context (as cloze), among SPELLING_CHOICES - 1
+    misspellings that swap two adjacent letters: a lexical minimal pair in the manner of BLiMP (Warstadt et al. 2020).
+
+    Every choice has the same letters and length, and (with the run's tokenizer known) the same number of tokens, so
+    a scorer that knows no English spelling -- a random model, letter or token-count statistics -- is right with
+    probability 1/SPELLING_CHOICES (the gold position is uniform). Character n-gram knowledge climbs it, which is why
+    models of 1e3-1e5 parameters leave chance on it where cloze's word choice needs far more."""
+    spans = src.long_word_spans
+    if len(spans) < 10:
+        raise ValueError(f"the held-out documents hold {len(spans)} words of {SPELLING_MIN_LETTERS}+ letters, too few "
+                         "for spelling (need 10): raise data.val_fraction or use a larger corpus")
+    for _ in range(1000):
+        d, s, e = spans[int(rng.integers(len(spans)))]
+        word = src.documents[d][s:e]  # with its leading space
+        variants = [" " + v for v in _transpositions(word[1:])]
+        if src.encode is not None:  # equal token counts: a context-free scorer cannot prefer the shorter encoding
+            n = len(src.encode(word))
+            variants = [v for v in variants if len(src.encode(v)) == n]
+        if len(variants) >= SPELLING_CHOICES - 1:
+            break
+    else:
+        raise ValueError("spelling: no held-out word has enough misspellings of its own token count under this "
+                         "tokenizer in 1000 draws; use a byte-level tokenizer or a larger corpus")
+    choices = [word] + [variants[i] for i in rng.choice(len(variants), SPELLING_CHOICES - 1, replace=False)]
+    gold = int(rng.integers(SPELLING_CHOICES))
+    choices[0], choices[gold] = choices[gold], choices[0]
+    return Example(_cloze_context(src, d, s), tuple(choices), gold)
 
 
 def draw_kv_recall(src: Optional[HeldOut], rng: np.random.Generator) -> Example:
@@ -266,9 +322,10 @@ def load_hf_rows(source: HFSource, cache_dir: Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------------------------------
-OFFLINE = ("cloze", "kv_recall", "copy", "pattern")
+OFFLINE = ("cloze", "spelling", "kv_recall", "copy", "pattern")
 TASKS: dict[str, TaskSpec] = {
     "cloze": TaskSpec("cloze", "mc", 1 / CLOZE_CHOICES, 0, True, _with_shots(draw_cloze)),
+    "spelling": TaskSpec("spelling", "mc", 1 / SPELLING_CHOICES, 0, True, _with_shots(draw_spelling)),
     "kv_recall": TaskSpec("kv_recall", "mc", 1 / KV_PAIRS, 0, False, _with_shots(draw_kv_recall)),
     "copy": TaskSpec("copy", "exact", 1 / COPY_POOL, 0, True, _with_shots(draw_copy)),
     "pattern": TaskSpec("pattern", "mc", 1 / PATTERN_RULES, 3, False, draw_pattern),
