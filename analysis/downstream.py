@@ -300,9 +300,20 @@ def analyze_task(df: pd.DataFrame, task: str, *, metric: str = "acc", x: str = "
     if predict_C is not None and not (math.isfinite(predict_C) and predict_C > 0):
         raise ValueError(f"predict_C {predict_C!r}: give a positive number of FLOPs, e.g. 10x the largest run's C")
     C = float(predict_C if predict_C is not None else pts["C"].max() * 10)
-    kind = resolve_law(pts, law)
+    kind, note = resolve_law(pts, law), None
     full = TwoStepStat(x=x, law=kind, floor=floor, ceiling=ceiling, budgets=(C,))
-    law_fit, acc_fit = full.fit(pts)
+    try:
+        law_fit, acc_fit = full.fit(pts)
+        law_fit.at_C(C)
+    except ValueError as exc:
+        if law != "auto" or kind != "approach3":
+            raise
+        # auto chose L(N, D), whose fit has no compute-optimal run at C (e.g. its loss falls towards the smallest N
+        # searched): the frontier law L(C) needs no such optimum, so auto falls back to it and says why.
+        note = f"Approach 3 gave no prediction ({exc}); step 1 fell back to the frontier law L(C)"
+        kind, law = "kaplan_C", "kaplan_C"
+        full = dataclasses.replace(full, law=kind)
+        law_fit, acc_fit = full.fit(pts)
     est, ci, n_res, n_failed = _bootstrapped(pts, dataclasses.replace(full, init=_a3_init(law_fit)), n_bootstrap,
                                              seed, n_jobs)
     key = f"C={C:.6g}"
@@ -311,7 +322,7 @@ def analyze_task(df: pd.DataFrame, task: str, *, metric: str = "acc", x: str = "
            "accuracy_fit_ci95": {k: ci[k] for k in ("ceiling", "k", "L0") if k in ci},
            "prediction": {"C": C, "L": est[f"L@{key}"], "acc": est[f"acc@{key}"], "L_ci95": ci.get(f"L@{key}"),
                           "acc_ci95": ci.get(f"acc@{key}")},
-           "n_resamples": n_res, "n_failed": n_failed}
+           "n_resamples": n_res, "n_failed": n_failed, **({"law_note": note} if note else {})}
     try:
         out["backtest"] = backtest_downstream(pts, x=x, law=law, floor=floor, ceiling=ceiling, hold=hold,
                                               n_bootstrap=n_bootstrap, seed=seed, n_jobs=n_jobs)
@@ -354,7 +365,7 @@ def task_lines(r: dict) -> list[str]:
          f"{100 * r['max_acc']:.1f}%): acc(L) = {100 * f['floor']:.1f}% + ({100 * f['ceiling']:.1f}%"
          f"{_ci(ci.get('ceiling'), 100)} - floor) * sigmoid(-{f['k']:.3g}{_ci(ci.get('k'), 1, '.3g')} "
          f"(L - {f['L0']:.3f}{_ci(ci.get('L0'), 1, '.3f')})) on the {xname}; rmse {100 * f['rmse']:.2f} points",
-         f"  - step 1: {law_text}",
+         f"  - step 1: {law_text}" + (f" ({r['law_note']})" if r.get("law_note") else ""),
          f"  - predicted at C = {p['C']:.3g}: L = {p['L']:.3f}{_ci(p['L_ci95'], 1, '.3f')}, accuracy "
          f"{100 * p['acc']:.1f}%{_ci(p['acc_ci95'], 100)}"]
     bt = r.get("backtest") or {}

@@ -114,7 +114,8 @@ def fit_kaplan(X, L, *, variable: str = "N", irreducible: bool = False, weights=
 
     def resid(p):
         alpha, logXc, logE = p
-        return (np.log(np.exp(logE) + np.exp(alpha * (logXc - logX))) - logL) * sqrt_w
+        with np.errstate(divide="ignore", over="ignore"):  # a trial step may underflow both terms: a huge residual
+            return (np.log(np.exp(logE) + np.exp(alpha * (logXc - logX))) - logL) * sqrt_w
 
     best = None
     for frac in (0.1, 0.5, 0.9):  # E starts at a fraction of the smallest loss

@@ -76,6 +76,25 @@ def test_a_ladder_at_one_ratio_uses_the_frontier_law(tmp_path):
     assert r["prediction"]["acc"] == pytest.approx(float(true_acc(L_true)), abs=0.02)
 
 
+def test_auto_falls_back_to_the_frontier_law_when_approach3_has_no_optimum(tmp_path, monkeypatch):
+    """A real CPU grid gave an L(N, D) whose loss falls towards the smallest N searched (no compute-optimal run):
+    auto then fits L(C) and says why; an explicit --law approach3 keeps the error."""
+    df = table(tmp_path)
+    real = ds.LossLaw.at_C
+
+    def no_optimum(self, C):
+        if self.kind == "approach3":
+            raise ValueError("constrained optimum at C=1e+17: the loss keeps falling towards N=3")
+        return real(self, C)
+
+    monkeypatch.setattr(ds.LossLaw, "at_C", no_optimum)
+    r = ds.analyze_task(df, "cloze", predict_C=1e17, n_bootstrap=0)
+    assert r["loss_law"]["kind"] == "kaplan_C" and "the loss keeps falling towards N=3" in r["law_note"]
+    assert "fell back to the frontier law L(C)" in "\n".join(ds.task_lines(r))
+    with pytest.raises(ValueError, match="the loss keeps falling"):
+        ds.analyze_task(df, "cloze", law="approach3", predict_C=1e17, n_bootstrap=0)
+
+
 def test_backtest_reports_the_held_out_error_and_interval(tmp_path):
     df = table(tmp_path, acc_noise=0.01, seed=1)
     pts = ds.task_points(df, "cloze")

@@ -14,6 +14,8 @@ PUBLISHED = {
     "mix98": 28,
     "mix98_pilot": 12,
     "mix98_verify": 3,
+    "data_constrained": 15,
+    "downstream_quick": 9,
 }
 
 
