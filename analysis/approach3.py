@@ -35,7 +35,8 @@ class Approach3Fit:
 
     def __call__(self, N, D):
         N, D = np.asarray(N, float), np.asarray(D, float)
-        return self.E + self.A / N ** self.alpha + self.B / D ** self.beta
+        with np.errstate(over="ignore"):  # a bootstrap fit's huge exponent: N^alpha = inf, its term 0, as it should
+            return self.E + self.A / N ** self.alpha + self.B / D ** self.beta
 
     # Hoffmann et al. 2022 eq. 4: minimising L under C = k N D gives N_opt = G (C/k)^a, D_opt = G^-1 (C/k)^b,
     # G = (alpha A / (beta B))^(1/(alpha+beta)), a = beta/(alpha+beta), b = alpha/(alpha+beta).

@@ -52,6 +52,10 @@ def clean_json(obj: Any) -> Any:
                      "give numbers, strings, lists or dicts")
 
 
+_UMASK = os.umask(0o022)  # read once at import (os.umask can only be read by setting it), then restored
+os.umask(_UMASK)
+
+
 def write_text_atomic(path: Path | str, text: str) -> None:
     """Write via a temp file in the same directory, fsync, then os.replace: readers see the old file or the whole new
     one, never a partial write; the temp file is removed if anything fails."""
@@ -63,6 +67,9 @@ def write_text_atomic(path: Path | str, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; the file gets the mode open() would give it (0666 less the umask), so records and
+        # reports stay readable by whoever may read the directory
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -127,6 +127,15 @@ def test_atomic_write_keeps_the_old_file_and_leaves_no_temp_on_failure(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
+def test_atomic_write_gives_the_mode_open_would(tmp_path):
+    # mkstemp's 0600 would make records and reports unreadable to the rest of a group sharing a sweep directory
+    path = tmp_path / "r.json"
+    R.write_json_atomic(path, {"a": 1})
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert (path.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777)
+
+
 def test_clean_json():
     out = R.clean_json({"nan": float("nan"), "inf": np.float32("inf"), "f": np.float32(1.5), "i": np.int64(3),
                         "b": np.bool_(True), "t": (1, np.array(2.0)), 7: [np.array([4])], "s": "x", "n": None})
