@@ -15,6 +15,7 @@ PUBLISHED = {
     "mix98_pilot": 12,
     "mix98_verify": 3,
     "data_constrained": 15,
+    "data_constrained_small": 15,
     "downstream_quick": 9,
 }
 
