@@ -22,6 +22,7 @@ from scaling.accounting import FLOP_CONVENTIONS
 
 SCHEMA_VERSION = 2
 RECORD_FILE = "record.json"
+CONFIG_FILE = "config.json"  # the run's resolved config, beside its record
 MANIFEST_FILE = "sweep.json"
 STATUSES = ("running", "completed", "diverged", "failed")
 FINAL = ("completed", "diverged")  # a relaunch leaves these alone: a diverged run would diverge again, bit for bit
@@ -108,6 +109,23 @@ def git_commit(path: Path | str | None = None) -> Optional[str]:
 # --------------------------------------------------------------------------------------------------------------------
 # Schema
 # --------------------------------------------------------------------------------------------------------------------
+# The packages whose versions every record carries (what a rerun needs to reproduce it).
+VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tiktoken", "wandb", "hydra-core", "numpy")
+
+
+def package_versions(packages: Iterable[str] = VERSIONED_PACKAGES) -> dict:
+    """{package: installed version or None}."""
+    from importlib import metadata
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

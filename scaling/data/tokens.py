@@ -149,6 +149,16 @@ class TokenData:
             n_targets += targets_BxL.size
         return n_bytes / n_targets, n_chars / n_targets
 
+    def tokenizer_record(self) -> dict:
+        """The run record's `tokenizer` field: which tokenizer made these tokens."""
+        tok = self.tokenizer
+        return {"name": tok.name, "identity": tok.identity, "vocab_size": tok.n_vocab}
+
+    def data_record(self) -> dict:
+        """The run record's `data` field: the cache's plain metadata and the split sizes."""
+        meta = {k: v for k, v in self.meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        return {**meta, "train_tokens": int(len(self.train)), "val_tokens": int(len(self.val))}
+
     def epochs(self, tokens_seen: int) -> float:
         """tokens_seen / unique training tokens. Beyond 1, data repeats, which changes the scaling law
         (Muennighoff et al. 2023, 'Scaling Data-Constrained Language Models'); warned about once."""

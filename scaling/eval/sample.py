@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +19,13 @@ from omegaconf import OmegaConf
 from scaling.train.checkpoint import Checkpointer
 from scaling.config import Config, resolve_budget
 from scaling.model.decoder import ModelConfig, init_params
+from scaling.record import CONFIG_FILE
 
 
 def load_run(run_dir: Path) -> tuple[Config, dict]:
     """The run's config and its newest intact parameters."""
     run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
+    config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: {run_dir} is not a run directory (run scaling.train.loop first).")
     saved = json.loads(config_path.read_text())
@@ -40,6 +41,14 @@ def load_run(run_dir: Path) -> tuple[Config, dict]:
     if restored is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the run saved none yet.")
     return cfg, restored[1]["params"]
+
+
+def check_run_tokenizer(record: dict, tokenizer: Any) -> None:
+    """The tokenizer rebuilt from a run's data config must be the one it trained with (its record says which)."""
+    trained_with = (record.get("tokenizer") or {}).get("identity")
+    if trained_with and trained_with != tokenizer.identity:
+        raise ValueError(f"tokenizer mismatch: the run was trained with {trained_with} but {tokenizer.identity} was "
+                         "rebuilt from its data config; the token cache or corpus changed since training.")
 
 
 def _pick(logits_BxV: jnp.ndarray, rng: jax.Array, temperature: float, top_k: Optional[int]) -> jnp.ndarray:
@@ -127,12 +136,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         cfg, params = load_run(args.run_dir)
         record = json.loads((args.run_dir / "record.json").read_text()) if (args.run_dir / "record.json").exists() else {}
         tokenizer = load_tokens(cfg.data).tokenizer
-        trained_with = record.get("tokenizer", {}).get("identity")
-        if trained_with and trained_with != tokenizer.identity:
-            raise ValueError(
-                f"tokenizer mismatch: the run was trained with {trained_with} but {tokenizer.identity} was rebuilt "
-                "from its data config; the token cache or corpus changed since training."
-            )
+        check_run_tokenizer(record, tokenizer)
         text = (args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else "") + args.prompt
         prompt = tokenizer.encode(text) if text else [tokenizer.eot]
         room = cfg.model.seq_len - args.max_new_tokens

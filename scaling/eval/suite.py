@@ -35,18 +35,11 @@ class EvalSuite:
         return {t.name: score_encoded(self.model, params, t, rows) for t, rows in zip(self.tasks, self.rows)}
 
 
-def check_run_tokenizer(record: dict, tokenizer: Any) -> None:
-    trained_with = (record.get("tokenizer") or {}).get("identity")
-    if trained_with and trained_with != tokenizer.identity:
-        raise ValueError(f"tokenizer mismatch: the run was trained with {trained_with} but {tokenizer.identity} was "
-                         "rebuilt from its data config; the token cache or corpus changed since training.")
-
-
 def evaluate_run(run_dir: Path, cfg: EvalConfig) -> dict:
     """Scores the run's newest checkpoint on `cfg.tasks`, merges the scores into record.json's `eval` (atomically,
     keeping every other field and earlier tasks) and into the run's wandb summary; returns the record."""
     from scaling.data.tokens import load_tokens
-    from scaling.eval.sample import load_run
+    from scaling.eval.sample import check_run_tokenizer, load_run
 
     run_dir = Path(run_dir)
     if not cfg.tasks:

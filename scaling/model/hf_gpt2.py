@@ -31,9 +31,8 @@ from scaling.config import Config, TrainConfig, resolve_budget, to_dict
 from scaling.data.tokenizers import ENDOFTEXT, TokenizerConfig, _bytes_to_unicode, write_ranks
 from scaling.data.tokens import DataConfig, TokenData, load_tokens
 from scaling.model.decoder import ModelConfig, init_params, loss_fn
-from scaling.record import git_commit, text_metrics, write_json_atomic, write_record
+from scaling.record import CONFIG_FILE, git_commit, package_versions, text_metrics, write_json_atomic, write_record
 from scaling.train.checkpoint import Checkpointer
-from scaling.train.loop import CONFIG, _data_record, _tokenizer_record, _versions
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 HUB_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
@@ -260,7 +259,7 @@ def data_config_of(run_dir: Path) -> DataConfig:
     """The data config of a run directory: an import evaluates on the same validation documents as that run."""
     from omegaconf import OmegaConf
 
-    path = Path(run_dir) / CONFIG
+    path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: --data-from takes a run directory (one with config.json)")
     saved = json.loads(path.read_text()).get("data") or {}
@@ -280,7 +279,7 @@ def import_run(src: str | Path, out_dir: str | Path, *, name: Optional[str] = No
     initial state, the tree `scaling.eval.sample.load_run` restores) and record.json (status completed, loss on the
     validation split of `data`, default the embedded corpus). D = `tokens` (published training tokens, 0: unknown)."""
     out = Path(out_dir)
-    if (out / CONFIG).exists() or (out / "checkpoints").exists():
+    if (out / CONFIG_FILE).exists() or (out / "checkpoints").exists():
         raise FileExistsError(f"{out} already holds a run: choose a new output directory, or delete it first")
     if not tokens >= 0:
         raise ValueError(f"tokens={tokens!r} is invalid: give the published training tokens, or 0 when unknown")
@@ -297,7 +296,7 @@ def import_run(src: str | Path, out_dir: str | Path, *, name: Optional[str] = No
     # bits per byte: the loss that compares with a sweep's runs whatever their tokenizer (scaling.record.text_metrics)
     per_token = data.val_text_per_token(cfg.train.eval_tokens, batch_size, L) or (None, None)
 
-    write_json_atomic(out / CONFIG, to_dict(cfg))
+    write_json_atomic(out / CONFIG_FILE, to_dict(cfg))
     optimizer = cfg.optim.build(resolve_budget(cfg.model, cfg.train).steps, cfg.model)
     params = jax.tree.map(jnp.asarray, params)
     checkpointer = Checkpointer(out / "checkpoints", cfg.train.checkpoint)
@@ -316,10 +315,10 @@ def import_run(src: str | Path, out_dir: str | Path, *, name: Optional[str] = No
         **text_metrics(loss, *per_token),
         "loss_eval": {"tokens": cfg.train.eval_tokens, "seq_len": L, "batch_size": batch_size},
         "model": dataclasses.asdict(model), "optim": dataclasses.asdict(cfg.optim), "seed": 0,
-        "tokenizer": _tokenizer_record(data), "data": _data_record(data), "epochs": None,
+        "tokenizer": data.tokenizer_record(), "data": data.data_record(), "epochs": None,
         "imported": {"format": "huggingface-gpt2", "source": str(src), "hf_dir": str(hf_dir.absolute()),
                      "D_published": tokens > 0},
-        "device_kind": jax.devices()[0].device_kind, "versions": _versions(), "git_commit": git_commit(),
+        "device_kind": jax.devices()[0].device_kind, "versions": package_versions(), "git_commit": git_commit(),
     })
 
 

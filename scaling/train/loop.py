@@ -18,7 +18,6 @@ import shutil
 import sys
 import time
 import traceback
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -35,14 +34,15 @@ from scaling.data.tokens import TokenData, load_tokens
 from scaling.eval.suite import EvalSuite
 from scaling.train.lock import DirLock
 from scaling.model.decoder import ModelConfig, init_params, loss_fn, resolve_attention, resolve_head_loss
-from scaling.record import (FINAL, RecordError, eval_columns, failed_start_record, git_commit, read_record,
-                            record_status, summary_fields, text_metrics, write_json_atomic, write_record)
+from scaling.record import (CONFIG_FILE, FINAL, RecordError, eval_columns, failed_start_record, git_commit,
+                            package_versions, read_record, record_status, summary_fields, text_metrics,
+                            write_json_atomic, write_record)
 from scaling.train.sharding import check_batch, constrain, initialize_distributed, init_sharded, make_mesh, put_batch, state_shardings
 from scaling.train.tracking import Progress, build_tracker, read_metrics
 
 log = logging.getLogger("scaling.train.loop")
 
-CONFIG = "config.json"
+CONFIG = CONFIG_FILE
 # Fields that may change between a run and its relaunch without making it another run.
 _RELAUNCH_FREE = ("logging", "sweep", "sharding", "eval")  # orbax restores a checkpoint onto any mesh
 
@@ -225,7 +225,7 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
         data.check_model_vocab(cfg0.model.vocab_size)
         data.validate_batch_shape(cfg0.train.batch_size, cfg0.model.seq_len)
         for r in records:
-            r.update(tokenizer=_tokenizer_record(data), data=_data_record(data), epochs=data.epochs(budget.D))
+            r.update(tokenizer=data.tokenizer_record(), data=data.data_record(), epochs=data.epochs(budget.D))
         identity = _data_identity(data)
         # downstream tasks (cfg.eval), built and encoded now so that a bad task fails before the first step
         suite = EvalSuite(cfg0.eval, cfg0.model, data, cfg0.data.resolved_cache_dir()) if _evaluates(cfg0) else None
@@ -555,19 +555,9 @@ def _static_record(cfg: Config, budget: Budget) -> dict:
         "seed": cfg.train.seed,
         "device_kind": jax.devices()[0].device_kind,
         "n_devices": jax.device_count(),
-        "versions": _versions(),
+        "versions": package_versions(),
         "git_commit": git_commit(),
     }
-
-
-def _tokenizer_record(data: TokenData) -> dict:
-    tok = data.tokenizer
-    return {"name": tok.name, "identity": tok.identity, "vocab_size": tok.n_vocab}
-
-
-def _data_record(data: TokenData) -> dict:
-    meta = {k: v for k, v in data.meta.items() if isinstance(v, (str, int, float, bool, type(None)))}
-    return {**meta, "train_tokens": int(len(data.train)), "val_tokens": int(len(data.val))}
 
 
 def _budget_spec(cfg: Config) -> dict:
@@ -620,19 +610,6 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
     except ValueError as e:
         raise ValueError(f"{path} is not valid JSON ({e}): move it away or delete the run directory.") from None
-
-
-_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tiktoken", "wandb", "hydra-core", "numpy")
-
-
-def _versions() -> dict:
-    out = {}
-    for pkg in _PACKAGES:
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
 
 
 def _quiet_library_loggers() -> None:
