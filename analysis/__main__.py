@@ -28,7 +28,7 @@ EPILOG = """examples:
   python -m analysis fit --csv multirun/data_constrained/runs.csv --law data_constrained   # repeated data
   python -m analysis fit --sweep outputs/sweep --law-expr "E + A/N**alpha + B/D**beta" --param E=0.1:10:1,2 \
       --param A=1:1e12:10,1e4:log --param B=1:1e12:10,1e4:log --param alpha=0:2:0.3 --param beta=0:2:0.3
-  python -m analysis fit --sweep outputs/sweep --law my_laws.py:LAW   # LAW = analysis.laws.Law(...) in my_laws.py
+  python -m analysis fit --sweep outputs/sweep --law my_laws.py:LAW   # LAW = analysis.laws.law.Law(...) in my_laws.py
   python -m analysis extrapolation misfitting2025_scaling_results.csv --out extrap/   # fit small, predict 10-20x
   python -m analysis bench"""
 
@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--plots", type=Path, help="write figures (PNG + SVG) into this folder")
     law = f.add_mutually_exclusive_group()
     law.add_argument("--law", help="fit this law instead of the approaches: a built-in (chinchilla, kaplan_N, kaplan_ND, "
-                                   "data_constrained) or FILE.py:NAME, an analysis.laws.Law object in a Python file")
+                                   "data_constrained) or FILE.py:NAME, an analysis.laws.law.Law object in a Python "
+                                   "file")
     law.add_argument("--law-expr", dest="law_expr",
                      help="fit a law written as a formula of N, D, C, epochs, U_D (unique tokens) and parameters, "
                           "e.g. 'E + A/N**alpha'; functions exp log sqrt abs tanh minimum maximum; each parameter "
@@ -236,7 +237,7 @@ def _summary(res: dict) -> str:
             if s in d:
                 ci = d.get("ci95", {}).get(s)
                 if not (d.get("identification") or {}).get(s, {}).get("identified", True):
-                    parts.append(f"{s} not identified")  # analysis.identify: no numbers for a runaway interval
+                    parts.append(f"{s} not identified")  # analysis.checks.identify: no numbers for a runaway interval
                     continue
                 parts.append(f"{s}={d[s]:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""))
         lines.append(f"{key}: " + ", ".join(parts))
@@ -283,7 +284,7 @@ def cmd_fit(a) -> int:
     res, fitted = fit_all(df, approaches=a.approach, C=a.at_C, n_bootstrap=a.bootstrap, curves=curves,
                           n_jobs=a.jobs, seed=a.seed, isoflop_method=a.isoflop_method)
     if a.backtest_below is not None:
-        from analysis.uncertainty import backtest
+        from analysis.checks.uncertainty import backtest
 
         res["backtest"] = backtest(usable(df), a.backtest_below).summary()
     print(_summary(res))
@@ -298,8 +299,8 @@ def cmd_fit(a) -> int:
 
 def _fit_law(a, runs) -> int:
     """`fit --law` / `--law-expr`: one law, its intervals (and backtest, figure), instead of the approaches."""
-    from analysis.law_results import fit_law_results, law_summary
-    from analysis.laws import expression_law, load_law
+    from analysis.report.law_results import fit_law_results, law_summary
+    from analysis.laws.law import expression_law, load_law
 
     if a.param and not a.law_expr:
         raise ValueError("--param declares the parameters of a --law-expr formula; a --law brings its own")
@@ -326,7 +327,7 @@ def cmd_report(a) -> int:
                         mixed_data=a.mixed_data, target=a.target)
     print(f"wrote {path}")
     if a.wandb:
-        from analysis.wandb_report import log_report
+        from analysis.report.wandb_report import log_report
 
         run = log_report(path.parent, a.sweep_dir, project=a.wandb_project, group=a.wandb_group)
         print(f"logged the report to wandb run {run['id']} ({run['mode']}, project {run['project']}, group "
@@ -336,7 +337,8 @@ def cmd_report(a) -> int:
 
 
 def cmd_downstream(a) -> int:
-    from analysis import downstream, downstream_plots
+    from analysis.laws import downstream
+    from analysis.report import downstream_plots
 
     if a.predict_C is not None and not (math.isfinite(a.predict_C) and a.predict_C > 0):
         raise ValueError(f"--predict-C {a.predict_C:g}: give a positive, finite number of FLOPs, e.g. --predict-C 1e16")
@@ -368,7 +370,7 @@ def cmd_bench(a) -> int:
     import numpy as np
 
     from analysis.synthetic import isoflop_runs
-    from analysis.uncertainty import Approach3Stat, bootstrap
+    from analysis.checks.uncertainty import Approach3Stat, bootstrap
 
     per = max(a.points // 10, 6)
     runs = isoflop_runs(budgets=np.logspace(17, 20, a.points // per), n_per_budget=per, noise=0.01)
@@ -394,7 +396,7 @@ def _write_json_and_markdown(out: Path, stem: str, obj: dict, md: str) -> int:
 
 
 def cmd_predict(a) -> int:
-    from analysis.predict import predict, prediction_markdown
+    from analysis.checks.predict import predict, prediction_markdown
 
     runs = usable(load_sweep(a.sweep_dir, n=a.n_convention, c=a.c_convention, skip_corrupt=a.skip_corrupt,
                              mixed_data=a.mixed_data))
@@ -407,8 +409,8 @@ def cmd_predict(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from analysis.plots import plot_verification
-    from analysis.predict import read_prediction, verification_markdown, verify
+    from analysis.report.plots import plot_verification
+    from analysis.checks.predict import read_prediction, verification_markdown, verify
 
     prediction = read_prediction(a.prediction)
     conv = prediction.get("conventions", {})
@@ -420,7 +422,7 @@ def cmd_verify(a) -> int:
 
 
 def cmd_extrapolation(a) -> int:
-    from analysis.extrapolation import comparison_markdown, write_comparison
+    from analysis.checks.extrapolation import comparison_markdown, write_comparison
 
     try:
         ratios = tuple(float(r) for r in a.ratios.split(","))
@@ -439,7 +441,7 @@ def cmd_extrapolation(a) -> int:
 
 
 def cmd_compare(a) -> int:
-    from analysis.compare import write_comparison
+    from analysis.checks.compare import write_comparison
 
     names = [s.strip() for s in a.names.split(",")] if a.names else None
     try:

@@ -38,7 +38,7 @@ OWN = "record"  # --c-convention record: an alias of the default, the convention
 COLUMNS = ["name", "status", "excluded", "reason", "N", "D", "C", "loss", "budget", "N_convention", "C_convention",
            "flops_per_token"]
 # Per-task evaluation columns of a run-table row (scaling.record.record_row): eval_<task>_acc, _acc_norm, _logprob,
-# _chance (analysis.downstream reads them)
+# _chance (analysis.laws.downstream reads them)
 EVAL_COLUMN = re.compile(r"^eval_(?P<task>.+)_(?P<field>"
                          + "|".join(sorted(R.EVAL_COLUMNS.values(), key=len, reverse=True)) + ")$")  # acc_norm first
 EXTRAS = ["budget_C", "budget_convention", "C_record", "sweep", "seed", "train_loss", "lr", "run_dir"]
@@ -180,7 +180,7 @@ def runs_table(rows: Iterable[dict], *, n: str = "non_embedding", c: str | None 
                     "schedule": _str(r.get("schedule")) or None, "role": _str(r.get("role")) or None,
                     "parent": _str(r.get("parent")) or None, "C_spent": _num(r.get("C_spent")),
                     **{k: _num(r.get(k)) for k in TEXT_COLUMNS},  # NaN in records written before them
-                    "epochs": _num(r.get("epochs")),  # D / unique training tokens (analysis.data_constrained)
+                    "epochs": _num(r.get("epochs")),  # D / unique training tokens (analysis.laws.data_constrained)
                     "run_dir": r.get("run_dir"),
                     **{k: _num(v) for k, v in r.items() if EVAL_COLUMN.match(k)}})
     return _finish(out, n, conv)
@@ -414,7 +414,7 @@ def load_csv(path: str | Path, *, N: str, D: str, loss: str, C: str | None = Non
 # --------------------------------------------------------------------------------------------------------------------
 # wandb: offline run files (no server) and the public API (a server)
 # --------------------------------------------------------------------------------------------------------------------
-ANALYSIS_JOB = "analysis"  # the job_type of the run `analysis report --wandb` writes (analysis.wandb_report)
+ANALYSIS_JOB = "analysis"  # the job_type of the run `analysis report --wandb` writes (analysis.report.wandb_report)
 WANDB_STATUS = {"finished": "completed", "crashed": "failed", "failed": "failed", "killed": "failed",
                 "running": "running"}
 # Where a summary key is absent, the run's config (scaling.config.to_dict, nested) still says how it was budgeted.

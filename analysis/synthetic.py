@@ -45,7 +45,7 @@ def isoflop_runs(budgets=(1e17, 3e17, 1e18, 3e18, 1e19), n_per_budget: int = 9, 
 def seed_replicates(points: pd.DataFrame, seeds=(0, 1, 2), sigma=0.01, seed: int = 0) -> pd.DataFrame:
     """Seed replicates of noise-free points (e.g. `isoflop_runs(noise=0)`): one run per point and seed, named
     `<name>-s<seed>`, with loss = L * exp(sigma_p z), z ~ N(0, 1). `sigma` is one relative noise for every point or
-    one per point (the seed noise analysis.seeds estimates)."""
+    one per point (the seed noise analysis.checks.seeds estimates)."""
     rng = np.random.default_rng(seed)
     sig = np.broadcast_to(np.asarray(sigma, float), (len(points),))
     rows = []
@@ -123,11 +123,12 @@ def write_sweep(root: str | Path, runs: pd.DataFrame, *, n_steps: int = 20, seq_
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Evaluated runs (analysis.downstream): task accuracy a known sigmoid of the loss, in the run table's eval_* columns
+# Evaluated runs (analysis.laws.downstream): task accuracy a known sigmoid of the loss, in the run table's eval_*
+# columns
 # --------------------------------------------------------------------------------------------------------------------
 # A loss law whose tiny models (N 1e5-1e7, D 5-80 tokens per parameter) span ~2.3-4.5 nats, where a task can emerge.
 TINY_TRUTH = {"E": 2.0, "A": 60.0, "B": 300.0, "alpha": 0.4, "beta": 0.35}
-# acc(L) of analysis.downstream.AccuracyFit on the validation loss: 4-way multiple choice rising to 90%.
+# acc(L) of analysis.laws.downstream.AccuracyFit on the validation loss: 4-way multiple choice rising to 90%.
 SIGMOID_TRUTH = {"floor": 0.25, "ceiling": 0.9, "k": 3.0, "L0": 3.2}
 TASK_LOSS = (1.2, 0.3)  # task loss = 1.2 L + 0.3 (the correct answer's -log-likelihood follows the loss affinely)
 
@@ -137,7 +138,7 @@ def downstream_runs(sizes=(1e5, 3e5, 1e6, 3e6, 1e7), tokens_per_param=(5, 20, 80
     """Runs N x D (D = r N for each r), C = 6ND, loss = L(N, D) of `truth`, and per task (name -> sigmoid truth, default
     {"cloze": SIGMOID_TRUTH}) eval_<task>_acc = acc(loss) + acc_noise z (clipped to [0, 1]), _acc_norm = _acc,
     _logprob = -(TASK_LOSS[0] loss + TASK_LOSS[1]), _chance = the floor. In the columns analysis.load gives a table."""
-    from analysis.downstream import AccuracyFit  # downstream imports the fits; keep this module's imports light
+    from analysis.laws.downstream import AccuracyFit  # downstream imports the fits; keep this module's imports light
 
     t, tasks = truth or TINY_TRUTH, tasks or {"cloze": SIGMOID_TRUTH}
     rng = np.random.default_rng(seed)

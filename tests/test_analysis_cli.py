@@ -19,7 +19,7 @@ TRUE_A = T["beta"] / (T["alpha"] + T["beta"])
 
 def test_import_and_fit_do_not_load_jax_or_trainer(tmp_path):
     """analysis may import the JAX-free scaling.record and scaling.accounting, nothing else of scaling."""
-    code = ("import sys, analysis.report, analysis.__main__, analysis.predict, analysis.plots\n"
+    code = ("import sys, analysis.report, analysis.__main__, analysis.checks.predict, analysis.report.plots\n"
             "from analysis.synthetic import isoflop_runs, write_sweep\n"
             "from analysis.report import fit_all\n"
             "from analysis.load import load_sweep\n"
@@ -149,7 +149,7 @@ def test_report_defaults_to_the_records_convention_and_queries_every_approach_at
 def test_another_convention_converts_each_run_and_each_slice_through_accounting(tmp_path):
     """--c-convention 6N on a chinchilla-planned sweep: each run's C is its C_6N, and each IsoFLOP slice's C is the C_6N
     its compute-optimal run would have (budget x 6N/f(N) at the slice's N_opt); still one query C for all approaches."""
-    from analysis.fits import fit_approach2
+    from analysis.laws.fits import fit_approach2
     from analysis.load import load_sweep, usable
     from analysis.report import fit_all
 

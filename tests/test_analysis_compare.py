@@ -1,4 +1,5 @@
-"""Comparing sweeps (analysis.compare): fits side by side and the effective compute multiplier with its interval."""
+"""Comparing sweeps (analysis.checks.compare): fits side by side and the effective compute multiplier with its
+interval."""
 
 import json
 
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from analysis.__main__ import main
-from analysis.compare import FrontierStat, compare_sweeps, frontier_points, write_comparison
+from analysis.checks.compare import FrontierStat, compare_sweeps, frontier_points, write_comparison
 from analysis.synthetic import CHINCHILLA_TRUTH as T
 from analysis.synthetic import isoflop_runs, write_sweep
 

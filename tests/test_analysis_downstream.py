@@ -1,5 +1,6 @@
-"""Downstream scaling (analysis.downstream): the step-2 sigmoid, the two-step prediction, its backtest, the report's
-Downstream section and the CLI, on synthetic evaluated runs whose accuracy is a known sigmoid of a known loss law."""
+"""Downstream scaling (analysis.laws.downstream): the step-2 sigmoid, the two-step prediction, its backtest, the
+report's Downstream section and the CLI, on synthetic evaluated runs whose accuracy is a known sigmoid of a known loss
+law."""
 
 import functools
 import json
@@ -8,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import downstream as ds
-from analysis import report
 from analysis.__main__ import main
-from analysis.approach3 import Approach3Fit
+from analysis.laws import downstream as ds
+from analysis.laws.approach3 import Approach3Fit
 from analysis.load import load_runs_csv, load_sweep
+from analysis.report import build as report
 from analysis.synthetic import (SIGMOID_TRUTH, TASK_LOSS, TINY_TRUTH, downstream_runs, eval_record, write_runs_csv,
                                 write_sweep)
 from scaling.record import record_row

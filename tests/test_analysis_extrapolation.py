@@ -1,4 +1,5 @@
-"""Extrapolation backtest (analysis.extrapolation): the testbed loader, each fitting choice, recovery of a known law."""
+"""Extrapolation backtest (analysis.checks.extrapolation): the testbed loader, each fitting choice, recovery of a
+known law."""
 
 import json
 from pathlib import Path
@@ -8,9 +9,9 @@ import pandas as pd
 import pytest
 
 from analysis.__main__ import main
-from analysis.extrapolation import (BASELINE, ONE_AT_A_TIME, FitChoice, combine, compare_choices, comparison_markdown,
-                                    curve_noise, extrapolation_backtest, fit_choice, load_testbed, point_weights,
-                                    select_points, split_by_size)
+from analysis.checks.extrapolation import (BASELINE, ONE_AT_A_TIME, FitChoice, combine, compare_choices,
+                                           comparison_markdown, curve_noise, extrapolation_backtest, fit_choice,
+                                           load_testbed, point_weights, select_points, split_by_size)
 from analysis.synthetic import chinchilla_loss
 
 SLICE = Path(__file__).parent / "data" / "misfitting2025_slice.csv"

@@ -6,9 +6,9 @@ import pytest
 
 from scipy import optimize
 
-from analysis.approach3 import _huber_lse_objective, fit_approach3, fit_approach3_vpnls
-from analysis.fits import (fit_approach1, fit_approach2, fit_kaplan, fit_parabola, fit_power_law, isoflop_minima,
-                           lower_envelope)
+from analysis.laws.approach3 import _huber_lse_objective, fit_approach3, fit_approach3_vpnls
+from analysis.laws.fits import (fit_approach1, fit_approach2, fit_kaplan, fit_parabola, fit_power_law, isoflop_minima,
+                                lower_envelope)
 from analysis.synthetic import CHINCHILLA_TRUTH, chinchilla_loss, isoflop_runs
 
 T = CHINCHILLA_TRUTH

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.fits import fit_approach2, fit_power_law
+from analysis.laws.fits import fit_approach2, fit_power_law
 
 DATA = Path(__file__).parent / "data"
 CONFIG = ["dataset", "hparams", "warmup", "decay", "param_count", "val", "source_file"]

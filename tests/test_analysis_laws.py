@@ -1,5 +1,6 @@
-"""Custom laws (analysis.laws, analysis.expr) and the data-constrained law (analysis.data_constrained): fits recover
-known parameters, the Chinchilla instance reproduces analysis.approach3, golden values from Muennighoff et al. 2023."""
+"""Custom laws (analysis.laws.law, analysis.laws.expr) and the data-constrained law (analysis.laws.data_constrained):
+fits recover known parameters, the Chinchilla instance reproduces analysis.laws.approach3, golden values from
+Muennighoff et al. 2023."""
 
 import json
 import math
@@ -9,13 +10,13 @@ import pandas as pd
 import pytest
 from threadpoolctl import threadpool_limits
 
-from analysis import expr
 from analysis.__main__ import main
-from analysis.approach3 import fit_approach3
-from analysis.data_constrained import (DATA_CONSTRAINED, PUBLISHED, effective_data, fit_data_constrained, loss,
-                                       markdown_section, optimal_allocation)
-from analysis.laws import (CHINCHILLA, KAPLAN_N, Law, LawStat, Param, backtest_law, expression_law, fit_law,
-                           fit_with_intervals, law_inputs, load_law, parse_param, plot_law_fit)
+from analysis.laws import expr
+from analysis.laws.approach3 import fit_approach3
+from analysis.laws.data_constrained import (DATA_CONSTRAINED, PUBLISHED, effective_data, fit_data_constrained, loss,
+                                            markdown_section, optimal_allocation)
+from analysis.laws.law import (CHINCHILLA, KAPLAN_N, Law, LawStat, Param, backtest_law, expression_law, fit_law,
+                               fit_with_intervals, law_inputs, load_law, parse_param, plot_law_fit)
 from analysis.synthetic import CHINCHILLA_TRUTH, isoflop_runs
 
 CHINCHILLA_KEYS = ("E", "A", "B", "alpha", "beta")
@@ -157,7 +158,7 @@ def test_fit_errors_name_the_problem():
 
 def test_load_law_from_a_file_and_its_errors(tmp_path):
     f = tmp_path / "my_laws.py"
-    f.write_text("from analysis.laws import Law, Param\n"
+    f.write_text("from analysis.laws.law import Law, Param\n"
                  "LAW = Law('mine', (Param('E', 0.1, 10, (1.0,)), Param('A', 1, 1e6, (100.0,), log=True),\n"
                  "          Param('alpha', 0, 2, (0.3,))), ('N',), expression='E + A/N**alpha')\n"
                  "NOT_A_LAW = 3\n")
@@ -194,8 +195,9 @@ def test_bootstrap_intervals_and_backtest_of_a_law(tmp_path):
 # The data-constrained law (Muennighoff et al. 2023)
 # --------------------------------------------------------------------------------------------------------------------
 # The paper's constants (eq. 5 fitted on C4; R_D* ~ 15.4 and R_N* ~ 5.3 in the text) to the 7 digits the authors'
-# repository lists (huggingface/datablations README, "Parametric Fit"; analysis.data_constrained.PUBLISHED). That README
-# evaluates the law for the two models of the paper's Figure 1 (right) and finds the optimum of the second's budget.
+# repository lists (huggingface/datablations README, "Parametric Fit"; analysis.laws.data_constrained.PUBLISHED). That
+# README evaluates the law for the two models of the paper's Figure 1 (right) and finds the optimum of the second's
+# budget.
 FIGURE1_RIGHT = [((6.34e9, 242e9, 25e9), 2.2256440889984477), ((8.67e9, 178e9, 25e9), 2.2269634075087867)]
 README_OPTIMUM = {"D": 227e9, "epochs": 9.1, "N": 6.8e9}  # "-> 227B tokens, 9.1 epochs, 6.8B parameters"
 
@@ -321,7 +323,7 @@ def test_approach3_says_why_when_no_start_stays_finite():
 
 def test_report_adds_the_data_constrained_section_only_when_runs_repeat_data():
     from analysis.load import runs_table
-    from analysis.report import fit_all, markdown
+    from analysis.report.build import fit_all, markdown
 
     runs = _repeated_runs(PUBLISHED, noise=0.005)
     rows = [dict(r, status="completed", C_convention="6N") for r in runs.to_dict("records")]

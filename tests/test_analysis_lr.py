@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from analysis.__main__ import main
+from analysis.laws.lr import fit_lr_curve, lr_sweeps
 from analysis.load import load_sweep
-from analysis.lr import fit_lr_curve, lr_sweeps
 from analysis.synthetic import MODEL, OPTIM, isoflop_runs, write_sweep
 from scaling.record import write_record
 

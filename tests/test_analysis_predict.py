@@ -1,4 +1,5 @@
-"""Predict-then-verify (analysis.predict): the family's token cost, the constrained optimum, the CLI round trip."""
+"""Predict-then-verify (analysis.checks.predict): the family's token cost, the constrained optimum, the CLI round
+trip."""
 
 import json
 import math
@@ -8,7 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis.__main__ import main
-from analysis.predict import TokenCost, constrained_optimum, predict, verify
+from analysis.checks.predict import TokenCost, constrained_optimum, predict, verify
 from analysis.synthetic import CHINCHILLA_TRUTH, chinchilla_loss, write_sweep
 
 V = 4096

@@ -1,4 +1,4 @@
-"""Honest intervals (analysis.identify) and IsoFLOP quality flags (analysis.quality)."""
+"""Honest intervals (analysis.checks.identify) and IsoFLOP quality flags (analysis.checks.quality)."""
 
 import re
 
@@ -6,13 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import plots
-from analysis.identify import RULES, describe, identification, interval_problem, mark_identification
-from analysis.quality import QualityRules, isoflop_quality, quality_markdown
-from analysis.report import _table, fit_all, markdown
+from analysis.checks.identify import RULES, describe, identification, interval_problem, mark_identification
+from analysis.checks.quality import QualityRules, isoflop_quality, quality_markdown
+from analysis.checks.uncertainty import Approach2Stat, Approach3Stat, bootstrap
+from analysis.report import plots
+from analysis.report.build import _table, fit_all, markdown
 from analysis.synthetic import CHINCHILLA_TRUTH as T
 from analysis.synthetic import chinchilla_loss, isoflop_runs
-from analysis.uncertainty import Approach2Stat, Approach3Stat, bootstrap
 
 
 # --------------------------------------------------------------------------------------------------------------------

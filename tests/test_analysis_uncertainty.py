@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.checks.uncertainty import (Approach2Stat, Approach3Stat, KaplanStat, _resample, backtest, bootstrap)
 from analysis.synthetic import CHINCHILLA_TRUTH as T
 from analysis.synthetic import isoflop_runs
-from analysis.uncertainty import (Approach2Stat, Approach3Stat, KaplanStat, _resample, backtest, bootstrap)
 
 TRUE_A = T["beta"] / (T["alpha"] + T["beta"])
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from analysis import __main__ as cli
-from analysis import wandb_report as W
 from analysis.load import ANALYSIS_JOB, load_wandb_offline, read_wandb_file, wandb_api, wandb_path
+from analysis.report import wandb_report as W
 from analysis.synthetic import isoflop_runs, write_sweep
 from scaling import record as R
 

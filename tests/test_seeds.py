@@ -10,15 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.approach3 import fit_approach3
-from analysis.fits import fit_parabola
+from analysis.checks.seeds import (POINT, W_LOG, has_replicates, pooled_sigma_log, replicate_points, seed_noise,
+                                   variance_trend)
+from analysis.checks.uncertainty import _resample
+from analysis.laws.approach3 import fit_approach3
+from analysis.laws.fits import fit_parabola
 from analysis.load import load_sweep, usable
-from analysis.report import fit_all, markdown, write_report
-from analysis.seeds import (POINT, W_LOG, has_replicates, pooled_sigma_log, replicate_points, seed_noise,
-                            variance_trend)
+from analysis.report.build import fit_all, markdown, write_report
 from analysis.synthetic import CHINCHILLA_TRUTH as T
 from analysis.synthetic import isoflop_runs, seed_replicates, write_sweep
-from analysis.uncertainty import _resample
 from scaling.model.decoder import ModelConfig
 from scaling.sweep.plan import FamilyRule, HyperRule, SweepSpec, plan_sweep
 

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from analysis.extrapolation import ONE_AT_A_TIME, FitChoice, combine, compare_choices, load_testbed
+from analysis.checks.extrapolation import ONE_AT_A_TIME, FitChoice, combine, compare_choices, load_testbed
 
 HERE = Path(__file__).parent
 # folder -> (n_column, ratios, max_size): the settings the README's commands ran.

@@ -10,8 +10,8 @@ budget), to show how much its extrapolation depends on such choices.
 import sys
 import warnings
 
-from analysis.approach3 import TokenCost, constrained_optimum, fit_approach3
-from analysis.fits import fit_approach2, fit_kaplan, isoflop_minimum
+from analysis.laws.approach3 import TokenCost, constrained_optimum, fit_approach3
+from analysis.laws.fits import fit_approach2, fit_kaplan, isoflop_minimum
 from analysis.load import load_sweep, usable
 
 warnings.filterwarnings("ignore", category=RuntimeWarning)

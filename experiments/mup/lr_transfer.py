@@ -8,7 +8,7 @@ attention scale, and the question is whether the wide model's best lr stays put 
 Programs V", Fig. 1) or moves (SP). One compiled step per (parametrization, width): the optimizer is built at lr = 1 and
 each model's lr is held in its state (scaling.train.stack.unit_lr_optimizer, equal to the plain optimizer up to
 float rounding, tested), so the sweep pays 4 compilations, not one per lr. The best lr of each sweep is the grid's
-and, when interior, the vertex of a parabola in ln(lr) through it and its neighbours (analysis.lr.fit_lr_curve).
+and, when interior, the vertex of a parabola in ln(lr) through it and its neighbours (analysis.laws.lr.fit_lr_curve).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from analysis.lr import fit_lr_curve
+from analysis.laws.lr import fit_lr_curve
 from scaling.data.tokenizers import TokenizerConfig
 from scaling.data.tokens import DataConfig, load_tokens
 from scaling.model.decoder import ModelConfig, init_params, loss_fn

@@ -140,7 +140,7 @@ class SweepSpec:
     lr_multipliers: list[float] = field(default_factory=list)  # lr: factors on hyper.lr(d_model, batch)
     tolerance: float = 0.02  # max |achieved / nominal - 1| of C (isoflop, lr) or D (grid)
     # Every planned run once per seed (train.seed=s, name suffix -s<s>): replicates from which analysis estimates each
-    # point's seed noise (analysis.seeds). Empty: one run per point, with the config's own train.seed.
+    # point's seed noise (analysis.checks.seeds). Empty: one run per point, with the config's own train.seed.
     seeds: list[int] = field(default_factory=list)
     # ladder: the cooldown of each branch, as a fraction of its own steps (Hägele et al. 2024 find 20% matches a cosine
     # run to the same length), and its shape (optim.decay_shape: linear or 1-sqrt)

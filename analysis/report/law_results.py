@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.laws import Law, backtest_law, fit_with_intervals, plot_law_fit
+from analysis.laws.law import Law, backtest_law, fit_with_intervals, plot_law_fit
 from scaling.record import clean_json
 
 
 def fit_law_results(law: Law, df: pd.DataFrame, *, n_bootstrap: int = 200, seed: int = 0, n_jobs: int = 2,
                     backtest_N_below: float | None = None, plots: Path | None = None) -> dict:
     """The JSON-ready results of fitting `law` to the usable runs `df` (the data-constrained law adds the
-    compute-optimal allocation under its data limit, analysis.data_constrained)."""
-    from analysis.data_constrained import DATA_CONSTRAINED, fit_data_constrained
+    compute-optimal allocation under its data limit, analysis.laws.data_constrained)."""
+    from analysis.laws.data_constrained import DATA_CONSTRAINED, fit_data_constrained
 
     if law == DATA_CONSTRAINED:
         res = fit_data_constrained(df, n_bootstrap=n_bootstrap, seed=seed, n_jobs=n_jobs)

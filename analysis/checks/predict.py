@@ -9,7 +9,7 @@ as a function of N, is read off the runs' records (C / D of each size), instead 
     L_opt from the minima's losses, L(C) = E_C + (C_c / C)^alpha_C (Kaplan et al. 2020 eq. 1.3 plus an
     irreducible term, as their eq. 1.4 / Hoffmann eq. 2 have one; without it when fewer than 4 budgets).
   Approach 3 (sec. 3.3, eq. 2): argmin over N of L(N, C / f(N)) for the fitted L = E + A/N^alpha + B/D^beta.
-Intervals: percentile bootstrap over runs within budgets (analysis.uncertainty).
+Intervals: percentile bootstrap over runs within budgets (analysis.checks.uncertainty).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3
-from analysis.fits import fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum, slice_C
-from analysis.uncertainty import bootstrap
+from analysis.laws.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3
+from analysis.laws.fits import fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum, slice_C
+from analysis.checks.uncertainty import bootstrap
 
 PREDICT_APPROACHES = ("approach2", "approach3")
 

@@ -1,4 +1,5 @@
-"""Downstream figures (analysis.downstream), in analysis.plots' style: the emergence view and accuracy against loss."""
+"""Downstream figures (analysis.laws.downstream), in analysis.report.plots' style: the emergence view and accuracy
+against loss."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import matplotlib
 import numpy as np
 import pandas as pd
 
-from analysis.downstream import AccuracyFit, task_points
-from analysis.plots import STYLE, _log_x_ticks, _save, plt
+from analysis.laws.downstream import AccuracyFit, task_points
+from analysis.report.plots import STYLE, _log_x_ticks, _save, plt
 
 
 def _grid(n: int, ncols: int, size=(4.2, 3.2)):

@@ -28,8 +28,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from analysis.approach3 import VPNLS_BOX
-from analysis.uncertainty import Approach1Stat, Approach2Stat, Approach3Stat
+from analysis.laws.approach3 import VPNLS_BOX
+from analysis.checks.uncertainty import Approach1Stat, Approach2Stat, Approach3Stat
 
 MAX_DECADES = 3.0  # a scale parameter known only to a factor > 1000 is, in log space, running away
 MAX_FAILED = 0.2  # share of resampled fits that may fail before the whole fit is called not identified

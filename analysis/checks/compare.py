@@ -19,12 +19,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.fits import fit_kaplan, isoflop_key, isoflop_minimum, lower_envelope
-from analysis.identify import describe
+from analysis.checks.identify import describe
+from analysis.checks.uncertainty import bootstrap
+from analysis.laws.fits import fit_kaplan, isoflop_key, isoflop_minimum, lower_envelope
 from analysis.load import load_runs_csv, load_sweep, usable
-from analysis.plots import STYLE, _plain_log_y, _save
-from analysis.report import fit_all
-from analysis.uncertainty import bootstrap
+from analysis.report.build import fit_all
+from analysis.report.plots import STYLE, _plain_log_y, _save
 from scaling.record import clean_json
 
 LEVEL = 0.95

@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.approach3 import Approach3Fit  # noqa: E402
-from analysis.fits import Approach2Fit, KaplanFit, PowerLaw, isoflop_key, lower_envelope  # noqa: E402
+from analysis.laws.approach3 import Approach3Fit  # noqa: E402
+from analysis.laws.fits import Approach2Fit, KaplanFit, PowerLaw, isoflop_key, lower_envelope  # noqa: E402
 from analysis.load import TARGETS  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "savefig.dpi": 200, "font.size": 10, "axes.grid": True, "grid.alpha": 0.3,
@@ -126,7 +126,8 @@ def plot_isoflops(df: pd.DataFrame, a2: Approach2Fit, out_dir: Path, spread: pd.
                   flagged: pd.DataFrame | None = None, budget_flags: dict | None = None) -> list[Path]:
     """IsoFLOP curves: loss vs N per budget, fitted parabolas in log N and their minima (Hoffmann fig. 3 left).
     `spread`: seed-replicated points (mean loss, sigma), drawn as mean +- sigma in their budget's colour.
-    `flagged`: runs analysis.quality flagged (N, loss, flags), ringed in red and lettered (o outlier, d duplicate);
+    `flagged`: runs analysis.checks.quality flagged (N, loss, flags), ringed in red and lettered (o outlier,
+    d duplicate);
     `budget_flags`: {budget: "off_centre;weak_curvature"}, named in that budget's legend entry."""
     key = isoflop_key(df)
     colors = _budget_colors(df[key])
@@ -248,7 +249,7 @@ def _short(x: float) -> str:
 
 
 def plot_lr_sweeps(sweeps, out_dir: Path) -> list[Path]:
-    """Loss vs peak learning rate (log x), one curve per group of runs with the same N and budget (`analysis.lr`):
+    """Loss vs peak learning rate (log x), one curve per group of runs with the same N and budget (`analysis.laws.lr`):
     the grid points, the parabola in ln(lr) over its window, the interpolated optimum (star), a best lr at the edge
     of the grid (open circle), and the lrs with no usable run (x at the top of the axes)."""
     cmap = plt.get_cmap("tab10")

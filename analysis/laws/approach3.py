@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
-from analysis.fits import FLOPS_PER_TOKEN, relative_weights
+from analysis.laws.fits import FLOPS_PER_TOKEN, relative_weights
 from analysis.validate import check_min_points, check_positive_finite
 
 
@@ -199,8 +199,8 @@ def fit_approach3(N, D, loss, *, delta: float = 1e-3, n_starts: int | None = 32,
     `n_starts`: run L-BFGS from the `n_starts` grid points with the lowest objective (None = all 4500, as the
     paper; on the Chinchilla subset the best of 32 reaches the full grid's optimum to 1e-15 at 1/60 of the cost);
     `init` = (E, A, B, alpha, beta) adds one start (used to warm-start bootstrap refits).
-    `weights`: w_i = 1/sigma_i^2 of each point's log loss (seed noise, analysis.seeds). Each residual is scaled by
-    sqrt(w_i / mean w) before the Huber: a standardised residual r_i / sigma_i times the constant sigma_bar =
+    `weights`: w_i = 1/sigma_i^2 of each point's log loss (seed noise, analysis.checks.seeds). Each residual is scaled
+    by sqrt(w_i / mean w) before the Huber: a standardised residual r_i / sigma_i times the constant sigma_bar =
     mean(1/sigma^2)^-1/2, so delta keeps its units (log loss at the typical noise sigma_bar), residuals inside delta
     get the inverse-variance weights w_i of least squares (Aitken 1935) and those beyond it, in the Huber's linear
     part, weights sqrt(w_i) ~ 1/sigma_i, as a Laplace likelihood would. Uniform weights are the unweighted fit exactly.
@@ -228,7 +228,7 @@ def fit_approach3(N, D, loss, *, delta: float = 1e-3, n_starts: int | None = 32,
             best = r
     if best is None:  # e.g. a warm start from a fit whose A overflowed (the loss does not vary with N)
         raise ValueError("approach 3: no start reached finite parameters (log A, log B or log E ran off to infinity: "
-                         "do the losses vary with both N and D?); analysis.laws fits the law within bounds instead")
+                         "do the losses vary with both N and D?); analysis.laws.law fits the law within bounds instead")
     a, b, e, alpha, beta = best.x
     return Approach3Fit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
                         beta=float(beta), n_points=len(N), objective=float(best.fun), method="huber-lbfgs",
@@ -246,7 +246,7 @@ def _vp_inner(alpha, beta, N, D, loss, sqrt_w=None):
     return coef / scale, rnorm ** 2
 
 
-VPNLS_BOX = (0.01, 3.0)  # the search box of VPNLS's exponents alpha, beta (analysis.identify reads a fit on it)
+VPNLS_BOX = (0.01, 3.0)  # the search box of VPNLS's exponents alpha, beta (analysis.checks.identify reads a fit on it)
 
 
 def fit_approach3_vpnls(N, D, loss, *, flops_per_token: float = FLOPS_PER_TOKEN,

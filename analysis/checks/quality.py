@@ -8,8 +8,8 @@ Per budget (the runs of one planned C):
 - off-centre minimum: the lowest loss is at the smallest or largest size, or the fitted parabola's minimum lies
   outside the inner sizes [2nd smallest, 2nd largest] (at or next to an edge of the sampled N range): the curve's
   minimum rests on one or two points, and the parabola extrapolates it.
-- weak curvature: the parabola's curvature c2 (loss = c0 + c1 x + c2 x^2, x = ln N, as analysis.fits fits it) is not
-  significantly > 0: the lower end of its two-sided `curvature_level` t interval (from the least-squares covariance,
+- weak curvature: the parabola's curvature c2 (loss = c0 + c1 x + c2 x^2, x = ln N, as analysis.laws.fits fits it) is
+  not significantly > 0: the lower end of its two-sided `curvature_level` t interval (from the least-squares covariance,
   n - 3 degrees of freedom) is <= 0. A flat curve places its minimum anywhere.
 Per run:
 - spline outlier: its log loss is more than `spline_k` robust sigmas from a leave-one-out Akima spline through the
@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from scipy import interpolate, stats
 
-from analysis.fits import isoflop_key
+from analysis.laws.fits import isoflop_key
 
 MAD_TO_SIGMA = 1.4826  # sigma of a normal distribution = 1.4826 x its median absolute deviation
 
@@ -201,9 +201,9 @@ def quality_markdown(q: dict | None) -> list[str]:
     if "error" in q:
         return L + [f"Not checked: {q['error']}"]
     r = q["rules"]
-    L += ["Flags, not exclusions: every run stays in the fits (analysis.quality, after Open-Athena's IsoFLOP QC). "
-          "off_centre: the lowest loss at the smallest or largest size, or the parabola's minimum outside the inner "
-          f"sizes; weak_curvature: the parabola's curvature not > 0 at {r['curvature_level']:.0%} (t interval); "
+    L += ["Flags, not exclusions: every run stays in the fits (analysis.checks.quality, after Open-Athena's IsoFLOP "
+          "QC). off_centre: the lowest loss at the smallest or largest size, or the parabola's minimum outside the "
+          f"inner sizes; weak_curvature: the parabola's curvature not > 0 at {r['curvature_level']:.0%} (t interval); "
           f"spline_outlier: a run > {r['spline_k']:g} robust sigmas from a leave-one-out spline through its budget; "
           f"near_duplicate: two sizes within {r['near_duplicate']:.0%}.", "",
           "| budget C | runs | sizes | lowest-loss N | parabola min N (position) | curvature [lower 95%] | flags |",

@@ -17,8 +17,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from analysis.approach3 import constrained_optimum
-from analysis.laws import CHINCHILLA, Law, LawStat, Param, fit_law, fit_with_intervals
+from analysis.laws.approach3 import constrained_optimum
+from analysis.laws.law import CHINCHILLA, Law, LawStat, Param, fit_law, fit_with_intervals
 
 DC_EXPRESSION = """
 G = (alpha*A/(beta*B))**(1/(alpha + beta))

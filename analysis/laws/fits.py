@@ -60,7 +60,7 @@ def relative_weights(weights, n: int, what: str) -> np.ndarray | None:
     """Per-point weights w_i = 1/sigma_i^2 (inverse-variance weighting of least squares: Aitken 1935; e.g. Seber &
     Lee 2003, Linear Regression Analysis, sec. 3.10) scaled to mean 1, or None when there are none or all are equal:
     a uniform weight is the unweighted fit, and None keeps that fit bit-identical. Mean 1 leaves the objective's
-    scale as unweighted, so a Huber delta keeps its units (analysis.approach3)."""
+    scale as unweighted, so a Huber delta keeps its units (analysis.laws.approach3)."""
     if weights is None:
         return None
     w = check_positive_finite(weights, f"{what} weights")
@@ -97,7 +97,7 @@ def fit_kaplan(X, L, *, variable: str = "N", irreducible: bool = False, weights=
 
     Without E this is linear in log space. With E we minimise squared error of log L, which keeps the large-loss
     small models from dominating, starting from the E = 0 solution. `weights` (1/sigma^2 of log L per point, e.g.
-    from seed replicates: analysis.seeds) multiply the squared log residuals.
+    from seed replicates: analysis.checks.seeds) multiply the squared log residuals.
     """
     X = check_positive_finite(X, variable)
     L = check_positive_finite(L, "loss")
@@ -215,7 +215,8 @@ class Parabola:
 def fit_parabola(x, loss, *, window: int | None = None, budget: float | None = None, weights=None) -> Parabola:
     """Least-squares parabola of loss in x = log N. `window` keeps only the `window` points nearest the empirical
     minimum on each side (Porian et al. 2024 fit near the minimum: far points of an IsoFLOP curve are not parabolic).
-    `weights` (1/sigma^2 of each point's loss, e.g. its seed noise: analysis.seeds) multiply the squared residuals."""
+    `weights` (1/sigma^2 of each point's loss, e.g. its seed noise: analysis.checks.seeds) multiply the squared
+    residuals."""
     x, loss = np.asarray(x, float), np.asarray(loss, float)
     where = f" at budget C={budget:.4g}" if budget is not None else ""
     w = relative_weights(weights, len(x), f"IsoFLOP parabola{where}")
@@ -355,7 +356,7 @@ def fit_approach2(df: pd.DataFrame, *, weights: Sequence[float] | None = None, m
     `method="akima"` locates each minimum by Akima interpolation instead (Porian et al. 2024).
     `weights` (one per budget: a column name of `df`, constant within a budget, or a sequence in increasing C)
     multiply the squared log residuals, e.g. 1/sd^2 as Porian et al. 2024. `run_weights` names a column of per-run
-    weights for the parabolas (1/sigma^2 of each run's loss, from seed replicates: analysis.seeds).
+    weights for the parabolas (1/sigma^2 of each run's loss, from seed replicates: analysis.checks.seeds).
     """
     minima, skipped = isoflop_minima(df, method=method, window=window, min_runs=min_runs, run_weights=run_weights)
     w = None

@@ -4,7 +4,7 @@ Resampling runs, not points: a run's many logged points are not independent evid
 interval speaks about is "runs we could have trained" (Hoffmann et al. 2022 and Besiroglu et al. 2024 bootstrap
 over runs; Porian et al. 2024 over per-budget noise).
 
-With seed replicates (analysis.seeds) the unit is the point with all its seeds (`group="point"`), drawn within
+With seed replicates (analysis.checks.seeds) the unit is the point with all its seeds (`group="point"`), drawn within
 budgets: a cluster bootstrap, resampling the top level of two-level data and keeping each cluster whole, which
 Davison & Hinkley 1997 (Bootstrap Methods and their Application, sec. 3.8) recommend since it keeps the
 between-point variation and lets the seeds bring their own noise. Drawing seeds within points instead would hold the
@@ -24,8 +24,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analysis.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3, fit_approach3_vpnls
-from analysis.fits import FLOPS_PER_TOKEN, fit_approach1, fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum
+from analysis.laws.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3, fit_approach3_vpnls
+from analysis.laws.fits import FLOPS_PER_TOKEN, fit_approach1, fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum
 
 Stat = Callable[[pd.DataFrame], dict]
 
@@ -73,7 +73,7 @@ class Approach2Stat:
     method: str = "parabola"
     window: int | None = None
     weights: str | None = None
-    run_weights: str | None = None  # column of per-run parabola weights, 1/sigma^2 of the loss (analysis.seeds)
+    run_weights: str | None = None  # column of per-run parabola weights, 1/sigma^2 of the loss (analysis.checks.seeds)
 
     def __call__(self, df: pd.DataFrame) -> dict:
         f = fit_approach2(df, method=self.method, window=self.window, weights=self.weights,

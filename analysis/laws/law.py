@@ -25,12 +25,12 @@ import pandas as pd
 from scipy import optimize
 from threadpoolctl import threadpool_limits
 
-from analysis import expr
-from analysis.fits import relative_weights
+from analysis.laws import expr
+from analysis.laws.fits import relative_weights
 from analysis.validate import check_min_points, check_positive_finite
 
 INPUTS = ("N", "D", "C", "epochs", "U_D")
-HUBER_DELTA = 1e-3  # Hoffmann et al. 2022 appendix D.2 (as analysis.approach3)
+HUBER_DELTA = 1e-3  # Hoffmann et al. 2022 appendix D.2 (as analysis.laws.approach3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Param:
 
 @dataclasses.dataclass(frozen=True)
 class Law:
-    """loss = formula(inputs; params). Exactly one of `expression` (see analysis.expr) or `function`
+    """loss = formula(inputs; params). Exactly one of `expression` (see analysis.laws.expr) or `function`
     (function(X: dict of input arrays, p: dict of parameter values) -> loss array, vectorised)."""
 
     name: str
@@ -112,7 +112,7 @@ class Law:
 
     def value_and_grad(self, X: Mapping, p: Mapping, free: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
         """Loss and d loss / d p for p in `free` (shape (len(free), n)): exact for expressions (forward-mode, see
-        analysis.expr), central differences of relative step 1e-6 for functions."""
+        analysis.laws.expr), central differences of relative step 1e-6 for functions."""
         if self.expression is not None:
             return expr.evaluate(self._formula, {**{k: X[k] for k in self.inputs}, **p}, free, grad=True)
         v = self(X, p)
@@ -163,7 +163,7 @@ class LawFit:
 
 class _Objective:
     """Summed Huber_delta of c_P (log f(X; p) - log L) over points, in the optimiser's variables u (log p for log-scale
-    parameters), with its gradient. c_P as analysis.approach3: per-point scales sqrt(w / mean w)."""
+    parameters), with its gradient. c_P as analysis.laws.approach3: per-point scales sqrt(w / mean w)."""
 
     def __init__(self, law: Law, X: dict, logL: np.ndarray, free: tuple[Param, ...], fixed: dict, delta: float,
                  c_P: np.ndarray | None):
@@ -287,7 +287,7 @@ def fit_with_intervals(law: Law, df: pd.DataFrame, *, n_bootstrap: int = 200, se
                        fixed: Mapping | None = None, stat_type: type = LawStat, **stat_kw) -> dict:
     """The full-data fit and, with n_bootstrap > 0, 95% percentile intervals over runs. Returns {"fit": LawFit,
     "estimate", "ci95", "n_resamples", "n_failed"}: intervals of parameters that reach a bound are not identified."""
-    from analysis.uncertainty import bootstrap
+    from analysis.checks.uncertainty import bootstrap
 
     full = fit_law(law, df, fixed=fixed)
     out = {"fit": full, "estimate": {k: v for k, v in full.params.items() if k not in (fixed or {})}, "ci95": {},
@@ -332,7 +332,7 @@ def backtest_law(law: Law, df: pd.DataFrame, N_below: float, **fit_kw) -> LawBac
 
 def plot_law_fit(fit: LawFit, df: pd.DataFrame, out_dir: Path, name: str | None = None) -> list[Path]:
     """Fitted against observed loss, and the log residuals against N (colour: D, or epochs when the law reads it)."""
-    from analysis.plots import STYLE, _log_x_ticks, _save, plt
+    from analysis.report.plots import STYLE, _log_x_ticks, _save, plt
 
     pred = fit(df)
     r = np.log(df["loss"].to_numpy()) - np.log(pred)
@@ -384,7 +384,7 @@ KAPLAN_ND = Law(
 
 
 def builtin_laws() -> dict[str, Law]:
-    from analysis.data_constrained import DATA_CONSTRAINED
+    from analysis.laws.data_constrained import DATA_CONSTRAINED
 
     return {law.name: law for law in (CHINCHILLA, KAPLAN_N, KAPLAN_ND, DATA_CONSTRAINED)}
 
@@ -437,5 +437,5 @@ def load_law(spec: str) -> Law:
     law = getattr(module, attr, None)
     if not isinstance(law, Law):
         raise ValueError(f"--law {spec!r}: {path} defines no Law named {attr!r} (found {type(law).__name__}); "
-                         "define NAME = analysis.laws.Law(...)")
+                         "define NAME = analysis.laws.law.Law(...)")
     return law

@@ -6,7 +6,7 @@ on the model sizes N <= N_max / r and scores the predicted loss of the final che
 choice the literature argues over is one field of `FitChoice`:
 
   method     "huber": Huber (delta 1e-3) on log loss, L-BFGS from the paper's grid (Hoffmann et al. 2022 app. D.2);
-             "vpnls": squared error on loss, (E, A, B) by NNLS per exponent pair (analysis.approach3).
+             "vpnls": squared error on loss, (E, A, B) by NNLS per exponent pair (analysis.laws.approach3).
   weights    "none"; "inverse_variance": 1/sigma^2 per point (Aitken 1935), sigma from a `loss_sd` column (seed
              replicates) or else each size's checkpoint-to-checkpoint noise (Gasser et al. 1986, `curve_noise`);
              "compute": w proportional to C = 6ND, the large runs nearest the target count most.
@@ -36,9 +36,9 @@ from scipy import optimize
 from threadpoolctl import threadpool_limits
 
 # The tied fits reuse approach3's objective and its NNLS inner solve with beta = alpha, so the two fitters cannot drift.
-from analysis.approach3 import (GRID_Sx5, Approach3Fit, _huber_lse_batch, _huber_lse_objective, _vp_inner,
-                                fit_approach3, fit_approach3_vpnls)
-from analysis.fits import relative_weights
+from analysis.laws.approach3 import (GRID_Sx5, Approach3Fit, _huber_lse_batch, _huber_lse_objective, _vp_inner,
+                                     fit_approach3, fit_approach3_vpnls)
+from analysis.laws.fits import relative_weights
 from analysis.validate import check_min_points, check_positive_finite
 
 METHODS = ("huber", "vpnls")

@@ -3,8 +3,8 @@
 The two-step prediction of Bhagia et al. 2024 ("Establishing Task Scaling Laws via Compute-Efficient Model Ladders",
 arXiv:2412.04403; its steps 1 and 2), fitted on the evaluated runs of a sweep:
   step 1, a loss from the scale: L(N, D) = E + A / N^alpha + B / D^beta (their step 1, Hoffmann et al. 2022 eq. 2;
-    analysis.approach3), or, when N and D do not vary apart (a ladder at one tokens-per-parameter ratio), the
-    frontier law L(C) = E + (C_c / C)^alpha_C (Kaplan et al. 2020 eq. 1.3 with an irreducible term; analysis.fits);
+    analysis.laws.approach3), or, when N and D do not vary apart (a ladder at one tokens-per-parameter ratio), the
+    frontier law L(C) = E + (C_c / C)^alpha_C (Kaplan et al. 2020 eq. 1.3 with an irreducible term; analysis.laws.fits);
   step 2, accuracy from that loss, their sigmoid Acc(L) = a / (1 + exp(-k (L - L0))) + b, written here as
     acc(L) = floor + (ceiling - floor) * sigmoid(-k (L - L0)),   k > 0 (their k is -k here),
   with the floor b fixed at the task's chance level (Bhagia et al. fit it; a model that knows nothing scores chance,
@@ -14,9 +14,10 @@ Step 2 is fitted on the observed (loss, accuracy) pairs, step 1 on the observed 
 The loss of step 2 (`x`) is the run's validation loss ("loss": the general loss that Gadre et al. 2024, "Language models
 scale reliably with over-training and on downstream tasks", relate to average top-1 error as Err(L) = eps - k
 exp(-gamma L); that exponential is not implemented here) or the task loss, minus the mean log-likelihood of the correct
-answer ("task_loss": Bhagia et al.'s intermediate). Intervals: percentile bootstrap over runs (analysis.uncertainty).
+answer ("task_loss": Bhagia et al.'s intermediate). Intervals: percentile bootstrap over runs
+(analysis.checks.uncertainty).
 The emergence view (Schaeffer et al. 2023: a discontinuous metric such as accuracy can make smooth improvement look
-sudden) is drawn by analysis.downstream_plots, accuracy beside the continuous log-likelihood.
+sudden) is drawn by analysis.report.downstream_plots, accuracy beside the continuous log-likelihood.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special
 
-from analysis.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3_vpnls
-from analysis.fits import KaplanFit, fit_kaplan, lower_envelope
+from analysis.checks.uncertainty import bootstrap
+from analysis.laws.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3_vpnls
+from analysis.laws.fits import KaplanFit, fit_kaplan, lower_envelope
 from analysis.load import EVAL_COLUMN, usable
-from analysis.uncertainty import bootstrap
 from analysis.validate import check_min_points
 
 METRICS = ("acc", "acc_norm")  # accuracy (argmax of summed log-likelihood) or its length-normalized variant
@@ -200,7 +201,7 @@ def fit_loss_law(pts: pd.DataFrame, y: str, kind: str, init: tuple | None = None
         return LossLaw(kind, fit_kaplan(C, L, variable="C", irreducible=len(C) >= 4), None, N_range)
     fpt = (pts["C"] / (pts["N"] * pts["D"])).to_numpy(float)
     # Variable projection, not the paper's Huber/L-BFGS grid: ~100x faster on a few runs (0.03 s against 2-20 s on
-    # 15 runs), which a bootstrap of both steps needs; the two agree on clean data (analysis.approach3).
+    # 15 runs), which a bootstrap of both steps needs; the two agree on clean data (analysis.laws.approach3).
     a3 = fit_approach3_vpnls(pts["N"], pts["D"], Y, init=init, flops_per_token=float(np.median(fpt)))
     # As analysis.report: one k describes the runs to within 25%, else the optimum lies on the family's budget line.
     cost = TokenCost.from_runs(pts) if fpt.max() / fpt.min() > 1.25 else None

@@ -11,17 +11,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import downstream, downstream_plots, plots
-from analysis.approach3 import Approach3Fit, TokenCost
-from analysis.data_constrained import fit_data_constrained
-from analysis.data_constrained import markdown_section as dc_markdown
-from analysis.fits import fit_approach1, fit_approach2, fit_kaplan, isoflop_key, lower_envelope
-from analysis.identify import describe, mark_identification
+from analysis.checks.identify import describe, mark_identification
+from analysis.checks.quality import isoflop_quality, quality_markdown
+from analysis.checks.seeds import POINT, W_LOG, W_LOSS, point_means, seed_noise
+from analysis.checks.uncertainty import (Approach1Stat, Approach2Stat, Approach3Stat, backtest, bootstrap)
+from analysis.laws import downstream
+from analysis.laws.approach3 import Approach3Fit, TokenCost
+from analysis.laws.data_constrained import fit_data_constrained
+from analysis.laws.data_constrained import markdown_section as dc_markdown
+from analysis.laws.fits import fit_approach1, fit_approach2, fit_kaplan, isoflop_key, lower_envelope
+from analysis.laws.lr import lr_sweeps
 from analysis.load import TARGETS, endpoint_curves, excluded, load_curves, load_runs_csv, load_sweep, usable
-from analysis.lr import lr_sweeps
-from analysis.quality import isoflop_quality, quality_markdown
-from analysis.seeds import POINT, W_LOG, W_LOSS, point_means, seed_noise
-from analysis.uncertainty import (Approach1Stat, Approach2Stat, Approach3Stat, KaplanStat, backtest, bootstrap)
+from analysis.report import downstream_plots, plots
 from scaling.record import clean_json, write_json_atomic, write_text_atomic
 
 APPROACHES = (1, 2, 3)
@@ -39,9 +40,10 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
     (analysis.fits.slice_C). `curves` (training curves, from
     metrics.jsonl) only draw the Kaplan L(C) frontier; Approach 1 fits valid points only (analysis.load.endpoint_curves).
 
-    Seed replicates (analysis.seeds): runs of one point at several seeds. Then results["seeds"] holds the seed spread,
-    the bootstraps resample points with their seeds, Kaplan's L(N), L(D) take point means, and when the seed noise
-    varies with N, D the fits are weighted by 1/sigma^2. Without replicates all of this is skipped: the same fits."""
+    Seed replicates (analysis.checks.seeds): runs of one point at several seeds. Then results["seeds"] holds the seed
+    spread, the bootstraps resample points with their seeds, Kaplan's L(N), L(D) take point means, and when the seed
+    noise varies with N, D the fits are weighted by 1/sigma^2. Without replicates all of this is skipped: the same
+    fits."""
     runs = usable(df)
     if runs.empty:
         raise ValueError("no usable runs: every run is excluded (see the excluded list); nothing to fit")
@@ -75,7 +77,7 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
 
     boot = dict(n_resamples=n_bootstrap, seed=seed, n_jobs=n_jobs)
     if noise is not None:
-        boot["group"] = POINT  # a cluster bootstrap: a point with all its seeds (analysis.uncertainty)
+        boot["group"] = POINT  # a cluster bootstrap: a point with all its seeds (analysis.checks.uncertainty)
 
     def kaplan():
         out = {}
@@ -146,7 +148,7 @@ def fit_all(df: pd.DataFrame, *, approaches=APPROACHES, C: float | None = None, 
     for k, fn in ((1, approach1), (2, approach2), (3, approach3)):
         if k in approaches:
             attempt(f"approach{k}", fn)
-    if 2 in approaches and isoflop_key(runs) == "budget":  # IsoFLOP curves to flag (analysis.quality)
+    if 2 in approaches and isoflop_key(runs) == "budget":  # IsoFLOP curves to flag (analysis.checks.quality)
         def quality():
             fitted["quality"] = isoflop_quality(runs)
             return fitted["quality"].as_dict()
@@ -167,7 +169,7 @@ def _with_ci(stat, table, boot, **kw) -> dict:
     if boot["n_resamples"] <= 0:
         return stat(table)
     b = bootstrap(table, stat, **boot, **kw)
-    # A runaway interval is reported as "not identified (reason)", not as numbers (analysis.identify).
+    # A runaway interval is reported as "not identified (reason)", not as numbers (analysis.checks.identify).
     return mark_identification(b.as_dict(), stat) | {"_samples": b.samples}
 
 
@@ -257,7 +259,7 @@ def markdown(res: dict, figures: list[str], title: str) -> str:
 
 
 def _seeds_markdown(seeds: dict | None) -> list[str]:
-    """The "Seed spread" section (analysis.seeds): each point's runs over seeds, the pooled noise, how fits were
+    """The "Seed spread" section (analysis.checks.seeds): each point's runs over seeds, the pooled noise, how fits were
     weighted. None (no point has two seeds): no section."""
     if not seeds:
         return []
@@ -325,8 +327,8 @@ def make_plots(runs: pd.DataFrame, fitted: dict, res: dict, out_dir: Path,
     if isinstance(a3, Approach3Fit):
         paths += plots.plot_residuals(runs, a3, out_dir)
         paths += plots.plot_contours(runs, a3, out_dir)
-    if fitted.get("data_constrained") is not None:  # fitted L against observed, residuals (analysis.laws)
-        from analysis.laws import plot_law_fit
+    if fitted.get("data_constrained") is not None:  # fitted L against observed, residuals (analysis.laws.law)
+        from analysis.laws.law import plot_law_fit
 
         paths += plot_law_fit(fitted["data_constrained"], runs, out_dir)
     if res.get("downstream"):  # evaluated runs: accuracy vs N beside the log-likelihood, and the two-step fits

@@ -1,0 +1,1 @@
+"""How far to trust a fit: bootstrap and backtests, identification, IsoFLOP quality, seeds, extrapolation, predict."""
