@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="whose N, D, L is the committed prediction [auto: the smaller loss error when the largest "
                          "budget is predicted from the others]")
     pr.add_argument("--n-convention", default="non_embedding", choices=["non_embedding", "total"])
+    pr.add_argument("--target", default="loss", choices=list(TARGETS),
+                    help="the L to predict: loss per token, or bits per byte / character (verify reads it back) [loss]")
     _c_convention(pr)
     pr.add_argument("--isoflop-method", default="parabola", choices=["parabola", "akima"])
     pr.add_argument("--bootstrap", type=int, default=200)
@@ -399,10 +401,11 @@ def cmd_predict(a) -> int:
     from analysis.checks.predict import predict, prediction_markdown
 
     runs = usable(load_sweep(a.sweep_dir, n=a.n_convention, c=a.c_convention, skip_corrupt=a.skip_corrupt,
-                             mixed_data=a.mixed_data))
+                             mixed_data=a.mixed_data, target=a.target))
     if runs.empty:
         raise ValueError(f"{a.sweep_dir}: no usable runs to fit; finish the sweep first")
-    conventions = {"N": a.n_convention, "C": str(runs["C_convention"].iloc[0]), "sweep": str(a.sweep_dir)}
+    conventions = {"N": a.n_convention, "C": str(runs["C_convention"].iloc[0]), "sweep": str(a.sweep_dir),
+                   "target": a.target}
     p = predict(runs, a.at_C, headline=a.headline, n_bootstrap=a.bootstrap, seed=a.seed, n_jobs=a.jobs,
                 isoflop_method=a.isoflop_method, conventions=conventions)
     return _write_json_and_markdown(a.out, "prediction", p, prediction_markdown(p))
@@ -414,8 +417,9 @@ def cmd_verify(a) -> int:
 
     prediction = read_prediction(a.prediction)
     conv = prediction.get("conventions", {})
+    # the prediction's own target (predictions written before --target existed predicted the loss)
     runs = usable(load_sweep(a.sweep_dir, n=conv.get("N", "non_embedding"), c=conv.get("C"),
-                             skip_corrupt=a.skip_corrupt, mixed_data=a.mixed_data))
+                             skip_corrupt=a.skip_corrupt, mixed_data=a.mixed_data, target=conv.get("target", "loss")))
     v = verify(prediction, runs)
     plot_verification(v, a.out / "figures")
     return _write_json_and_markdown(a.out, "verification", v, verification_markdown(v))

@@ -221,3 +221,31 @@ def test_cli_target_bpb_on_records_and_runs_csv(tmp_path, capsys):
     plain.write_text("N,D,loss\n1e6,1e9,3\n")
     assert main(["fit", "--csv", str(plain), "--target", "bpb"]) == 2
     assert "for a CSV with your own columns name the bpb column with --loss" in capsys.readouterr().err
+
+
+def test_predict_and_verify_in_bpb(tmp_path, capsys):
+    """`predict --target bpb` commits L_opt in bits per byte and `verify` reads the prediction's target back."""
+    from analysis.synthetic import chinchilla_loss
+    from test_analysis_predict import TRUTH, family_runs, flops_per_token
+
+    write_sweep(tmp_path / "fit", family_runs([5e11, 1.5e12, 5e12, 1.5e13]), failed=0, diverged=0)
+    _add_bpb(tmp_path / "fit", bytes_per_token=3.0)  # bpb = the law's loss; loss per token = bpb * 3 ln 2
+    out = {}
+    for target in ("loss", "bpb"):
+        assert main(["predict", str(tmp_path / "fit"), "--at-C", "6e13", "--out", str(tmp_path / target),
+                     "--bootstrap", "4", "--jobs", "1", "--target", target]) == 0
+        out[target] = json.loads((tmp_path / target / "prediction.json").read_text())
+    assert out["bpb"]["conventions"]["target"] == "bpb"
+    assert "bits per byte" in (tmp_path / "bpb" / "prediction.md").read_text()
+    # the fits are invariant to a constant unit: the same N_opt, L_opt in the other unit
+    L = {t: out[t]["prediction"]["L_opt"] for t in out}
+    assert L["loss"] / L["bpb"] == pytest.approx(3.0 * math.log(2), rel=1e-3)
+    assert out["loss"]["prediction"]["N_opt"] == pytest.approx(out["bpb"]["prediction"]["N_opt"], rel=1e-3)
+    sizes = np.array([0.5, 1.0, 2.0]) * out["bpb"]["prediction"]["N_opt"]
+    D = 6e13 / flops_per_token(sizes)
+    ver = pd.DataFrame({"name": ["v-half", "v-pred", "v-double"], "N": sizes, "D": D, "C": 6e13, "budget": 6e13,
+                        "loss": chinchilla_loss(sizes, D, **TRUTH)})
+    _add_bpb(write_sweep(tmp_path / "verify", ver, failed=0, diverged=0), bytes_per_token=3.0)
+    assert main(["verify", str(tmp_path / "bpb" / "prediction.json"), str(tmp_path / "verify"), "--out",
+                 str(tmp_path / "bpb")]) == 0
+    assert abs(json.loads((tmp_path / "bpb" / "verification.json").read_text())["rel_error_L_opt"]) < 0.01

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.load import TARGETS
 from analysis.laws.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3
 from analysis.laws.fits import fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum, slice_C
 from analysis.checks.uncertainty import bootstrap
@@ -239,7 +240,8 @@ def _backtest_lines(bt: dict | None) -> list[str]:
 
 def prediction_markdown(p: dict) -> str:
     est, ci = p["estimates"], p["ci95"]
-    rows = ["| approach | N_opt | D_opt | L_opt (nats/token) |", "|---|---|---|---|"]
+    unit = TARGETS.get(p["conventions"].get("target", "loss"), TARGETS["loss"])
+    rows = [f"| approach | N_opt | D_opt | L_opt ({unit}) |", "|---|---|---|---|"]
     for key in PREDICT_APPROACHES:
         cells = []
         for k in ("N_opt", "D_opt", "L_opt"):
@@ -254,7 +256,7 @@ def prediction_markdown(p: dict) -> str:
         "",
         f"Committed: N_opt = {_g(pred['N_opt'])} [{_g(pci['N_opt'][0])}, {_g(pci['N_opt'][1])}], "
         f"D_opt = {_g(pred['D_opt'])} [{_g(pci['D_opt'][0])}, {_g(pci['D_opt'][1])}] tokens, "
-        f"L_opt = {_g(pred['L_opt'])} [{_g(pci['L_opt'][0])}, {_g(pci['L_opt'][1])}] nats/token "
+        f"L_opt = {_g(pred['L_opt'])} [{_g(pci['L_opt'][0])}, {_g(pci['L_opt'][1])}] {unit} "
         f"({p['headline']}; 95% bootstrap intervals over {p['n_resamples']} resamples of {p['n_runs']} runs, "
         f"{p['n_failed']} failed).",
         "",
