@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -289,8 +290,15 @@ def test_submitit_slurm_sweep_of_three_runs(slurm, tmp_path):
     assert len(recs) == 3 and all(r["status"] == "completed" for r in recs.values())
     job_ids = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()}
     assert len(job_ids) == 1  # one array job for the sweep
-    sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_ids.pop()],
-                           capture_output=True, text=True, check=True).stdout.split()
+    # submitit returns once a task has written its result, a moment before Slurm marks the task COMPLETED (seen
+    # under load: the last task still RUNNING): poll the accounting for a while instead of reading it once
+    job_id, deadline = job_ids.pop(), time.monotonic() + 60
+    while True:
+        sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id],
+                               capture_output=True, text=True, check=True).stdout.split()
+        if all(line.endswith("|COMPLETED") for line in sacct) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert len(sacct) == 3 and all(line.endswith("|COMPLETED") for line in sacct), sacct
     assert "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout
 
