@@ -42,7 +42,6 @@ from scaling.train.tracking import Progress, build_tracker, read_metrics
 
 log = logging.getLogger("scaling.train.loop")
 
-CONFIG = CONFIG_FILE
 # Fields that may change between a run and its relaunch without making it another run.
 _RELAUNCH_FREE = ("logging", "sweep", "sharding", "eval")  # orbax restores a checkpoint onto any mesh
 
@@ -397,9 +396,9 @@ def _fork(cfg: Config, run_dir: Path, template: TrainState, budget: Budget) -> t
     from omegaconf import OmegaConf
 
     pdir, b = parent_dir(cfg, run_dir), int(cfg.train.branch_step)
-    saved = _read_json(pdir / CONFIG)
+    saved = _read_json(pdir / CONFIG_FILE)
     if saved is None:
-        raise ValueError(f"train.parent={cfg.train.parent!r}: {pdir} holds no run ({CONFIG} is missing); train the "
+        raise ValueError(f"train.parent={cfg.train.parent!r}: {pdir} holds no run ({CONFIG_FILE} is missing); train the "
                          "parent first (a ladder sweep launches each branch after its parent), or fix the path.")
     parent = from_omegaconf(OmegaConf.merge(OmegaConf.structured(Config), saved))
     mismatch = [name for name, a, c in [
@@ -570,7 +569,7 @@ def _budget_spec(cfg: Config) -> dict:
 
 def _check_same_run(cfg: Config, run_dir: Path) -> None:
     """A run directory belongs to one config: relaunching resumes it, a different config must not reuse it."""
-    path = run_dir / CONFIG
+    path = run_dir / CONFIG_FILE
     current = {k: v for k, v in to_dict(cfg).items() if k not in _RELAUNCH_FREE}
     saved = _read_json(path)
     if saved is None:
