@@ -251,3 +251,51 @@ def test_ladder_sweep_kill_9_and_relaunch_retrains_nothing_finished(tmp_path):
     points = sum(r["C"] for r in recs.values() if not r.get("branch_points"))
     assert spent < 0.75 * points
     assert f"FLOPs spent {spent:.4g} (chinchilla); sum of C over its 4 points {points:.4g}" in out.stderr + out.stdout
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The same ladder sweep under the parallel launchers (joblib here; SLURM through submitit in test_sweep.py)
+# --------------------------------------------------------------------------------------------------------------------
+def launch_ladder(sweep_dir, *overrides: str) -> str:
+    """Runs `+experiment=ladder_tiny` (2 parents, 4 branches) to its end; returns what it printed."""
+    import subprocess
+
+    out = subprocess.run(_sweep_cmd(sweep_dir) + list(overrides), cwd=sweep_dir.parent, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, f"sweep failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def check_ladder_sweep(sweep_dir, printed: str) -> dict:
+    """Asserts that every planned run of a ladder sweep completed and each branch forked from its parent's checkpoint,
+    launched only once the parent had finished; returns the records by run name."""
+    import json
+
+    planned = {p["name"]: p for p in json.loads((sweep_dir / "sweep.json").read_text())["planned"]}
+    recs = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/record.json")}
+    assert set(recs) == set(planned) and len(planned) == 6, (sorted(recs), sorted(planned))
+    assert all(r["status"] == "completed" for r in recs.values()), {n: r["status"] for n, r in recs.items()}
+    branches = {n: p for n, p in planned.items() if p["role"] == "branch"}
+    assert len(branches) == 4 and {p["parent"] for p in branches.values()} == {n for n, p in planned.items()
+                                                                               if p["role"] == "parent"}
+    for name, p in branches.items():
+        b, run, parent = p["branch_step"], sweep_dir / name, sweep_dir / p["parent"]
+        row = record_row(recs[name], run)
+        assert (row["role"], row["parent"], row["branch_step"]) == ("branch", p["parent"], b), name
+        assert b in recs[p["parent"]]["branch_points"] and (parent / "checkpoints" / str(b)).is_dir(), name
+        assert re.search(rf"forking \S*{re.escape(name)} from step {b}\n", (run / "train.log").read_text()), name
+        assert min(m["step"] for m in read_metrics(run / "metrics.jsonl")) > b, name
+        # the branch's job started (Hydra wrote its config) after its parent's run had written its final record
+        assert (run / ".hydra" / "config.yaml").stat().st_mtime_ns >= (parent / "record.json").stat().st_mtime_ns, name
+    spent = sum(r["C_spent"] for r in recs.values())
+    points = sum(recs[n]["C"] for n in branches)
+    assert spent < 0.75 * points  # the branches share their parents' stable phase
+    assert f"FLOPs spent {spent:.4g} (chinchilla); sum of C over its 4 points {points:.4g}" in printed
+    return recs
+
+
+@pytest.mark.slow
+def test_ladder_sweep_under_joblib_launches_each_branch_after_its_parent(tmp_path):
+    printed = launch_ladder(tmp_path / "sweep", "hydra/launcher=joblib_cpu", "hydra.launcher.n_jobs=2")
+    assert "Joblib.Parallel(n_jobs=2" in printed
+    check_ladder_sweep(tmp_path / "sweep", printed)

@@ -288,19 +288,48 @@ def test_submitit_slurm_sweep_of_three_runs(slurm, tmp_path):
     launch(sweep_dir, "hydra/launcher=slurm_local", "hydra.sweeper.plan.budgets=[2e9]", "hydra.sweeper.plan.n_sizes=3")
     recs = records(sweep_dir)
     assert len(recs) == 3 and all(r["status"] == "completed" for r in recs.values())
-    job_ids = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()}
+    job_ids = submitit_jobs(sweep_dir)
     assert len(job_ids) == 1  # one array job for the sweep
-    # submitit returns once a task has written its result, a moment before Slurm marks the task COMPLETED (seen
-    # under load: the last task still RUNNING): poll the accounting for a while instead of reading it once
-    job_id, deadline = job_ids.pop(), time.monotonic() + 60
-    while True:
-        sacct = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", job_id],
-                               capture_output=True, text=True, check=True).stdout.split()
-        if all(line.endswith("|COMPLETED") for line in sacct) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert len(sacct) == 3 and all(line.endswith("|COMPLETED") for line in sacct), sacct
+    sacct = sacct_completed(job_ids)
+    assert len(sacct) == 3 and all(row["State"] == "COMPLETED" for row in sacct), sacct
     assert "idle" in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.slow
+def test_submitit_slurm_ladder_sweep_launches_the_branches_as_a_second_array_job(slurm, tmp_path):
+    from test_ladder import check_ladder_sweep, launch_ladder
+
+    sweep_dir = tmp_path / "sweep"
+    check_ladder_sweep(sweep_dir, launch_ladder(sweep_dir, "hydra/launcher=slurm_local"))
+    job_ids = submitit_jobs(sweep_dir)
+    assert len(job_ids) == 2, job_ids  # the parents' array job, then the branches'
+    sacct = sacct_completed(job_ids)
+    assert all(row["State"] == "COMPLETED" for row in sacct), sacct
+    parents, branches = ([r for r in sacct if r["JobID"].startswith(f"{j}_")] for j in job_ids)
+    assert (len(parents), len(branches)) == (2, 4), sacct
+    # Slurm's own clock: no branch task started before every parent task had ended (ISO times sort as strings)
+    assert max(r["End"] for r in parents) <= min(r["Start"] for r in branches), sacct
+
+
+def submitit_jobs(sweep_dir: Path) -> list[str]:
+    """The Slurm job ids of a sweep's array jobs, in submission order (submitit's folders are <job>_<task>)."""
+    return sorted({p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()}, key=int)
+
+
+def sacct_completed(job_ids: list[str], fields: str = "JobID,State,Start,End") -> list[dict]:
+    """sacct's rows (one per array task) of these jobs, once all are COMPLETED or after 60 s.
+
+    submitit returns once a task has written its result, a moment before Slurm marks the task COMPLETED (seen under
+    load: the last task still RUNNING): poll the accounting for a while instead of reading it once.
+    """
+    deadline = time.monotonic() + 60
+    while True:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", fields, "-j", ",".join(job_ids)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        rows = [dict(zip(fields.split(","), line.split("|"))) for line in out]
+        if all(r["State"] == "COMPLETED" for r in rows) or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
 
 
 # --------------------------------------------------------------------------------------------------------------------
