@@ -20,7 +20,7 @@ from test_train import tiny_config
 
 BASE = 16
 MUP = ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=64, seq_len=16, parametrization="mup",
-                  mup_base_d_model=BASE)  # width multiplier m = 4, head dim K = 16
+                  mup_base_d_model=BASE, tie_embeddings=False)  # width multiplier m = 4, head dim K = 16
 
 
 def _tokens(cfg: ModelConfig, length: int, batch: int = 2, seed: int = 1) -> jnp.ndarray:
@@ -63,7 +63,7 @@ def test_coordinate_check_flat_across_widths_under_mup_and_growing_under_sp():
     and compute the same (tests/test_model.py)."""
     tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 256)
     base = ModelConfig(d_model=32, n_layers=2, n_heads=4, vocab_size=256, seq_len=16, attention="einsum",
-                       head_loss="reference", parametrization="mup", mup_base_d_model=32)
+                       head_loss="reference", parametrization="mup", mup_base_d_model=32, tie_embeddings=False)
     mu = coord_check(base, [32, 64, 128, 256, 512], tokens, steps=4, lr=1e-2)
     sp = coord_check(base.replace(parametrization="sp"), [32, 512], tokens, steps=4, lr=1e-2)
     layers = {"embedding", "block_0.attn", "block_0.mlp", "block_1.attn", "block_1.mlp", "logits"}
@@ -81,10 +81,9 @@ def test_coordinate_check_flat_across_widths_under_mup_and_growing_under_sp():
 # ---------------------------------------------------------------------------------------------------------------------
 # Per-layer lr multipliers, init, weight decay
 # ---------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("tie_embeddings", [True, False])
 @pytest.mark.parametrize("scan_layers", [False, True])
-def test_lr_multipliers_by_kind_of_parameter(tie_embeddings, scan_layers):
-    cfg = MUP.replace(tie_embeddings=tie_embeddings, scan_layers=scan_layers)
+def test_lr_multipliers_by_kind_of_parameter(scan_layers):
+    cfg = MUP.replace(scan_layers=scan_layers)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))  # the tree is all the rule reads
     seen = set()
     for path, m in jax.tree_util.tree_flatten_with_path(mup.lr_multipliers(cfg, params))[0]:
@@ -92,21 +91,21 @@ def test_lr_multipliers_by_kind_of_parameter(tie_embeddings, scan_layers):
         if names[-1] == "kernel" and "head" not in names:
             kind, expected = "hidden", BASE / 64
         elif names[-1] == "embedding":
-            kind, expected = "embedding", 1.0  # wte (also the tied head) and wpe: input weights
+            kind, expected = "embedding", 1.0  # wte and wpe: input weights
         elif "head" in names:
-            kind, expected = "head", 1.0  # untied output weights: their 1/m is the forward multiplier
+            kind, expected = "head", 1.0  # output weights: their 1/m is the forward multiplier
         else:
             kind, expected = "bias/norm", 1.0
         assert m == expected, (names, m)
         seen.add(kind)
-    assert seen == {"hidden", "embedding", "bias/norm"} | (set() if tie_embeddings else {"head"})
+    assert seen == {"hidden", "embedding", "bias/norm", "head"}
     sp = mup.lr_multipliers(MUP.replace(parametrization="sp"), params)
     assert set(jax.tree_util.tree_leaves(sp)) == {1.0}
 
 
 def test_init_scales_hidden_kernels_by_sqrt_base_over_width_only():
     """Hidden kernels' std 0.02 sqrt(b/d) (variance ∝ 1/fan_in, Table 3); embeddings and the untied head stay 0.02."""
-    cfg = MUP.replace(d_model=256, n_layers=1, tie_embeddings=False)  # m = 16: hidden std 0.005
+    cfg = MUP.replace(d_model=256, n_layers=1)  # m = 16: hidden std 0.005
     params = init_params(cfg, jax.random.key(0))
     std = lambda x: float(jnp.std(x))  # noqa: E731
     assert std(params["block_0"]["attn"]["qkv"]["kernel"]) == pytest.approx(0.02 / 4, rel=0.03)
@@ -138,7 +137,8 @@ def test_mup_update_is_sp_update_times_multiplier_and_decay_is_not():
 # The forward: µP at the base width is SP but for the attention; the scale and multiplier on every implementation
 # ---------------------------------------------------------------------------------------------------------------------
 def test_mup_at_base_width_is_sp_except_the_attention_scale():
-    sp = ModelConfig(d_model=32, n_layers=2, n_heads=4, vocab_size=64, seq_len=16, attention="einsum")
+    sp = ModelConfig(d_model=32, n_layers=2, n_heads=4, vocab_size=64, seq_len=16, attention="einsum",
+                     tie_embeddings=False)
     at_base = sp.replace(parametrization="mup", mup_base_d_model=32)
     params = init_params(at_base, jax.random.key(0))
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, init_params(sp, jax.random.key(0)))  # same init
@@ -211,7 +211,7 @@ def test_vmapped_step_under_mup_equals_separate_steps():
 
 def test_trained_mup_run_restores_and_samples(tmp_path):
     cfg = tiny_config(tmp_path, steps=4, eval_every=4)
-    cfg.model = cfg.model.replace(parametrization="mup", mup_base_d_model=16)
+    cfg.model = cfg.model.replace(parametrization="mup", mup_base_d_model=16, tie_embeddings=False)
     record = train(cfg, tmp_path / "run")
     assert record["status"] == "completed" and np.isfinite(record["loss"])
     loaded, params = load_run(tmp_path / "run")  # the opt_state template must be µP's for the restore
@@ -230,6 +230,7 @@ def test_trained_mup_run_restores_and_samples(tmp_path):
         (dict(mup_base_d_model=0), "model.mup_base_d_model=0 is invalid: give a positive integer"),
         (dict(mup_base_d_model=-8), "model.mup_base_d_model=-8 is invalid"),
         (dict(mup_base_d_model=None), "model.mup_base_d_model=None with model.parametrization=mup: set it"),
+        (dict(tie_embeddings=True), "model.parametrization=mup with model.tie_embeddings=true: µP needs an untied head"),
     ],
 )
 def test_bad_mup_config_is_one_clear_error(changes, message):
@@ -240,7 +241,7 @@ def test_bad_mup_config_is_one_clear_error(changes, message):
 def test_base_width_is_ignored_under_sp():
     """So a sweep can flip model.parametrization alone: the SP model is the same with or without a base width."""
     sp = MUP.replace(parametrization="sp")
-    plain = ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=64, seq_len=16)
+    plain = ModelConfig(d_model=64, n_layers=2, n_heads=4, vocab_size=64, seq_len=16, tie_embeddings=False)
     tokens = _tokens(sp, 16)
     params = init_params(sp, jax.random.key(0))
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, init_params(plain, jax.random.key(0)))

@@ -28,7 +28,7 @@ OUT = Path(__file__).with_name("coord_check.png")
 def main() -> None:
     tokens = jax.random.randint(jax.random.key(0), (8, 17), 0, 256)
     base = ModelConfig(d_model=32, n_layers=2, n_heads=4, vocab_size=256, seq_len=16, parametrization="mup",
-                       mup_base_d_model=32)
+                       mup_base_d_model=32, tie_embeddings=False)
     tables = {p: coord_check(base.replace(parametrization=p), WIDTHS, tokens, STEPS, LR) for p in ("sp", "mup")}
     layers = list(tables["mup"][WIDTHS[0]])
     fig, axes = plt.subplots(2, len(layers), figsize=(3.0 * len(layers), 6.0), sharex=True, sharey=True)
@@ -47,6 +47,11 @@ def main() -> None:
                 ax.set_ylabel("activation RMS")
         print(f"{par}: RMS(d{WIDTHS[-1]}) / RMS(d{WIDTHS[0]}) after {STEPS} steps: "
               + ", ".join(f"{k} {v:.3g}" for k, v in growth(table).items()))
+    print(f"\nRMS of each layer's output after step {STEPS}:")
+    print("| layer | " + " | ".join(f"{'µP' if par == 'mup' else 'SP'} d{d}" for par in tables for d in WIDTHS) + " |")
+    print("|---|" + "---|" * (len(tables) * len(WIDTHS)))
+    for name in layers:
+        print(f"| {name} | " + " | ".join(f"{tables[par][d][name][-1]:.3g}" for par in tables for d in WIDTHS) + " |")
     axes[0, -1].legend(fontsize=7)
     fig.suptitle(f"coordinate check: depth 2, {STEPS} Adam steps at lr {LR:g} (t = steps taken), µP base width 32")
     fig.tight_layout()

@@ -8,8 +8,7 @@ d_model, as the sweep planner's ff_ratio keeps it; heads x head_dim = d_model al
   input: wte, wpe embeddings                  0.02                 lr            -
   hidden: every Dense kernel of the blocks    0.02 / sqrt(m)  (*)  lr / m        -
   biases, LayerNorm scales and biases         as SP                lr            -
-  output: untied head kernel                  0.02                 lr            head input x (1/m)
-  tied head (the wte matrix itself)           as input: 0.02       as input: lr  head input x (1/m)
+  output: the head kernel (untied)            0.02                 lr            head input x (1/m)
   attention scores                            -                    -             q.k / K instead of q.k / sqrt(K)
 
   (*) the residual projections keep GPT-2's extra 1/sqrt(2 n_layers) (Radford et al. 2019, Section 2.3).
@@ -24,12 +23,16 @@ central limit) as at init (Yang et al. 2022, µP for Transformers; the mup READM
 Every factor is anchored at the base: at d_model = b (m = 1) the model is the SP model except for the attention scale
 (tested), so an SP-tuned base model is the starting point.
 
-The tied embedding. Table 3 asks different things of an input and an output matrix, which one tied matrix cannot
-satisfy; in the multiplier form both columns ask the same (a width-independent init and Adam lr), so the tied matrix
-is treated as an input embedding for init and lr, and the 1/m output multiplier acts on the head's input. This is what
-the mup package does for tied weights: MuSharedReadout is a MuReadout whose weight is the nn.Embedding's, whose shape
-has one width dimension (vector-like), so MuAdam leaves its lr unchanged, and MuReadout.forward divides its input by
-width_mult (mup/layer.py, mup/optim.py).
+The head must be untied (ModelConfig refuses µP with model.tie_embeddings=true). The mup package allows a tied head
+(MuSharedReadout: the nn.Embedding's weight, treated as an input weight, with the 1/m multiplier on the readout's
+input), and this module did the same until it was measured on this CPU (experiments/mup/README.md, 2 layers, byte
+vocabulary, 1,200 steps): tied, µP's best lr moved 8x between widths 32 and 128 and the wide model was worse than the
+narrow one at the same lr; untied, with nothing else changed, the best lr was the same at both widths (0.016) and the
+wide model better at every lr. In a 200-step coordinate check on one text batch (experiments/mup/tied_check.py) the
+tied model's block outputs after 100 and 200 steps grew 1.6-5.7x from width 32 to 512, the untied model's did not
+(0.3-1.2x). One matrix is both an input weight, whose
+features should move by Θ(1), and, through the readout, an output weight, whose effect on the logits shrinks as 1/m,
+under one Adam normaliser: why exactly that breaks the width-independence here is not established; that it does is.
 
 Where the weight decay goes: see `scaling.train.optim.OptimConfig.build` (the per-layer multiplier scales Adam's step
 only; the decoupled decay stays lr_t * weight_decay per step at every width, as in mup's MuAdamW).
@@ -75,7 +78,7 @@ def _names(path: tuple[Any, ...]) -> list[str]:
 
 def lr_multipliers(cfg: Any, tree: Any) -> Any:
     """Floats shaped like `tree` (the params, or their gradients or updates): each leaf's Adam lr multiplier, 1/m for
-    the hidden kernels (every "kernel" but the untied head's), 1 for embeddings, biases, norms and the head."""
+    the hidden kernels (every "kernel" but the head's), 1 for embeddings, biases, norms and the head."""
 
     def rule(path: tuple[Any, ...], leaf: Any) -> float:
         names = _names(path)
