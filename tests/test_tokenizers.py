@@ -73,7 +73,7 @@ def test_bpe_in_tiktoken_equals_hf_tokenizers_on_heldout_text(corpus):
     docs = list(corpus.documents())
     ranks, hf = tok.train_bpe_ranks(docs[:-3], 512)
     enc = tok._make_encoding("t", ranks)
-    unicode_to_byte = {c: b for b, c in tok._bytes_to_unicode().items()}
+    unicode_to_byte = {c: b for b, c in tok.bytes_to_unicode().items()}
     for held_out in docs[-3:] + [UNICODE]:
         ours = [enc.decode_single_token_bytes(i) for i in enc.encode_ordinary(held_out)]
         theirs = [bytes(unicode_to_byte[c] for c in hf.id_to_token(i)) for i in hf.encode(held_out).ids]

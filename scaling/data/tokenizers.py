@@ -171,9 +171,9 @@ def load_tiktoken(name: str) -> Tokenizer:
     return Tokenizer(encoding, name, "tiktoken")
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's reversible byte -> printable-unicode map (openai/gpt-2 src/encoder.py, bytes_to_unicode), which HF
-    # tokenizers' ByteLevel uses for its vocabulary strings.
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-character map (openai/gpt-2 src/encoder.py, bytes_to_unicode): the alphabet
+    of byte-level BPE vocabulary strings (HF tokenizers' ByteLevel, GPT-2's vocab.json)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
@@ -203,7 +203,7 @@ def train_bpe_ranks(texts: Iterable[str], vocab_size: int) -> tuple[dict[bytes, 
         show_progress=False,
     )
     hf.train_from_iterator(texts, trainer=trainer)
-    unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    unicode_to_byte = {c: b for b, c in bytes_to_unicode().items()}
     merges = json.loads(hf.to_str())["model"]["merges"]
     ranks = byte_ranks()
     for merge in merges:

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from scaling.train.checkpoint import Checkpointer
 from scaling.config import Config, resolve_budget
 from scaling.model.decoder import ModelConfig, init_params
-from scaling.record import CONFIG_FILE
+from scaling.record import CONFIG_FILE, read_record
 
 
 def load_run(run_dir: Path) -> tuple[Config, dict]:
@@ -134,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         from scaling.data.tokens import load_tokens
 
         cfg, params = load_run(args.run_dir)
-        record = json.loads((args.run_dir / "record.json").read_text()) if (args.run_dir / "record.json").exists() else {}
+        record = read_record(args.run_dir) if (args.run_dir / "record.json").exists() else {}
         tokenizer = load_tokens(cfg.data).tokenizer
         check_run_tokenizer(record, tokenizer)
         text = (args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else "") + args.prompt

@@ -28,7 +28,7 @@ import numpy as np
 
 from scaling.accounting import FLOP_CONVENTIONS, count_params, flops_per_token
 from scaling.config import Config, TrainConfig, resolve_budget, to_dict
-from scaling.data.tokenizers import ENDOFTEXT, TokenizerConfig, _bytes_to_unicode, write_ranks
+from scaling.data.tokenizers import ENDOFTEXT, TokenizerConfig, bytes_to_unicode, write_ranks
 from scaling.data.tokens import DataConfig, TokenData, load_tokens
 from scaling.model.decoder import ModelConfig, init_params, loss_fn
 from scaling.record import CONFIG_FILE, git_commit, package_versions, text_metrics, write_json_atomic, write_record
@@ -207,7 +207,7 @@ def hf_bpe_ranks(vocab: dict[str, int], merges: list[str], where: str) -> dict[b
 
     tiktoken merges the adjacent pair whose concatenation has the lowest rank, which reproduces the BPE only if token
     ids follow the merge order: checked here as tiktoken's own loader (`data_gym_to_mergeable_bpe_ranks`) checks it."""
-    to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
     try:
         ranks = {bytes(to_byte[c] for c in token): i for token, i in vocab.items() if token != ENDOFTEXT}
         merged = [bytes(to_byte[c] for c in "".join(m.split(" "))) for m in merges]
