@@ -77,6 +77,12 @@ def test_cli_samples_from_a_trained_run_and_refuses_a_tokenizer_mismatch(tmp_pat
         main([str(run), "--max-new-tokens", "5"])
     assert "tokenizer mismatch" in capsys.readouterr().err
 
+    (run / "record.json").write_text('{"status": "compl')  # a record cut off mid-write: one clear error, not a traceback
+    with pytest.raises(SystemExit):
+        main([str(run), "--max-new-tokens", "5"])
+    err = capsys.readouterr().err
+    assert "record.json" in err and "Traceback" not in err, err
+
 
 def test_cli_on_a_directory_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
