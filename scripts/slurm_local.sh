@@ -75,9 +75,14 @@ write_conf() {  # write_conf FILE MODE < content: back up what it replaces, then
 }
 
 started_by_us() { grep -qx "$1" "$W/started" 2>/dev/null; }
+db_up() { mysqladmin --socket=/var/run/mysqld/mysqld.sock ping >/dev/null 2>&1; }
 
 start() {
-  if { idle || busy; } && running "$W/slurmctld.pid"; then log "already up"; sinfo; return 0; fi
+  # "Up" includes the accounting database: with slurmctld idle but MariaDB gone, sacct fails and submitit cannot see
+  # jobs that die, so that case goes on to the (idempotent) start below, which restarts only what is down.
+  if { idle || busy; } && running "$W/slurmctld.pid" && running "$W/slurmdbd.pid" && db_up; then
+    log "already up"; sinfo; return 0
+  fi
   check_writable "$ETC/slurm.conf"
   check_writable "$ETC/slurmdbd.conf"
   install
@@ -93,10 +98,13 @@ start() {
   wait_for 10 munge sh -c 'munge -n | unmunge'
 
   # Accounting database: `sacct` needs it, and submitit polls sacct to notice jobs that died without a result.
-  if ! mysqladmin --socket=/var/run/mysqld/mysqld.sock ping >/dev/null 2>&1; then
+  if ! db_up; then
     [ -d /var/lib/mysql/mysql ] || mariadb-install-db --user=mysql >/dev/null
-    /usr/sbin/mariadbd --user=mysql --skip-networking --socket=/var/run/mysqld/mysqld.sock \
-      --pid-file=/var/run/mysqld/mysqld.pid --log-error=/var/run/mysqld/error.log >/dev/null 2>&1 &
+    # In a session of its own: mariadbd does not daemonize, and a caller that kills its process group when it ends
+    # (a CI job runner, a test harness) would otherwise take the database down with it, while slurmctld, slurmd,
+    # slurmdbd and munged (which detach themselves) stay up and sacct fails.
+    setsid -f /usr/sbin/mariadbd --user=mysql --skip-networking --socket=/var/run/mysqld/mysqld.sock \
+      --pid-file=/var/run/mysqld/mysqld.pid --log-error=/var/run/mysqld/error.log >/dev/null 2>&1
     echo mariadbd >> "$W/started"
     wait_for 30 mariadb mysqladmin --socket=/var/run/mysqld/mysqld.sock ping
   fi
@@ -164,6 +172,7 @@ EOF
   running "$W/slurmctld.pid" || /usr/sbin/slurmctld
   running "$W/slurmd.pid" || /usr/sbin/slurmd
   wait_for 60 "an idle node" idle
+  wait_for 30 "sacct (slurmdbd and its database)" sh -c "sacct -n >/dev/null 2>&1"
   sinfo
 }
 
