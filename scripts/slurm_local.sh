@@ -106,7 +106,7 @@ start() {
     setsid -f /usr/sbin/mariadbd --user=mysql --skip-networking --socket=/var/run/mysqld/mysqld.sock \
       --pid-file=/var/run/mysqld/mysqld.pid --log-error=/var/run/mysqld/error.log >/dev/null 2>&1
     echo mariadbd >> "$W/started"
-    wait_for 30 mariadb mysqladmin --socket=/var/run/mysqld/mysqld.sock ping
+    wait_for 30 mariadb db_up
   fi
   # The database password: the one in its own slurmdbd.conf, else a new random one (never a fixed string).
   local pw="" new_pw=0

@@ -134,7 +134,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         from scaling.data.tokens import load_tokens
 
         cfg, params = load_run(args.run_dir)
-        record = read_record(args.run_dir) if (args.run_dir / "record.json").exists() else {}
+        try:
+            record = read_record(args.run_dir)
+        except FileNotFoundError:
+            record = {}  # an unfinished run writes its record at the end; the tokenizer check then has nothing to read
         tokenizer = load_tokens(cfg.data).tokenizer
         check_run_tokenizer(record, tokenizer)
         text = (args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else "") + args.prompt

@@ -30,9 +30,9 @@ vocabulary, 1,200 steps): tied, µP's best lr moved 8x between widths 32 and 128
 narrow one at the same lr; untied, with nothing else changed, the best lr was the same at both widths (0.016) and the
 wide model better at every lr. In a 200-step coordinate check on one text batch (experiments/mup/tied_check.py) the
 tied model's block outputs after 100 and 200 steps grew 1.6-5.7x from width 32 to 512, the untied model's did not
-(0.3-1.2x). One matrix is both an input weight, whose
-features should move by Θ(1), and, through the readout, an output weight, whose effect on the logits shrinks as 1/m,
-under one Adam normaliser: why exactly that breaks the width-independence here is not established; that it does is.
+(0.3-1.2x). One matrix is both an input weight, whose features should move by Θ(1), and, through the readout, an
+output weight, whose effect on the logits shrinks as 1/m, under one Adam normaliser: why exactly that breaks the
+width-independence here is not established; that it does is.
 
 Where the weight decay goes: see `scaling.train.optim.OptimConfig.build` (the per-layer multiplier scales Adam's step
 only; the decoupled decay stays lr_t * weight_decay per step at every width, as in mup's MuAdamW).
