@@ -161,6 +161,38 @@ def test_ladder_plan_has_one_parent_per_shape_reaching_every_branch_point():
         parents[branches[0].parent].overrides())
 
 
+def test_fixed_warmup_steps_apply_to_every_ladder_run_and_to_plain_runs():
+    from scaling.sweep.plan import HyperRule
+
+    hyper = {"base_lr": 1e-2, "base_d_model": 32, "base_batch": 8, "min_batch": 4, "max_batch": 8, "min_steps": 20,
+             "warmup_steps": 9}
+    plan = _ladder_plan(hyper=hyper)
+    assert plan.runs and {r.warmup_steps for r in plan.runs} == {9}
+    assert all("optim.warmup_steps=9" in r.overrides() for r in plan.runs)
+    # a plain IsoFLOP plan of the same rule: its runs warm up for the same 9 steps, however long each is
+    iso = _ladder_plan(kind="isoflop", hyper=hyper)
+    assert len({r.steps for r in iso.runs}) > 1 and {r.warmup_steps for r in iso.runs} == {9}
+    # a warmup reaching past a short branch's fork skips that branch, with the reason
+    late = _ladder_plan(hyper={**hyper, "warmup_steps": 10_000})
+    assert not late.runs and all("inside the warmup (10000 steps)" in s["reason"] for s in late.skipped)
+    with pytest.raises(ValueError, match=r"hyper.warmup_steps=-1 is invalid: use a non-negative integer"):
+        HyperRule(warmup_steps=-1)
+
+
+def test_a_branch_too_short_for_min_steps_is_skipped_alone_and_the_rest_of_its_ladder_kept():
+    hyper = {"base_lr": 1e-2, "base_d_model": 32, "base_batch": 8, "min_batch": 8, "max_batch": 8, "min_steps": 20}
+    full = _ladder_plan(hyper=hyper)
+    low = {r.name: r.steps for r in full.runs if r.role == "branch" and r.budget == 2e9}
+    cut = min(low.values()) + 1  # the shortest branch at 2e9 falls below min_steps, its 4e9 sibling does not
+    plan = _ladder_plan(hyper={**hyper, "min_steps": cut})
+    short = min(low, key=low.get)
+    assert short not in {r.name for r in plan.runs}
+    assert [s for s in plan.skipped if short.startswith(s["target"])][0]["reason"] == (
+        f"only {cut - 1} steps at the minimum batch 8 (< hyper.min_steps={cut})")
+    assert len([r for r in plan.runs if r.role == "branch"]) == len([r for r in full.runs if r.role == "branch"]) - 1
+    assert {r.parent for r in plan.runs if r.role == "branch"} == {r.name for r in plan.runs if r.role == "parent"}
+
+
 def test_ladder_plan_grid_form_and_seed_replicates_fork_from_their_own_parent():
     plan = _ladder_plan(budgets=[], sizes=[3e3], tokens=[5e4, 1e5, 2e5], seeds=[0, 1], cooldown_shape="1-sqrt")
     branches = [r for r in plan.runs if r.role == "branch"]

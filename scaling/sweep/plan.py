@@ -80,7 +80,9 @@ class HyperRule:
     B = base_batch * (C / base_flops)^batch_flops_exponent, rounded to a power of two: the optimal batch grows with
       compute, B_opt ~ C^0.3271 (Bi et al. 2024, DeepSeek LLM, Eq. 1); 0 keeps it fixed.
     Warmup is a fraction of the run and the cosine decays to the run's last step: the cycle length should match the
-      run (Hoffmann et al. 2022, Appendix B, Fig. A1), so runs of every length are fairly trained.
+      run (Hoffmann et al. 2022, Appendix B, Fig. A1), so runs of every length are fairly trained. `warmup_steps`
+      instead fixes the warmup in steps for every run: a ladder's branches share their parent's warmup, which as a
+      fraction of its shortest branch can be a handful of steps, and runs that test a ladder should warm up alike.
     """
 
     base_lr: float = 3e-3
@@ -94,6 +96,7 @@ class HyperRule:
     max_batch: int = 512
     min_steps: int = 50  # the batch is halved (down to min_batch) until a run has this many steps
     warmup_fraction: float = 0.05
+    warmup_steps: Optional[int] = None  # a fixed warmup for every run instead of warmup_fraction of each
     schedule: str = "cosine"
 
     def __post_init__(self) -> None:
@@ -108,6 +111,10 @@ class HyperRule:
             raise ValueError(f"hyper.min_batch={self.min_batch} exceeds hyper.max_batch={self.max_batch}: swap or widen them.")
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise ValueError(f"hyper.warmup_fraction={self.warmup_fraction!r} is invalid: use a fraction in [0, 1), e.g. 0.05.")
+        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int)
+                                              or self.warmup_steps < 0):
+            raise ValueError(f"hyper.warmup_steps={self.warmup_steps!r} is invalid: use a non-negative integer number of "
+                             "steps, or null for hyper.warmup_fraction of each run.")
 
     def batch_size(self, C: float) -> int:
         raw = self.base_batch * (C / self.base_flops) ** self.batch_flops_exponent
@@ -419,7 +426,7 @@ def _place(shape: ModelConfig, kind: str, nominal: float, budget: Optional[float
         N_total=counts.total, D=b.D, steps=b.steps, batch_size=B, C=dict(b.C), budget_error=error,
         d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, d_ff=shape.ff_dim,
         lr=hyper.lr(shape.d_model, B), warmup_fraction=hyper.warmup_fraction, schedule=hyper.schedule,
-        nominal=float(nominal), group=f"{name}-B{B}",
+        nominal=float(nominal), group=f"{name}-B{B}", warmup_steps=hyper.warmup_steps,
     )
     return run, ""
 
@@ -465,7 +472,7 @@ def plan_ladder(spec: SweepSpec, base: ModelConfig, convention: str = "chinchill
     Points: plan.budgets gives each budget's IsoFLOP shapes (as kind isoflop), so a shape on several budget lines has
     one branch per budget; plan.sizes x plan.tokens (or grid_tokens_per_param) gives a grid. One batch per shape
     (the hyper rule's at the shape's largest C, halved until its shortest branch has hyper.min_steps) and one warmup
-    (hyper.warmup_fraction of the shortest branch), since the branches share the parent's steps.
+    (hyper.warmup_steps, else hyper.warmup_fraction of the shortest branch), since the branches share the parent's steps.
     """
     shapes = spec.family.shapes(base)
     prefix = spec.prefix or "ladder"
@@ -487,13 +494,16 @@ def plan_ladder(spec: SweepSpec, base: ModelConfig, convention: str = "chinchill
     for (d_model, n_layers), pts in points.items():
         ladder, why = _ladder(pts, f"{prefix}-d{d_model}-L{n_layers}", spec, convention)
         runs += ladder
-        skipped += [{"target": p[-1], "reason": why} for p in pts] if not ladder else why
+        # why: one reason for the whole shape (no batch fits) or the list of its skipped branches
+        skipped += [{"target": p[-1], "reason": why} for p in pts] if isinstance(why, str) else why
     _check_unique(runs)
     return Plan(runs, skipped, spec, convention, optimum)
 
 
 def _ladder(points: list, parent_name: str, spec: SweepSpec, convention: str):
-    """One shape's parent and branches; ([], reason) when no batch gives every branch hyper.min_steps steps."""
+    """One shape's parent and branches, and the points it skipped: a branch shorter than hyper.min_steps at the
+    smallest batch is dropped alone (a wide shape's lowest budget), the rest of its ladder kept; ([], reason) when no
+    branch of the shape reaches hyper.min_steps."""
     hyper, shape = spec.hyper, points[0][0]
     fpt = flops_per_token(shape, convention)
     C_max = max(fpt * nominal if kind == "tokens" else nominal for _, kind, nominal, *_ in points)
@@ -507,16 +517,20 @@ def _ladder(points: list, parent_name: str, spec: SweepSpec, convention: str):
     while min(b.steps for b in budgets(B)) < hyper.min_steps and B // 2 >= hyper.min_batch:
         B //= 2
     resolved = budgets(B)
+    if max(b.steps for b in resolved) < hyper.min_steps:
+        return [], f"only {max(b.steps for b in resolved)} steps at the minimum batch {B} (< hyper.min_steps={hyper.min_steps})"
+    short = [(p, b) for p, b in zip(points, resolved) if b.steps < hyper.min_steps]
+    skipped = [{"target": p[-1], "reason": f"only {b.steps} steps at the minimum batch {B} (< hyper.min_steps="
+                f"{hyper.min_steps})"} for p, b in short]
+    points, resolved = zip(*[(p, b) for p, b in zip(points, resolved) if b.steps >= hyper.min_steps])
     shortest = min(b.steps for b in resolved)
-    if shortest < hyper.min_steps:
-        return [], f"only {shortest} steps at the minimum batch {B} (< hyper.min_steps={hyper.min_steps})"
     cooldown = OptimConfig(decay_fraction=spec.cooldown_fraction)
-    warmup = int(round(hyper.warmup_fraction * shortest))
+    warmup = hyper.warmup_steps if hyper.warmup_steps is not None else int(round(hyper.warmup_fraction * shortest))
     counts, lr = count_params(shape), hyper.lr(shape.d_model, B)
     common = dict(N=counts.non_embedding, N_total=counts.total, batch_size=B, d_model=shape.d_model,
                   n_layers=shape.n_layers, n_heads=shape.n_heads, d_ff=shape.ff_dim, lr=lr,
                   warmup_fraction=hyper.warmup_fraction, warmup_steps=warmup)
-    branches, skipped = [], []
+    branches = []
     for (_, kind, nominal, budget, target, name), b in zip(points, resolved):
         error = (b.C[convention] if kind == "flops" else b.D) / nominal - 1.0
         fork = cooldown.stable_end(b.steps)
