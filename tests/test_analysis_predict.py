@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from analysis.__main__ import main
-from analysis.checks.predict import TokenCost, constrained_optimum, predict, verify
+from analysis.checks.predict import TokenCost, constrained_optimum, predict, prediction_markdown, verify
 from analysis.synthetic import CHINCHILLA_TRUTH, chinchilla_loss, write_sweep
 
 V = 4096
@@ -83,6 +83,9 @@ def test_predict_recovers_the_true_optimum_4x_beyond_the_fitted_budgets():
     assert p["C_over_largest_budget"] == pytest.approx(4.0)
     G, a = p["prior_fit"]
     assert G * 6e13 ** a == pytest.approx(p["prediction"]["N_opt"])
+    # prior_fit is in the prediction's N: the planner is told which (plan.n_convention) when it is not its default
+    assert "plan.n_convention" not in prediction_markdown(p)
+    assert "`plan.n_convention=total` (the fit's N)" in prediction_markdown({**p, "conventions": {"N": "total"}})
 
 
 def test_predict_rejects_bad_arguments():

@@ -83,6 +83,24 @@ def test_prior_fit_moves_the_grid():
     assert max(r.N for r in low.runs) < max(r.N for r in high.runs)
 
 
+def test_n_convention_total_reads_prior_fit_and_sizes_in_total_parameters():
+    """A fit made in total N (analysis predict --n-convention total) centres the grid on total N; the same numbers
+    read as non-embedding N would centre it on much wider models, since the embedding is most of a small model."""
+    fit = [0.05, 0.5]  # N_opt = 0.05 sqrt(C): 1.58e5 at 1e13
+    total = plan_sweep(isoflop(budgets=[1e13], prior_fit=fit, n_convention="total", n_sizes=3), BASE)
+    mid = sorted(total.runs, key=lambda r: r.N_total)[1]
+    nearest = min(FAMILY.shapes(BASE), key=lambda s: abs(math.log(count_params(s).total / 1.58e5)))
+    assert mid.d_model == nearest.d_model and mid.N_total == count_params(nearest).total
+    assert [r.target_N for r in sorted(total.runs, key=lambda r: r.N_total)] == pytest.approx(
+        [0.05 * 1e13**0.5 * f for f in (0.5, 1, 2)])
+    non_embedding = plan_sweep(isoflop(budgets=[1e13], prior_fit=fit, n_sizes=3), BASE)
+    assert sorted(r.d_model for r in non_embedding.runs)[1] > mid.d_model
+    grid = plan_sweep(SweepSpec(kind="grid", sizes=[mid.N_total], tokens=[1e6], family=FAMILY, n_convention="total"), BASE)
+    assert [r.d_model for r in grid.runs] == [mid.d_model]
+    with pytest.raises(ValueError, match=r"plan.n_convention='kaplan' is unknown: use one of \('non_embedding', 'total'\)"):
+        isoflop(n_convention="kaplan")
+
+
 def test_hyperparameters_scale_with_width_batch_and_run_length():
     hyper = HyperRule(base_lr=3e-3, base_d_model=128, base_batch=32, batch_flops_exponent=0.3271, base_flops=1e12,
                       min_steps=1)

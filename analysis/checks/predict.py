@@ -273,7 +273,9 @@ def prediction_markdown(p: dict) -> str:
         *_backtest_lines(p.get("backtest")),
         f"D_opt is C / f(N_opt) with f the family's FLOPs per token read off the runs (conventions: {conv}).",
         f"To train it and its neighbours at 0.5x and 2x N: `hydra.sweeper.plan.prior_fit=[{G:.6g},{a:.6g}]` with "
-        f"`plan.budgets=[{p['C']:g}]`, `plan.n_sizes=3`, `plan.size_step=2`.",
+        f"`plan.budgets=[{p['C']:g}]`, `plan.n_sizes=3`, `plan.size_step=2`"
+        + (f", `plan.n_convention={n_conv}` (the fit's N)." if (n_conv := p["conventions"].get("N", "non_embedding"))
+           != "non_embedding" else "."),
         "",
     ])
 

@@ -19,6 +19,7 @@ from scaling.model.decoder import ModelConfig
 from scaling.train.optim import DECAY_SHAPES, OptimConfig
 
 PLAN_KINDS = ("isoflop", "grid", "lr", "ladder")
+N_CONVENTIONS = ("non_embedding", "total")  # the N that plan.sizes, prior_fit and tokens_per_param are read in
 
 
 @dataclass
@@ -154,6 +155,10 @@ class SweepSpec:
     cooldown_fraction: float = 0.2
     cooldown_shape: str = "linear"
     prefix: Optional[str] = None  # run-name prefix; default: the kind
+    # The N in which sizes, prior_fit, tokens_per_param, grid_tokens_per_param and size_step are read: non_embedding
+    # (Kaplan et al. 2020) or total parameters, e.g. to centre a grid with a fit made in total N (analysis predict
+    # --n-convention total); every record carries both counts either way.
+    n_convention: str = "non_embedding"
     family: FamilyRule = field(default_factory=FamilyRule)
     hyper: HyperRule = field(default_factory=HyperRule)
 
@@ -164,6 +169,9 @@ class SweepSpec:
             self.hyper = HyperRule(**_known("plan.hyper", HyperRule, self.hyper))
         if self.kind not in PLAN_KINDS:
             raise ValueError(f"plan.kind={self.kind!r} is unknown: use one of {PLAN_KINDS}.")
+        if self.n_convention not in N_CONVENTIONS:
+            raise ValueError(f"plan.n_convention={self.n_convention!r} is unknown: use one of {N_CONVENTIONS} (the N "
+                             "that plan.sizes, prior_fit and tokens_per_param are in).")
         if self.kind == "isoflop":
             if not self.budgets or any(not float(c) > 0 for c in self.budgets):
                 raise ValueError(f"plan.budgets={self.budgets!r} is invalid: give positive FLOP budgets, e.g. [1e11,3e11,1e12].")
@@ -364,13 +372,19 @@ def _replicate(plan: Plan, seeds: list[int]) -> Plan:
     return dataclasses.replace(plan, runs=runs)
 
 
-def _nearest_shapes(shapes: list[ModelConfig], targets: list[float]) -> list[ModelConfig]:
-    """Distinct family shapes nearest in log N to the targets, in increasing N.
+def _count(shape: ModelConfig, spec: SweepSpec) -> int:
+    """The shape's N in the plan's convention (plan.n_convention)."""
+    counts = count_params(shape)
+    return counts.total if spec.n_convention == "total" else counts.non_embedding
+
+
+def _nearest_shapes(shapes: list[ModelConfig], targets: list[float], spec: SweepSpec) -> list[ModelConfig]:
+    """Distinct family shapes nearest in log N (plan.n_convention) to the targets, in increasing N.
 
     Small families are coarse (neighbouring widths can differ 2x in N), so targets are served from the middle out and
     each takes the nearest shape not yet taken: the grid keeps its size count and stays centred.
     """
-    log_n = [math.log(count_params(s).non_embedding) for s in shapes]
+    log_n = [math.log(_count(s, spec)) for s in shapes]
     mid = math.log(targets[len(targets) // 2])
     taken: set[int] = set()
     for target in sorted(targets, key=lambda t: abs(math.log(t) - mid)):
@@ -387,7 +401,7 @@ def _isoflop_optimum(C: float, shapes: list[ModelConfig], spec: SweepSpec, conve
     if spec.prior_fit is not None:
         G, a = spec.prior_fit
         return float(G) * C ** float(a)
-    log_n = [math.log(count_params(s).non_embedding) for s in shapes]
+    log_n = [math.log(_count(s, spec)) for s in shapes]
     # log(D/N) decreases along the family; find where it crosses log(tokens_per_param).
     log_ratio = [math.log(C / flops_per_token(s, convention)) - ln for s, ln in zip(shapes, log_n)]
     want = math.log(spec.tokens_per_param)
@@ -456,8 +470,8 @@ def _isoflop_shapes(C: float, shapes: list[ModelConfig], spec: SweepSpec, conven
     half = (spec.n_sizes - 1) / 2
     targets = [n_opt * spec.size_step ** (i - half) for i in range(spec.n_sizes)]
     placed = []
-    for shape in _nearest_shapes(shapes, targets):
-        N = count_params(shape).non_embedding
+    for shape in _nearest_shapes(shapes, targets, spec):
+        N = _count(shape, spec)
         placed.append((shape, min(targets, key=lambda t: abs(math.log(t / N)))))
     return n_opt, placed
 
@@ -485,8 +499,8 @@ def plan_ladder(spec: SweepSpec, base: ModelConfig, convention: str = "chinchill
                 name = f"{prefix}-C{fmt_sci(C)}-d{shape.d_model}-L{shape.n_layers}"
                 points.setdefault((shape.d_model, shape.n_layers), []).append((shape, "flops", C, C, target, name))
     else:
-        for shape in _nearest_shapes(shapes, [float(n) for n in spec.sizes]):
-            N = count_params(shape).non_embedding
+        for shape in _nearest_shapes(shapes, [float(n) for n in spec.sizes], spec):
+            N = _count(shape, spec)
             for D in sorted([float(d) for d in spec.tokens] or [r * N for r in spec.grid_tokens_per_param]):
                 name = f"{prefix}-d{shape.d_model}-L{shape.n_layers}-D{fmt_sci(D)}"
                 points.setdefault((shape.d_model, shape.n_layers), []).append((shape, "tokens", round(D), None, N, name))
@@ -557,11 +571,11 @@ def _ladder(points: list, parent_name: str, spec: SweepSpec, convention: str):
 
 def plan_grid(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla") -> Plan:
     """Sizes x token budgets (for Chinchilla Approaches 1 and 3 and Kaplan's L(N, D) fit, Kaplan et al. 2020 Eq. 1.5)."""
-    shapes = _nearest_shapes(spec.family.shapes(base), [float(n) for n in spec.sizes])
+    shapes = _nearest_shapes(spec.family.shapes(base), [float(n) for n in spec.sizes], spec)
     prefix = spec.prefix or "grid"
     runs, skipped = [], []
     for shape in shapes:
-        N = count_params(shape).non_embedding
+        N = _count(shape, spec)
         token_list = [float(d) for d in spec.tokens] or [r * N for r in spec.grid_tokens_per_param]
         for D in sorted(token_list):
             name = f"{prefix}-d{shape.d_model}-L{shape.n_layers}-D{fmt_sci(D)}"
@@ -583,11 +597,11 @@ def plan_lr(spec: SweepSpec, base: ModelConfig, convention: str = "chinchilla") 
     of one shape and budget share `group` (name without the lr) and can train as one vmapped step (scaling.train.stack).
     Names: `lr-C2e9-d32-L2-B8-lr3e-3` (prefix, budget, shape, batch, lr to 3 significant digits).
     """
-    shapes = _nearest_shapes(spec.family.shapes(base), [float(n) for n in spec.sizes]) if spec.sizes else [base]
+    shapes = _nearest_shapes(spec.family.shapes(base), [float(n) for n in spec.sizes], spec) if spec.sizes else [base]
     prefix = spec.prefix or "lr"
     runs, skipped = [], []
     for shape in shapes:
-        N = count_params(shape).non_embedding
+        N = _count(shape, spec)
         for nominal in sorted(float(x) for x in (spec.budgets or spec.tokens)):
             if spec.budgets:
                 kind, C, tag = "flops", nominal, f"C{fmt_sci(nominal)}"
