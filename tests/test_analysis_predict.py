@@ -9,7 +9,8 @@ import pandas as pd
 import pytest
 
 from analysis.__main__ import main
-from analysis.checks.predict import TokenCost, constrained_optimum, predict, prediction_markdown, verify
+from analysis.checks.predict import (TokenCost, constrained_optimum, predict, prediction_markdown, verify,
+                                     verification_markdown)
 from analysis.synthetic import CHINCHILLA_TRUTH, chinchilla_loss, write_sweep
 
 V = 4096
@@ -108,6 +109,21 @@ def test_verify_scores_the_runs_against_the_committed_prediction():
     assert abs(v["rel_error_L_opt"]) < 0.005
     assert [r["name"] for r in v["runs"]] == ["half", "pred", "double"]
     assert max(abs(r["rel_error_approach3"]) for r in v["runs"]) < 0.005
+    # seed replicates are one size, scored by their mean: a lucky seed of a worse size does not win
+    gap = float(at["loss"].iloc[2] - at["loss"].iloc[1])  # double is worse than pred by this much
+    lucky = gap + 0.05  # double's seed 1 beats every other run, its seed 0 makes its mean the worse
+    reps = pd.concat([at.assign(name=at["name"] + "-s0", loss=at["loss"] + [0.0, 0.02, lucky + 0.05]),
+                      at.assign(name=at["name"] + "-s1", loss=at["loss"] + [0.0, -0.01, -lucky])], ignore_index=True)
+    w = verify(p, reps)
+    assert [z["name"] for z in w["sizes"]] == ["half", "pred", "double"] and {z["n_seeds"] for z in w["sizes"]} == {2}
+    truth = dict(zip(at["name"], at["loss"]))
+    assert w["sizes"][1]["loss"] == pytest.approx(truth["pred"] + 0.005)
+    assert w["sizes"][1]["loss_std"] == pytest.approx(np.std([0.02, -0.01], ddof=1))
+    assert w["best"]["name"] == "pred" and w["best"]["n_seeds"] == 2
+    assert w["rel_error_L_opt"] == pytest.approx((p["prediction"]["L_opt"] - w["best"]["loss"]) / w["best"]["loss"])
+    assert min(reps["loss"]) == reps.loc[reps["name"] == "double-s1", "loss"].iloc[0]  # the single best run is not it
+    md = verification_markdown(w)
+    assert "vs the best size (seed mean)" in md and "| pred | 1.00 | 2 |" in md
     with pytest.raises(ValueError, match="not at the predicted budget"):
         verify(p, at.assign(C=1e13))
     with pytest.raises(ValueError, match="no usable runs"):

@@ -184,8 +184,9 @@ def read_prediction(path: str | Path) -> dict:
 
 def verify(prediction: dict, runs: pd.DataFrame) -> dict:
     """Score a committed prediction on the runs trained at its budget: the relative error of the predicted loss
-    against the best observed run, each run's loss against Approach 3's L(N, D) of the prediction's fit, and whether
-    the best observed run is the one nearest the predicted N_opt."""
+    against the best observed size, each run's loss against Approach 3's L(N, D) of the prediction's fit, and whether
+    the best observed size is the one nearest the predicted N_opt. Seed replicates (runs of equal N and D) are one
+    size: its loss is their mean, with their spread beside it."""
     if runs.empty:
         raise ValueError("verify: no usable runs to score the prediction on; train the verification sweep first")
     C = float(prediction["C"])
@@ -199,24 +200,38 @@ def verify(prediction: dict, runs: pd.DataFrame) -> dict:
                       beta=est["approach3.beta"], n_points=0, objective=float("nan"), method="committed")
     pred = prediction["prediction"]
     N_pred, L_pred = float(pred["N_opt"]), float(pred["L_opt"])
-    table = runs[["name", "N", "D", "C", "loss"]].sort_values("N").reset_index(drop=True)
+    cols = ["name", "N", "D", "C", "loss"] + (["seed"] if "seed" in runs else [])
+    table = runs[cols].sort_values(["N", "name"]).reset_index(drop=True)
     table["N_over_predicted"] = table["N"] / N_pred
     table["L_approach3"] = a3(table["N"], table["D"])
     table["rel_error_approach3"] = (table["L_approach3"] - table["loss"]) / table["loss"]
-    best = table.loc[table["loss"].idxmin()]
-    nearest = table.loc[(np.log(table["N"] / N_pred)).abs().idxmin()]
+    sizes = [{"name": _common_name(g["name"].tolist()), "N": float(N), "D": float(g["D"].mean()),
+              "loss": float(g["loss"].mean()), "loss_std": float(g["loss"].std(ddof=1)) if len(g) > 1 else None,
+              "n_seeds": int(len(g)), "runs": g["name"].tolist(), "N_over_predicted": float(N) / N_pred}
+             for (N, _), g in table.groupby(["N", "D"], sort=True)]
+    best = min(sizes, key=lambda r: r["loss"])
+    nearest = min(sizes, key=lambda r: abs(math.log(r["N"] / N_pred)))
     lo, hi = prediction["prediction_ci95"]["L_opt"]
     return {
         "C": C, "headline": prediction.get("headline"),
         "predicted": {"N_opt": N_pred, "D_opt": float(pred["D_opt"]), "L_opt": L_pred, "L_opt_ci95": [lo, hi],
                       "N_opt_ci95": list(prediction["prediction_ci95"]["N_opt"])},
-        "best": {"name": best["name"], "N": float(best["N"]), "D": float(best["D"]), "loss": float(best["loss"])},
-        "rel_error_L_opt": (L_pred - float(best["loss"])) / float(best["loss"]),
-        "best_inside_L_ci95": bool(lo <= float(best["loss"]) <= hi),
+        "best": {k: best[k] for k in ("name", "N", "D", "loss", "loss_std", "n_seeds")},
+        "rel_error_L_opt": (L_pred - best["loss"]) / best["loss"],
+        "best_inside_L_ci95": bool(lo <= best["loss"] <= hi),
         "best_is_nearest_predicted_N": bool(best["name"] == nearest["name"]),
-        "nearest": {"name": nearest["name"], "N": float(nearest["N"]), "loss": float(nearest["loss"])},
+        "nearest": {"name": nearest["name"], "N": nearest["N"], "loss": nearest["loss"]},
+        "sizes": sizes,
         "runs": table.to_dict("records"),
     }
+
+
+def _common_name(names: list[str]) -> str:
+    """A size's name from its replicates' names: `run-s0`, `run-s1` -> `run` (one run: its own name)."""
+    if len(names) == 1:
+        return names[0]
+    stems = {n.rsplit("-s", 1)[0] if n.rsplit("-s", 1)[-1].isdigit() else n for n in names}
+    return stems.pop() if len(stems) == 1 else "+".join(names)
 
 
 def _g(x: float) -> str:
@@ -286,18 +301,28 @@ def verification_markdown(v: dict) -> str:
     for r in v["runs"]:
         rows.append(f"| {r['name']} | {_g(r['N'])} | {r['N_over_predicted']:.2f} | {_g(r['D'])} | {r['loss']:.4f} | "
                     f"{r['L_approach3']:.4f} | {r['rel_error_approach3']:+.2%} |")
+    sizes = v.get("sizes", [])
+    seeds = ["| size | N / predicted | seeds | mean loss | seed std | predicted L_opt vs mean |", "|---|---|---|---|---|---|"]
+    for z in sizes:
+        std = "" if z["loss_std"] is None else f"{z['loss_std']:.4f}"
+        seeds.append(f"| {z['name']} | {z['N_over_predicted']:.2f} | {z['n_seeds']} | {z['loss']:.4f} | {std} | "
+                     f"{(p['L_opt'] - z['loss']) / z['loss']:+.2%} |")
+    replicated = any(z["n_seeds"] > 1 for z in sizes)
     return "\n".join([
         f"# Verification at C = {v['C']:.3g} FLOPs",
         "",
         f"Predicted ({v['headline']}): N_opt = {_g(p['N_opt'])}, L_opt = {p['L_opt']:.4f} "
         f"[{p['L_opt_ci95'][0]:.4f}, {p['L_opt_ci95'][1]:.4f}]. Best observed: {v['best']['name']} "
-        f"(N = {_g(v['best']['N'])}), loss {v['best']['loss']:.4f}.",
+        f"(N = {_g(v['best']['N'])}), loss {v['best']['loss']:.4f}"
+        + (f" (mean of {v['best']['n_seeds']} seeds)." if v["best"].get("n_seeds", 1) > 1 else "."),
         "",
-        f"- Relative error of the predicted loss vs the best run: **{v['rel_error_L_opt']:+.2%}** "
-        f"(goal: within 2%); the best loss is {'inside' if v['best_inside_L_ci95'] else 'outside'} the 95% interval.",
-        f"- The best of the runs is {'' if v['best_is_nearest_predicted_N'] else 'not '}the one nearest the predicted "
-        f"N_opt ({v['nearest']['name']}).",
+        f"- Relative error of the predicted loss vs the best {'size (seed mean)' if replicated else 'run'}: "
+        f"**{v['rel_error_L_opt']:+.2%}**; the best loss is {'inside' if v['best_inside_L_ci95'] else 'outside'} "
+        "the 95% interval.",
+        f"- The best {'size' if replicated else 'of the runs'} is {'' if v['best_is_nearest_predicted_N'] else 'not '}"
+        f"the one nearest the predicted N_opt ({v['nearest']['name']}).",
         "",
+        *(seeds + [""] if replicated else []),
         *rows,
         "",
     ])
