@@ -25,6 +25,7 @@ import pandas as pd
 from analysis.load import TARGETS
 from analysis.laws.approach3 import Approach3Fit, TokenCost, constrained_optimum, fit_approach3
 from analysis.laws.fits import fit_approach2, fit_kaplan, isoflop_key, isoflop_minimum, slice_C
+from analysis.checks.seeds import SIGMA, replicate_points
 from analysis.checks.uncertainty import bootstrap
 
 PREDICT_APPROACHES = ("approach2", "approach3")
@@ -205,10 +206,11 @@ def verify(prediction: dict, runs: pd.DataFrame) -> dict:
     table["N_over_predicted"] = table["N"] / N_pred
     table["L_approach3"] = a3(table["N"], table["D"])
     table["rel_error_approach3"] = (table["L_approach3"] - table["loss"]) / table["loss"]
-    sizes = [{"name": _common_name(g["name"].tolist()), "N": float(N), "D": float(g["D"].mean()),
-              "loss": float(g["loss"].mean()), "loss_std": float(g["loss"].std(ddof=1)) if len(g) > 1 else None,
-              "n_seeds": int(len(g)), "runs": g["name"].tolist(), "N_over_predicted": float(N) / N_pred}
-             for (N, _), g in table.groupby(["N", "D"], sort=True)]
+    # one row per size: its replicates grouped as the seed-noise analysis groups them (analysis.checks.seeds)
+    sizes = [{"name": _common_name(z["runs"]), "N": z["N"], "D": z["D"], "loss": z["loss"],
+              "loss_std": None if z["n"] < 2 else z[SIGMA], "n_seeds": int(z["n"]), "runs": z["runs"],
+              "N_over_predicted": z["N"] / N_pred}
+             for z in replicate_points(table).sort_values(["N", "D"]).to_dict("records")]
     best = min(sizes, key=lambda r: r["loss"])
     nearest = min(sizes, key=lambda r: abs(math.log(r["N"] / N_pred)))
     lo, hi = prediction["prediction_ci95"]["L_opt"]
@@ -265,6 +267,8 @@ def prediction_markdown(p: dict) -> str:
         rows.append(f"| {key}{' (headline)' if key == p['headline'] else ''} | " + " | ".join(cells) + " |")
     pred, pci = p["prediction"], p["prediction_ci95"]
     G, a = p["prior_fit"]
+    n_conv = p["conventions"].get("N", "non_embedding")  # prior_fit's N: the planner must read it in the same one
+    n_convention = "" if n_conv == "non_embedding" else f", `plan.n_convention={n_conv}` (the fit's N)"
     conv = ", ".join(f"{k}: {v}" for k, v in p["conventions"].items())
     return "\n".join([
         f"# Prediction at C = {p['C']:.3g} FLOPs ({p['C_over_largest_budget']:.3g}x the largest fitted budget)",
@@ -288,9 +292,7 @@ def prediction_markdown(p: dict) -> str:
         *_backtest_lines(p.get("backtest")),
         f"D_opt is C / f(N_opt) with f the family's FLOPs per token read off the runs (conventions: {conv}).",
         f"To train it and its neighbours at 0.5x and 2x N: `hydra.sweeper.plan.prior_fit=[{G:.6g},{a:.6g}]` with "
-        f"`plan.budgets=[{p['C']:g}]`, `plan.n_sizes=3`, `plan.size_step=2`"
-        + (f", `plan.n_convention={n_conv}` (the fit's N)." if (n_conv := p["conventions"].get("N", "non_embedding"))
-           != "non_embedding" else "."),
+        f"`plan.budgets=[{p['C']:g}]`, `plan.n_sizes=3`, `plan.size_step=2`{n_convention}.",
         "",
     ])
 

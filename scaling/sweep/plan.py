@@ -508,16 +508,15 @@ def plan_ladder(spec: SweepSpec, base: ModelConfig, convention: str = "chinchill
     for (d_model, n_layers), pts in points.items():
         ladder, why = _ladder(pts, f"{prefix}-d{d_model}-L{n_layers}", spec, convention)
         runs += ladder
-        # why: one reason for the whole shape (no batch fits) or the list of its skipped branches
-        skipped += [{"target": p[-1], "reason": why} for p in pts] if isinstance(why, str) else why
+        skipped += why
     _check_unique(runs)
     return Plan(runs, skipped, spec, convention, optimum)
 
 
 def _ladder(points: list, parent_name: str, spec: SweepSpec, convention: str):
-    """One shape's parent and branches, and the points it skipped: a branch shorter than hyper.min_steps at the
-    smallest batch is dropped alone (a wide shape's lowest budget), the rest of its ladder kept; ([], reason) when no
-    branch of the shape reaches hyper.min_steps."""
+    """One shape's parent and branches, and the points it skipped ({"target", "reason"}): a branch shorter than
+    hyper.min_steps at the smallest batch is dropped alone (a wide shape's lowest budget), the rest of its ladder
+    kept; no runs when every branch is dropped."""
     hyper, shape = spec.hyper, points[0][0]
     fpt = flops_per_token(shape, convention)
     C_max = max(fpt * nominal if kind == "tokens" else nominal for _, kind, nominal, *_ in points)
@@ -531,12 +530,12 @@ def _ladder(points: list, parent_name: str, spec: SweepSpec, convention: str):
     while min(b.steps for b in budgets(B)) < hyper.min_steps and B // 2 >= hyper.min_batch:
         B //= 2
     resolved = budgets(B)
-    if max(b.steps for b in resolved) < hyper.min_steps:
-        return [], f"only {max(b.steps for b in resolved)} steps at the minimum batch {B} (< hyper.min_steps={hyper.min_steps})"
-    short = [(p, b) for p, b in zip(points, resolved) if b.steps < hyper.min_steps]
     skipped = [{"target": p[-1], "reason": f"only {b.steps} steps at the minimum batch {B} (< hyper.min_steps="
-                f"{hyper.min_steps})"} for p, b in short]
-    points, resolved = zip(*[(p, b) for p, b in zip(points, resolved) if b.steps >= hyper.min_steps])
+                f"{hyper.min_steps})"} for p, b in zip(points, resolved) if b.steps < hyper.min_steps]
+    kept = [(p, b) for p, b in zip(points, resolved) if b.steps >= hyper.min_steps]
+    if not kept:
+        return [], skipped
+    points, resolved = zip(*kept)
     shortest = min(b.steps for b in resolved)
     cooldown = OptimConfig(decay_fraction=spec.cooldown_fraction)
     warmup = hyper.warmup_steps if hyper.warmup_steps is not None else int(round(hyper.warmup_fraction * shortest))
