@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -303,12 +304,18 @@ def test_submitit_slurm_ladder_sweep_launches_the_branches_as_a_second_array_job
     check_ladder_sweep(sweep_dir, launch_ladder(sweep_dir, "hydra/launcher=slurm_local"))
     job_ids = submitit_jobs(sweep_dir)
     assert len(job_ids) == 2, job_ids  # the parents' array job, then the branches'
-    sacct = sacct_completed(job_ids)
+    sacct = sacct_completed(job_ids, "JobID,State,Submit,Start,End")
     assert all(row["State"] == "COMPLETED" for row in sacct), sacct
     parents, branches = ([r for r in sacct if r["JobID"].startswith(f"{j}_")] for j in job_ids)
     assert (len(parents), len(branches)) == (2, 4), sacct
-    # Slurm's own clock: no branch task started before every parent task had ended (ISO times sort as strings)
-    assert max(r["End"] for r in parents) <= min(r["Start"] for r in branches), sacct
+    # The launcher submits the branches once every parent task has written its result. Slurm stamps a task's End only
+    # after its process exits, a moment after submitit has read the result (CI saw a branch start 1 s before the last
+    # parent's End), so the ordering to check is: result files written, then the branches' array job submitted.
+    results = [p for j in [job_ids[0]] for p in (sweep_dir / ".submitit").glob(f"{j}_*/*_result.pkl")]
+    assert len(results) == 2, results
+    written = max(datetime.fromtimestamp(int(p.stat().st_mtime)).isoformat() for p in results)  # sacct's local time
+    assert written <= min(r["Submit"] for r in branches), (written, sacct)  # ISO times sort as strings
+    assert max(r["Start"] for r in parents) < min(r["Start"] for r in branches), sacct
 
 
 def submitit_jobs(sweep_dir: Path) -> list[str]:
