@@ -46,6 +46,17 @@ def test_tiny_bench_prints_every_column_writes_json_and_scan_profile_rows(tmp_pa
     assert any(g.startswith("bwd attn core") for g in groups) and any("mlp/fc matmul" in g for g in groups)
 
 
+def test_cpu_devices_row_runs_the_step_data_parallel_over_that_many_devices():
+    both = bench.main(["--preset", "tiny", "--steps", "2", "--warmup", "1", "--vmap", "", "--refs", "", "--allow-busy",
+                       "--cpu-devices", "1,2"])
+    one, two = both["rows"]
+    assert (one["variant"], two["variant"]) == ("f32", "f32-fsdp2")
+    assert (one["mesh_devices"], two["mesh_devices"]) == (1, 2) and two["pid"] != one["pid"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)  # the same maths, summed per device first
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--cpu-devices", "0"])
+
+
 def test_every_implementation_runs_in_its_own_process_on_the_same_cores():
     pytest.importorskip("torch")
     report = bench.main([*QUICK, "--refs", "linen,torch", "--threads", "1"])

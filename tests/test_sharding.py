@@ -267,3 +267,36 @@ def test_two_process_training_run_writes_one_record_equal_to_one_process(tmp_pat
     lines = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [2, 4, 6, 8, 10, 12]  # written once, by process 0
     assert sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir()) == ["12", "6"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# sharding.cpu_devices: one CPU host as N XLA devices (jax_num_cpu_devices), the step data parallel over them
+# --------------------------------------------------------------------------------------------------------------------
+def test_cpu_devices_run_trains_on_that_many_devices_with_the_one_device_losses(tmp_path):
+    def run(name, *extra):
+        cmd = [sys.executable, "-m", "scaling.train", "model=tiny", "train=steps", "logging=none", f"name={name}",
+               f"hydra.run.dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}", *extra]
+        proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((tmp_path / name / "record.json").read_text())
+
+    one, two = run("one"), run("two", "sharding.cpu_devices=2", "sharding.mode=fsdp")
+    assert (one["n_devices"], two["n_devices"]) == (1, 2)
+    assert two["status"] == one["status"] == "completed"
+    assert two["loss"] == pytest.approx(one["loss"], rel=LOSS_RTOL)
+
+
+def test_cpu_devices_refused_once_the_backend_runs_with_another_count():
+    import jax
+
+    from scaling.train.sharding import configure_cpu_devices
+
+    have = len(jax.devices("cpu"))  # this pytest process started its backend long ago
+    configure_cpu_devices(ShardingConfig(cpu_devices=have))  # the count it has: nothing to do
+    with pytest.raises(ValueError, match=f"sharding.cpu_devices={have + 1}, but JAX's CPU backend has already started "
+                                         f"in this process with {have} device"):
+        configure_cpu_devices(ShardingConfig(cpu_devices=have + 1))
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(ValueError, match=f"sharding.cpu_devices={bad!r} is invalid"):
+            ShardingConfig(cpu_devices=bad)

@@ -141,7 +141,8 @@ def _peak_memory(compiled, device) -> Optional[int]:
         return None
 
 
-def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: float, profile: bool = False) -> dict:
+def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: float, profile: bool = False,
+              devices: int = 1) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -156,8 +157,16 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
     try:
         params = init_params(model, jax.random.key(0))  # runs the forward: the first place attention can fail
         state = {"params": params, "opt_state": optimizer.init(params)}
+        shardings = None
+        if devices > 1:  # the training loop's own placement: sharding.cpu_devices=N sharding.mode=fsdp
+            from scaling.train.sharding import ShardingConfig, batch_sharding, make_mesh, state_shardings
+
+            sharding = ShardingConfig(mode="fsdp", n_devices=devices)
+            mesh = make_mesh(sharding)
+            shardings = state_shardings(state, mesh, sharding)
+            state, batch = jax.device_put(state, shardings), jax.device_put(batch, batch_sharding(mesh, 3, 1))
         t0 = time.perf_counter()
-        compiled = make_train_step(model, optimizer, 1, 0).lower(state, batch, jnp.asarray(0)).compile()
+        compiled = make_train_step(model, optimizer, 1, 0, shardings).lower(state, batch, jnp.asarray(0)).compile()
     except Exception as e:
         if model.attention == "cudnn":
             raise RuntimeError(
@@ -180,6 +189,7 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
         "flops_per_s": achieved, "mfu": achieved / peak, "compile_s": compile_s,
         "peak_memory_bytes": _peak_memory(compiled, jax.devices()[0]), "attention": used,
         "compute_dtype": model.compute_dtype, "remat": model.remat, "loss": float(metrics["train_loss"]),
+        "mesh_devices": devices,
         **({"profile": ops} if ops else {}),
     }
 
@@ -303,9 +313,13 @@ def _run_one(spec: dict) -> dict:
 
         from scaling.accounting import PEAK_FLOPS, peak_flops_per_device
 
+        devices = spec.get("cpu_devices", 1)
+        if devices > 1:  # before the backend starts (sharding.configure_cpu_devices in the training loop)
+            jax.config.update("jax_num_cpu_devices", devices)
         kind = jax.devices()[0].device_kind
         peak = peak_flops_per_device(kind, spec["peak_flops"])
-        row = bench_jax(shape, spec["overrides"], spec["warmup"], spec["steps"], peak, spec.get("profile", False))
+        row = bench_jax(shape, spec["overrides"], spec["warmup"], spec["steps"], peak, spec.get("profile", False),
+                        devices)
         on_table = spec["peak_flops"] or any(k.lower() in kind.lower() for k in PEAK_FLOPS)
         return {**row, "device_kind": kind, "platform": jax.devices()[0].platform, "n_devices": jax.device_count(),
                 "peak_flops": peak, "peak_source": "datasheet/override" if on_table else "measured XLA f32 matmul",
@@ -460,12 +474,15 @@ def run(args: argparse.Namespace) -> dict:
     if args.scan if args.scan is not None else args.preset == "gpu":
         # The same step with nn.scan over the layers: compile time no longer grows with depth; compare both rows.
         variants += [(f"{label}-scan", {**o, "scan_layers": True}) for label, o in VARIANTS[args.preset]]
+    # CPU: the same step data parallel (FSDP) over the host split into d XLA devices (sharding.cpu_devices).
+    variants = [(label if d == 1 else f"{label}-fsdp{d}", o, d) for label, o in variants for d in args.cpu_devices]
     for shape in shapes:
-        for i, (label, overrides) in enumerate(variants):
+        for i, (label, overrides, devices) in enumerate(variants):
             if args.attention:
                 overrides = {**overrides, "attention": args.attention}
             overrides = {**overrides, **args.set}
-            spec = {**base, "impl": "jax", "shape": asdict(shape), "overrides": overrides, "profile": args.profile}
+            spec = {**base, "impl": "jax", "shape": asdict(shape), "overrides": overrides, "profile": args.profile,
+                    "cpu_devices": devices}
             row = {"shape": shape.name, **_measure(spec, env, args.timeout), "variant": label}
             if "error" in row and args.strict:
                 raise RuntimeError(f"{shape.name} {label}: {row['error']}")
@@ -505,6 +522,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="drop the PyTorch references")
     p.add_argument("--torch-compile", action="store_true", help="(kept for old commands: torch.compile is a default "
                                                                 "reference now)")
+    p.add_argument("--cpu-devices", type=lambda s: [int(d) for d in s.split(",") if d], default=[1],
+                   help="CPU: also time the step data parallel (FSDP) over the host split into this many XLA devices, "
+                        "e.g. 1,2 (sharding.cpu_devices)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="cores every implementation may use")
     p.add_argument("--max-load", type=float, default=1.0,
                    help="refuse to start above this 1-minute load average; mark rows BUSY when other processes kept "
@@ -543,6 +563,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.vmap = [] if args.preset == "nanogpt" else [4, 8, 16]
     if args.steps <= 0 or args.warmup < 0:
         p.error(f"--steps={args.steps} must be positive and --warmup={args.warmup} non-negative")
+    if not args.cpu_devices or min(args.cpu_devices) < 1:
+        p.error(f"--cpu-devices {args.cpu_devices} must list positive device counts, e.g. 1,2")
     if not 1 <= args.threads <= (os.cpu_count() or 1):
         p.error(f"--threads={args.threads} must be between 1 and the {os.cpu_count()} cores of this machine")
     return args
