@@ -345,6 +345,20 @@ def _run_one(spec: dict) -> dict:
     return {**row, "tokens_per_s": shape.batch * shape.seq_len / (row["step_ms"] / 1e3), "version": version}
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere, often empty on Linux). Ratios to
+    PyTorch depend on it: its oneDNN/MKL kernels were 1.5-1.9x faster on an Intel Xeon than on an AMD EPYC VM where
+    XLA's ran at the same speed (BENCHMARKS.md, session 8)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _busy_cpu_seconds() -> Optional[float]:
     """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or None elsewhere."""
     try:
@@ -428,7 +442,7 @@ def format_table(report: dict) -> str:
         cells += [f"{t['tokens_per_s']:,.0f}" if "tokens_per_s" in t else t.get("error", "-")[:60] for t in theirs]
         cells += [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" if "tokens_per_s" in t else "-" for t in theirs]
         lines.append("| " + " | ".join(cells + [_load_cell(r, report["max_load"])]) + " |")
-    out = [f"device: {report.get('device_kind')} x{report.get('n_devices')}, peak {_fmt(report.get('peak_flops'))}"
+    out = [f"device: {report.get('device_kind')} x{report.get('n_devices')} ({report.get('host')}), peak {_fmt(report.get('peak_flops'))}"
            f"FLOP/s ({report.get('peak_source')}), {report['threads']} threads; 1-minute load average "
            f"{report['loadavg_start'][0]:.2f} at the start, {report['loadavg_end'][0]:.2f} at the end", *lines]
     if any(row_busy(r, report["max_load"]) for r in report["rows"]):
@@ -463,7 +477,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     report = {
         "command": " ".join(["python -m scaling.bench", *sys.argv[1:]]), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "cpu_count": os.cpu_count(), "threads": args.threads, "host": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "threads": args.threads, "host": cpu_model(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "loadavg_start": load, "max_load": args.max_load,
         "refs": args.refs, "rows": [],
     }
