@@ -39,8 +39,10 @@ class ShardingConfig:
     fsdp_min_params: int = 4096  # FSDP leaves this small stay replicated (norm scales, biases): gathering costs more
     # CPU only: split this host into N XLA CPU devices (jax_num_cpu_devices), so the step runs data parallel over them.
     # Each device executes its share of the step on its own thread, where one device leaves XLA:CPU's batched
-    # attention dots and small fusions on one core; on 2 cores, 2 devices with mode fsdp measured 1.1-1.4x tokens/s
-    # (BENCHMARKS.md). None: JAX's default (one CPU device, or what XLA_FLAGS says). No effect on GPU/TPU devices.
+    # attention dots and small fusions on one core; on 2 cores, 2 devices with mode fsdp measured 1.13-1.25x tokens/s
+    # at d64-d384 with batch 16 x 128-256 tokens, but 2.5x slower on tiny one-layer models at batch 4 x 64, where the
+    # per-step overhead dominates (BENCHMARKS.md, session 8). None: JAX's default (one CPU device, or what XLA_FLAGS
+    # says). No effect on GPU/TPU devices.
     cpu_devices: Optional[int] = None
     # Multi-host (jax.distributed). coordinator "host:port" + num_processes + process_id, or all null: then SLURM's
     # environment is used when present (SLURM_JOB_ID, SLURM_NTASKS, ...), else a single process.
