@@ -26,10 +26,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 def pytest_unconfigure(config):
     if _OWNED and not os.environ.get("PYTEST_XDIST_WORKER"):
         shutil.rmtree(_OWNED, ignore_errors=True)
-
-
-def pytest_collection_modifyitems(config, items):
-    """End-to-end (`slow`) tests first, the rest in their usual order: xdist hands tests out in this order, so the
-    minute-long ones start while short ones can still fill the other worker, instead of one of them running alone at
-    the end of the session."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
