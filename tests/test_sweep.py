@@ -311,7 +311,7 @@ def test_submitit_slurm_ladder_sweep_launches_the_branches_as_a_second_array_job
     # The launcher submits the branches once every parent task has written its result. Slurm stamps a task's End only
     # after its process exits, a moment after submitit has read the result (CI saw a branch start 1 s before the last
     # parent's End), so the ordering to check is: result files written, then the branches' array job submitted.
-    results = [p for j in [job_ids[0]] for p in (sweep_dir / ".submitit").glob(f"{j}_*/*_result.pkl")]
+    results = list((sweep_dir / ".submitit").glob(f"{job_ids[0]}_*/*_result.pkl"))
     assert len(results) == 2, results
     written = max(datetime.fromtimestamp(int(p.stat().st_mtime)).isoformat() for p in results)  # sacct's local time
     assert written <= min(r["Submit"] for r in branches), (written, sacct)  # ISO times sort as strings

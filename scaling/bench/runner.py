@@ -159,12 +159,14 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
         state = {"params": params, "opt_state": optimizer.init(params)}
         shardings = None
         if devices > 1:  # the training loop's own placement: sharding.cpu_devices=N sharding.mode=fsdp
-            from scaling.train.sharding import ShardingConfig, batch_sharding, make_mesh, state_shardings
+            import numpy as np
+
+            from scaling.train.sharding import ShardingConfig, make_mesh, put_batch, state_shardings
 
             sharding = ShardingConfig(mode="fsdp", n_devices=devices)
             mesh = make_mesh(sharding)
             shardings = state_shardings(state, mesh, sharding)
-            state, batch = jax.device_put(state, shardings), jax.device_put(batch, batch_sharding(mesh, 3, 1))
+            state, batch = jax.device_put(state, shardings), put_batch(np.asarray(batch), mesh, 1)
         t0 = time.perf_counter()
         compiled = make_train_step(model, optimizer, 1, 0, shardings).lower(state, batch, jnp.asarray(0)).compile()
     except Exception as e:
@@ -313,9 +315,10 @@ def _run_one(spec: dict) -> dict:
 
         from scaling.accounting import PEAK_FLOPS, peak_flops_per_device
 
+        from scaling.train.sharding import ShardingConfig, configure_cpu_devices
+
         devices = spec.get("cpu_devices", 1)
-        if devices > 1:  # before the backend starts (sharding.configure_cpu_devices in the training loop)
-            jax.config.update("jax_num_cpu_devices", devices)
+        configure_cpu_devices(ShardingConfig(cpu_devices=devices))  # as the training loop: before the backend starts
         kind = jax.devices()[0].device_kind
         peak = peak_flops_per_device(kind, spec["peak_flops"])
         row = bench_jax(shape, spec["overrides"], spec["warmup"], spec["steps"], peak, spec.get("profile", False),
@@ -442,8 +445,8 @@ def format_table(report: dict) -> str:
         cells += [f"{t['tokens_per_s']:,.0f}" if "tokens_per_s" in t else t.get("error", "-")[:60] for t in theirs]
         cells += [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" if "tokens_per_s" in t else "-" for t in theirs]
         lines.append("| " + " | ".join(cells + [_load_cell(r, report["max_load"])]) + " |")
-    out = [f"device: {report.get('device_kind')} x{report.get('n_devices')} ({report.get('host')}), peak {_fmt(report.get('peak_flops'))}"
-           f"FLOP/s ({report.get('peak_source')}), {report['threads']} threads; 1-minute load average "
+    out = [f"device: {report.get('device_kind')} x{report.get('n_devices')} ({report.get('host')}), "
+           f"peak {_fmt(report.get('peak_flops'))}FLOP/s ({report.get('peak_source')}), {report['threads']} threads; 1-minute load average "
            f"{report['loadavg_start'][0]:.2f} at the start, {report['loadavg_end'][0]:.2f} at the end", *lines]
     if any(row_busy(r, report["max_load"]) for r in report["rows"]):
         out.append(f"BUSY: other processes kept more than {report['max_load']} cores busy during a measurement of "

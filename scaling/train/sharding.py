@@ -93,7 +93,8 @@ def configure_cpu_devices(cfg: ShardingConfig) -> None:
         raise ValueError(
             f"sharding.cpu_devices={n}, but JAX's CPU backend has already started in this process with {have} "
             "device(s): set it in the run's config so it applies before anything uses JAX, keep one value for every "
-            "job of a sweep launched in one process, or launch the jobs as separate processes (hydra/launcher=joblib_cpu)."
+            "job of a sweep launched in one process, or launch the jobs as separate processes "
+            "(hydra/launcher=joblib_cpu)."
         )
     jax.config.update("jax_num_cpu_devices", n)
 
