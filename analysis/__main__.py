@@ -100,6 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--headline", default="auto", choices=["auto", "approach2", "approach3"],
                     help="whose N, D, L is the committed prediction [auto: the smaller loss error when the largest "
                          "budget is predicted from the others]")
+    pr.add_argument("--l-form", default="irreducible", choices=["irreducible", "pure", "average"], dest="l_form",
+                    help="Approach 2's L_opt(C) through the IsoFLOP minima: with an irreducible term, a pure power law, "
+                         "or their mean with both intervals joined (when the fitted budgets cannot tell them apart) "
+                         "[irreducible]")
     pr.add_argument("--n-convention", default="non_embedding", choices=["non_embedding", "total"])
     pr.add_argument("--target", default="loss", choices=list(TARGETS),
                     help="the L to predict: loss per token, or bits per byte / character (verify reads it back) [loss]")
@@ -407,7 +411,7 @@ def cmd_predict(a) -> int:
     conventions = {"N": a.n_convention, "C": str(runs["C_convention"].iloc[0]), "sweep": str(a.sweep_dir),
                    "target": a.target}
     p = predict(runs, a.at_C, headline=a.headline, n_bootstrap=a.bootstrap, seed=a.seed, n_jobs=a.jobs,
-                isoflop_method=a.isoflop_method, conventions=conventions)
+                isoflop_method=a.isoflop_method, conventions=conventions, l_form=a.l_form)
     return _write_json_and_markdown(a.out, "prediction", p, prediction_markdown(p))
 
 

@@ -195,3 +195,36 @@ def test_backtest_scores_each_approach_on_the_largest_budget_and_auto_picks_the_
     with pytest.raises(ValueError, match="--headline auto: no approach could be backtested"):
         predict(two, 2e13, n_bootstrap=2, n_jobs=1)
     assert "error" in predict(two, 2e13, headline="approach3", n_bootstrap=2, n_jobs=1)["backtest"]
+
+
+def test_l_form_average_predicts_the_mean_of_the_two_forms_and_joins_their_intervals(tmp_path):
+    runs = family_runs([5e11, 1.5e12, 5e12, 1.5e13], noise=0.002)
+    irr = predict(runs, 1.5e14, headline="approach2", n_bootstrap=12, n_jobs=1)
+    avg = predict(runs, 1.5e14, headline="approach2", n_bootstrap=12, n_jobs=1, l_form="average")
+    pure = predict(runs, 1.5e14, headline="approach2", n_bootstrap=12, n_jobs=1, l_form="pure")
+    e = avg["estimates"]
+    L_irr, L_pure = e["approach2.L_opt_irreducible"], e["approach2.L_opt_pure"]
+    # The truth has a floor (E = 2): the pure power law bends below it at 10x, so the forms part measurably.
+    assert L_pure < L_irr - 0.01
+    assert irr["prediction"]["L_opt"] == pytest.approx(L_irr) and pure["prediction"]["L_opt"] == pytest.approx(L_pure)
+    assert avg["prediction"]["L_opt"] == pytest.approx((L_irr + L_pure) / 2)
+    lo, hi = avg["prediction_ci95"]["L_opt"]
+    ci = avg["ci95"]
+    assert lo == min(ci["approach2.L_opt_irreducible"][0], ci["approach2.L_opt_pure"][0])
+    assert hi == max(ci["approach2.L_opt_irreducible"][1], ci["approach2.L_opt_pure"][1])
+    assert lo <= L_pure and L_irr <= hi  # both forms' own estimates lie inside the joined interval
+    assert avg["l_form"] == "average" and irr["l_form"] == "irreducible"
+    # N_opt does not depend on the L form; the backtest scores both forms whichever one is the headline
+    assert avg["prediction"]["N_opt"] == pytest.approx(irr["prediction"]["N_opt"])
+    by_form = avg["backtest"]["approach2"]["rel_error_L_by_form"]
+    assert set(by_form) == {"irreducible", "pure"}
+    assert by_form["irreducible"] == pytest.approx(irr["backtest"]["approach2"]["rel_error_L"])
+    md = prediction_markdown(avg)
+    assert "the mean of the two, its interval joining theirs" in md and "L_opt(C) irreducible" in md
+    with pytest.raises(ValueError, match="l_form='floor' is unknown"):
+        predict(runs, 1.5e14, n_bootstrap=2, n_jobs=1, l_form="floor")
+    # the CLI passes it through
+    write_sweep(tmp_path / "fit", runs, failed=0, diverged=0)
+    assert main(["predict", str(tmp_path / "fit"), "--at-C", "1.5e14", "--out", str(tmp_path / "p"), "--bootstrap",
+                 "4", "--jobs", "1", "--headline", "approach2", "--l-form", "average"]) == 0
+    assert json.loads((tmp_path / "p" / "prediction.json").read_text())["l_form"] == "average"

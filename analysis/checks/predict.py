@@ -6,8 +6,11 @@ approach's optimum is therefore taken on the family's own budget line D(N) = C /
 as a function of N, is read off the runs' records (C / D of each size), instead of on C = 6ND.
 
   Approach 2 (Hoffmann et al. 2022 sec. 3.2): N_opt = k C^a from the IsoFLOP minima; D_opt = C / f(N_opt);
-    L_opt from the minima's losses, L(C) = E_C + (C_c / C)^alpha_C (Kaplan et al. 2020 eq. 1.3 plus an
-    irreducible term, as their eq. 1.4 / Hoffmann eq. 2 have one; without it when fewer than 4 budgets).
+    L_opt from the minima's losses in one of two forms (`l_form`): L(C) = E_C + (C_c / C)^alpha_C (Kaplan et al.
+    2020 eq. 1.3 plus an irreducible term, as their eq. 1.4 / Hoffmann eq. 2 have one; needs 4+ budgets) or the pure
+    power law (C_c / C)^alpha_C (eq. 1.3), or their mean. Over ~30x of budgets the two forms can fit the minima
+    equally well and still part by several percent at 10x (experiments/ladder98: 4.635 vs 4.381, the runs 4.490):
+    `average` predicts their mean and joins their intervals, so the interval carries the choice of form.
   Approach 3 (sec. 3.3, eq. 2): argmin over N of L(N, C / f(N)) for the fitted L = E + A/N^alpha + B/D^beta.
 Intervals: percentile bootstrap over runs within budgets (analysis.checks.uncertainty).
 """
@@ -29,6 +32,7 @@ from analysis.checks.seeds import SIGMA, replicate_points
 from analysis.checks.uncertainty import bootstrap
 
 PREDICT_APPROACHES = ("approach2", "approach3")
+L_FORMS = ("irreducible", "pure", "average")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,7 @@ class PredictionStat:
     N_range: tuple[float, float]
     isoflop_method: str = "parabola"
     init: tuple | None = None  # Approach 3 warm start (E, A, B, alpha, beta); None searches the paper's grid
+    l_form: str = "irreducible"  # Approach 2's L_opt(C): one of L_FORMS (module docstring)
 
     def fit3(self, df: pd.DataFrame) -> Approach3Fit:
         return fit_approach3(df["N"], df["D"], df["loss"], n_starts=0 if self.init else 32, init=self.init)
@@ -47,12 +52,16 @@ class PredictionStat:
     def approach2(self, df: pd.DataFrame) -> dict:
         a2 = fit_approach2(df, method=self.isoflop_method)
         N2 = float(a2.N_opt(self.C))
-        # With an irreducible term when the budgets allow (4+): a pure power law in C bends the wrong way once the
-        # loss nears its floor and under-predicts beyond the fitted budgets.
-        L2 = fit_kaplan(a2.minima["C"], a2.minima["loss_opt"], variable="C", irreducible=len(a2.minima) >= 4)
-        return {"approach2.a": a2.N_opt.a, "approach2.b": a2.D_opt.a, "approach2.alpha_C": L2.alpha,
-                "approach2.E_C": L2.E, "approach2.N_opt": N2, "approach2.D_opt": float(self.cost.D(N2, self.C)),
-                "approach2.L_opt": float(L2(self.C))}
+        C, L = a2.minima["C"], a2.minima["loss_opt"]
+        pure = fit_kaplan(C, L, variable="C")
+        # The irreducible term needs 4+ budgets (3 parameters and one point to spare); with fewer, both forms are pure.
+        irr = fit_kaplan(C, L, variable="C", irreducible=True) if len(C) >= 4 else pure
+        L_irr, L_pure = float(irr(self.C)), float(pure(self.C))
+        L_opt = {"irreducible": L_irr, "pure": L_pure, "average": (L_irr + L_pure) / 2}[self.l_form]
+        return {"approach2.a": a2.N_opt.a, "approach2.b": a2.D_opt.a, "approach2.alpha_C": irr.alpha,
+                "approach2.E_C": irr.E, "approach2.alpha_C_pure": pure.alpha, "approach2.N_opt": N2,
+                "approach2.D_opt": float(self.cost.D(N2, self.C)), "approach2.L_opt": L_opt,
+                "approach2.L_opt_irreducible": L_irr, "approach2.L_opt_pure": L_pure}
 
     def approach3(self, df: pd.DataFrame) -> tuple[dict, Approach3Fit]:
         a3 = self.fit3(df)
@@ -72,7 +81,7 @@ class PredictionStat:
 
 
 def backtest_approaches(runs: pd.DataFrame, cost: TokenCost, N_range: tuple[float, float], *,
-                        isoflop_method: str = "parabola") -> dict:
+                        isoflop_method: str = "parabola", l_form: str = "irreducible") -> dict:
     """Each approach fitted on the budgets below the largest and scored on the largest budget's IsoFLOP minimum
     (relative errors of N_opt and L_opt): the evidence for choosing the headline before extrapolating further."""
     key = isoflop_key(runs)
@@ -83,7 +92,7 @@ def backtest_approaches(runs: pd.DataFrame, cost: TokenCost, N_range: tuple[floa
                          "least 2 to fit and one more to score")
     observed = isoflop_minimum(top, top_budget, method=isoflop_method)
     C_top = observed["C"]  # the largest slice's C in the table's convention (its budget, unless converted)
-    stat = PredictionStat(C=C_top, cost=cost, N_range=N_range, isoflop_method=isoflop_method)
+    stat = PredictionStat(C=C_top, cost=cost, N_range=N_range, isoflop_method=isoflop_method, l_form=l_form)
     out = {"C": C_top, "fitted_budgets": sorted(float(c) for c in below[key].unique()),
            "observed": {"N_opt": observed["N_opt"], "L_opt": observed["loss_opt"]}}
     for name in PREDICT_APPROACHES:
@@ -95,22 +104,30 @@ def backtest_approaches(runs: pd.DataFrame, cost: TokenCost, N_range: tuple[floa
         N, L = r[f"{name}.N_opt"], r[f"{name}.L_opt"]
         out[name] = {"N_opt": N, "L_opt": L, "rel_error_N": N / observed["N_opt"] - 1,
                      "rel_error_L": L / observed["loss_opt"] - 1}
+        if name == "approach2":  # every form's error, whichever l_form the headline uses
+            out[name]["rel_error_L_by_form"] = {f: r[f"approach2.L_opt_{f}"] / observed["loss_opt"] - 1
+                                                for f in ("irreducible", "pure")}
     return out
 
 
 def predict(runs: pd.DataFrame, C: float, *, headline: str = "auto", n_bootstrap: int = 200, seed: int = 0,
-            n_jobs: int = 2, isoflop_method: str = "parabola", conventions: dict | None = None) -> dict:
+            n_jobs: int = 2, isoflop_method: str = "parabola", conventions: dict | None = None,
+            l_form: str = "irreducible") -> dict:
     """The prediction at budget C from usable runs (one row per run: name, N, D, C, loss, budget), with 95% bootstrap
     intervals. `headline` names the approach whose (N, D, L) is the committed prediction; "auto" takes the one with
-    the smallest loss error in the backtest on the largest budget (`backtest_approaches`)."""
+    the smallest loss error in the backtest on the largest budget (`backtest_approaches`). `l_form` is Approach 2's
+    L_opt(C) (module docstring); under `average` its interval joins both forms' intervals."""
     if headline not in PREDICT_APPROACHES + ("auto",):
         raise ValueError(f"headline={headline!r} is unknown; use auto or one of {PREDICT_APPROACHES}")
+    if l_form not in L_FORMS:
+        raise ValueError(f"l_form={l_form!r} is unknown; use one of {L_FORMS} (e.g. --l-form average when the "
+                         "fitted budgets cannot tell a floor from a pure power law)")
     if not C > 0:
         raise ValueError(f"prediction budget C={C!r} must be positive, e.g. 4x the largest fitted budget")
     cost = TokenCost.from_runs(runs)
     N_range = (float(runs["N"].min()) / 30, float(runs["N"].max()) * 30)
     try:
-        backtest = backtest_approaches(runs, cost, N_range, isoflop_method=isoflop_method)
+        backtest = backtest_approaches(runs, cost, N_range, isoflop_method=isoflop_method, l_form=l_form)
     except ValueError as exc:
         backtest = {"error": str(exc)}
     if headline == "auto":
@@ -119,16 +136,20 @@ def predict(runs: pd.DataFrame, C: float, *, headline: str = "auto", n_bootstrap
             raise ValueError(f"--headline auto: no approach could be backtested ({backtest.get('error', backtest)}); "
                              "name the headline, e.g. --headline approach2")
         headline = min(scored, key=scored.get)
-    full = PredictionStat(C=C, cost=cost, N_range=N_range, isoflop_method=isoflop_method)
+    full = PredictionStat(C=C, cost=cost, N_range=N_range, isoflop_method=isoflop_method, l_form=l_form)
     a3 = full.fit3(runs)
     stat = dataclasses.replace(full, init=(a3.E, a3.A, a3.B, a3.alpha, a3.beta))
     strata = isoflop_key(runs)
     boot = bootstrap(runs, stat, n_resamples=n_bootstrap, seed=seed, n_jobs=n_jobs, strata=strata)
     est, ci = boot.estimate, boot.ci
+    if l_form == "average":  # the runs' scatter under either form, and the gap between the forms
+        forms = [ci[f"approach2.L_opt_{f}"] for f in ("irreducible", "pure")]
+        ci = {**ci, "approach2.L_opt": [min(lo for lo, _ in forms), max(hi for _, hi in forms)]}
     top = runs[runs[strata] == runs[strata].max()]
     largest = slice_C(top, float(top[strata].iloc[0]))  # in the table's convention
     out = {
-        "C": C, "C_over_largest_budget": C / largest, "headline": headline, "conventions": conventions or {},
+        "C": C, "C_over_largest_budget": C / largest, "headline": headline, "l_form": l_form,
+        "conventions": conventions or {},
         "n_runs": int(len(runs)), "n_resamples": len(boot.samples), "n_failed": boot.n_failed,
         "token_cost": cost.as_dict(),
         "prediction": {k: est[f"{headline}.{k}"] for k in ("N_opt", "D_opt", "L_opt")},
@@ -250,9 +271,27 @@ def _backtest_lines(bt: dict | None) -> list[str]:
              f"C = {bt['C']:.3g}: N_opt = {_g(obs['N_opt'])}, L = {obs['L_opt']:.4f}):"]
     for k in PREDICT_APPROACHES:
         r = bt.get(k, {})
+        by_form = r.get("rel_error_L_by_form")
+        forms = "" if not by_form else " (L_opt(C) " + ", ".join(f"{f} {e:+.2%}" for f, e in by_form.items()) + ")"
         lines.append(f"- {k}: " + (f"not fitted ({r['error']})" if "error" in r else
-                     f"N_opt {_g(r['N_opt'])} ({r['rel_error_N']:+.1%}), L_opt {r['L_opt']:.4f} ({r['rel_error_L']:+.2%})"))
+                     f"N_opt {_g(r['N_opt'])} ({r['rel_error_N']:+.1%}), L_opt {r['L_opt']:.4f} ({r['rel_error_L']:+.2%})"
+                     + forms))
     return lines + [""]
+
+
+def _form_lines(p: dict) -> list[str]:
+    """Approach 2's L_opt under each form of L(C), so the spread the choice of form makes is in every prediction."""
+    est, ci = p["estimates"], p["ci95"]
+    if "approach2.L_opt_pure" not in est:  # a prediction.json written before the forms were reported
+        return []
+    cells = [f"{f} {_g(est[f'approach2.L_opt_{f}'])} [{_g(ci[f'approach2.L_opt_{f}'][0])}, "
+             f"{_g(ci[f'approach2.L_opt_{f}'][1])}]" for f in ("irreducible", "pure")]
+    spread = est["approach2.L_opt_irreducible"] / est["approach2.L_opt_pure"] - 1
+    how = {"irreducible": "the irreducible form", "pure": "the pure power law",
+           "average": "the mean of the two, its interval joining theirs"}[p.get("l_form", "irreducible")]
+    return [f"Approach 2's L_opt(C) through the IsoFLOP minima: {cells[0]} (E_C + (C_c/C)^alpha_C, E_C = "
+            f"{_g(est['approach2.E_C'])}), {cells[1]} ((C_c/C)^alpha_C); the forms differ by {spread:+.2%} here. "
+            f"Approach 2's L_opt is {how}.", ""]
 
 
 def prediction_markdown(p: dict) -> str:
@@ -289,6 +328,7 @@ def prediction_markdown(p: dict) -> str:
         f"and along the budget line N_opt ~ C^{_g(est['approach3.a_local'])} "
         f"[{_g(ci['approach3.a_local'][0])}, {_g(ci['approach3.a_local'][1])}] near C.",
         "",
+        *_form_lines(p),
         *_backtest_lines(p.get("backtest")),
         f"D_opt is C / f(N_opt) with f the family's FLOPs per token read off the runs (conventions: {conv}).",
         f"To train it and its neighbours at 0.5x and 2x N: `hydra.sweeper.plan.prior_fit=[{G:.6g},{a:.6g}]` with "
