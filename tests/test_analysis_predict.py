@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from analysis.__main__ import main
-from analysis.checks.predict import (TokenCost, constrained_optimum, predict, prediction_markdown, verify,
-                                     verification_markdown)
+from analysis.checks.predict import (TokenCost, backtest_approaches, constrained_optimum, predict, prediction_markdown,
+                                     verification_markdown, verify)
 from analysis.synthetic import CHINCHILLA_TRUTH, chinchilla_loss, write_sweep
 
 V = 4096
@@ -228,3 +228,21 @@ def test_l_form_average_predicts_the_mean_of_the_two_forms_and_joins_their_inter
     assert main(["predict", str(tmp_path / "fit"), "--at-C", "1.5e14", "--out", str(tmp_path / "p"), "--bootstrap",
                  "4", "--jobs", "1", "--headline", "approach2", "--l-form", "average"]) == 0
     assert json.loads((tmp_path / "p" / "prediction.json").read_text())["l_form"] == "average"
+
+
+def test_backtest_at_every_horizon_the_budgets_allow():
+    runs = family_runs([5e11, 1e12, 2e12, 4e12, 8e12], noise=0.002)
+    p = predict(runs, 8e13, headline="approach2", n_bootstrap=4, n_jobs=1)
+    hz = p["backtest_horizons"]
+    # hold out 1 and 2 of the largest budgets while 3 remain to fit; each scores the largest budget's minimum
+    assert [b["fitted_budgets"] for b in hz] == [[5e11, 1e12, 2e12, 4e12], [5e11, 1e12, 2e12]]
+    assert [b["horizon"] for b in hz] == pytest.approx([2.0, 4.0])
+    assert {b["C"] for b in hz} == {8e12} and hz[0]["observed"] == p["backtest"]["observed"]
+    assert hz[0]["approach2"]["rel_error_L"] == pytest.approx(p["backtest"]["approach2"]["rel_error_L"])
+    for b in hz:  # the truth is Approach 3's form: its optimum comes back at every horizon
+        assert abs(b["approach3"]["rel_error_L"]) < 0.01, b
+    md = prediction_markdown(p)
+    assert "The same backtest at longer horizons (the prediction extrapolates 10x" in md
+    assert "| 4x | 3 (5e+11 to 2e+12)" in md
+    with pytest.raises(ValueError, match="need at least 2 to fit"):
+        backtest_approaches(runs, TokenCost.from_runs(runs), (1e3, 1e9), n_held=4)
