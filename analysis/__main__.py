@@ -100,10 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--headline", default="auto", choices=["auto", "approach2", "approach3"],
                     help="whose N, D, L is the committed prediction [auto: the smaller loss error when the largest "
                          "budget is predicted from the others]")
-    pr.add_argument("--l-form", default="irreducible", choices=["irreducible", "pure", "average"], dest="l_form",
-                    help="Approach 2's L_opt(C) through the IsoFLOP minima: with an irreducible term, a pure power law, "
-                         "or their mean with both intervals joined (when the fitted budgets cannot tell them apart) "
-                         "[irreducible]")
+    pr.add_argument("--l-form", default="irreducible", choices=["irreducible", "pure", "average", "local"],
+                    dest="l_form",
+                    help="Approach 2's L_opt(C) through the IsoFLOP minima: with an irreducible term, a pure power "
+                         "law, their mean with both intervals joined (when the fitted budgets cannot tell them apart), or "
+                         "local: a line in log C through the two largest budgets' minima [irreducible]")
     pr.add_argument("--n-convention", default="non_embedding", choices=["non_embedding", "total"])
     pr.add_argument("--target", default="loss", choices=list(TARGETS),
                     help="the L to predict: loss per token, or bits per byte / character (verify reads it back) [loss]")

@@ -217,10 +217,19 @@ def test_l_form_average_predicts_the_mean_of_the_two_forms_and_joins_their_inter
     # N_opt does not depend on the L form; the backtest scores both forms whichever one is the headline
     assert avg["prediction"]["N_opt"] == pytest.approx(irr["prediction"]["N_opt"])
     by_form = avg["backtest"]["approach2"]["rel_error_L_by_form"]
-    assert set(by_form) == {"irreducible", "pure"}
+    assert set(by_form) == {"irreducible", "pure", "local"}
     assert by_form["irreducible"] == pytest.approx(irr["backtest"]["approach2"]["rel_error_L"])
     md = prediction_markdown(avg)
-    assert "the mean of the two, its interval joining theirs" in md and "L_opt(C) irreducible" in md
+    assert "the mean of the irreducible and pure forms, its interval joining theirs" in md
+    assert "L_opt(C) through the IsoFLOP minima: irreducible" in md
+    # local: the line in log C through the two largest budgets' IsoFLOP minima, continued to C
+    from analysis.laws.fits import fit_approach2
+    m = fit_approach2(runs).minima.sort_values("C")
+    (C1, C2), (L1, L2) = m["C"].to_numpy()[-2:], m["loss_opt"].to_numpy()[-2:]
+    local = predict(runs, 1.5e14, headline="approach2", n_bootstrap=4, n_jobs=1, l_form="local")
+    assert local["prediction"]["L_opt"] == pytest.approx(L2 + (L2 - L1) * math.log(1.5e14 / C2) / math.log(C2 / C1))
+    assert local["prediction"]["L_opt"] == pytest.approx(e["approach2.L_opt_local"])
+    assert "(a line in log C through the two largest budgets' minima)" in md
     with pytest.raises(ValueError, match="l_form='floor' is unknown"):
         predict(runs, 1.5e14, n_bootstrap=2, n_jobs=1, l_form="floor")
     # the CLI passes it through
