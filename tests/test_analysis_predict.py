@@ -255,3 +255,12 @@ def test_backtest_at_every_horizon_the_budgets_allow():
     assert "| 4x | 3 (5e+11 to 2e+12)" in md
     with pytest.raises(ValueError, match="need at least 2 to fit"):
         backtest_approaches(runs, TokenCost.from_runs(runs), (1e3, 1e9), n_held=4)
+
+
+def test_an_unbracketed_largest_budget_leaves_no_backtest_and_still_predicts_with_a_named_headline():
+    runs = family_runs([5e11, 1e12, 2e12, 4e12, 8e12])
+    top = runs[runs["budget"] == 8e12].nsmallest(3, "N")  # its three smallest sizes: the loss falls to the edge
+    runs = pd.concat([runs[runs["budget"] < 8e12], top], ignore_index=True)
+    p = predict(runs, 8e13, headline="approach2", n_bootstrap=2, n_jobs=1)
+    assert "error" in p["backtest"] and p["backtest_horizons"] == []
+    assert p["prediction"]["L_opt"] > 0

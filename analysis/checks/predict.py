@@ -155,7 +155,10 @@ def predict(runs: pd.DataFrame, C: float, *, headline: str = "auto", n_bootstrap
         backtest = backtest_approaches(runs, cost, N_range, isoflop_method=isoflop_method, l_form=l_form)
     except ValueError as exc:
         backtest = {"error": str(exc)}
-    horizons = backtest_horizons(runs, cost, N_range, isoflop_method=isoflop_method, l_form=l_form)
+    try:
+        horizons = backtest_horizons(runs, cost, N_range, isoflop_method=isoflop_method, l_form=l_form)
+    except ValueError:  # the largest budget has no IsoFLOP minimum to score: the one-step backtest says why
+        horizons = []
     if headline == "auto":
         scored = {k: abs(backtest[k]["rel_error_L"]) for k in PREDICT_APPROACHES if "rel_error_L" in backtest.get(k, {})}
         if not scored:
