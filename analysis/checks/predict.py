@@ -152,13 +152,14 @@ def predict(runs: pd.DataFrame, C: float, *, headline: str = "auto", n_bootstrap
     cost = TokenCost.from_runs(runs)
     N_range = (float(runs["N"].min()) / 30, float(runs["N"].max()) * 30)
     try:
-        backtest = backtest_approaches(runs, cost, N_range, isoflop_method=isoflop_method, l_form=l_form)
-    except ValueError as exc:
-        backtest = {"error": str(exc)}
-    try:
         horizons = backtest_horizons(runs, cost, N_range, isoflop_method=isoflop_method, l_form=l_form)
     except ValueError:  # the largest budget has no IsoFLOP minimum to score: the one-step backtest says why
         horizons = []
+    try:  # the one-step backtest is the first horizon (with fewer than 4 budgets there are none)
+        backtest = horizons[0] if horizons else backtest_approaches(runs, cost, N_range, isoflop_method=isoflop_method,
+                                                                    l_form=l_form)
+    except ValueError as exc:
+        backtest = {"error": str(exc)}
     if headline == "auto":
         scored = {k: abs(backtest[k]["rel_error_L"]) for k in PREDICT_APPROACHES if "rel_error_L" in backtest.get(k, {})}
         if not scored:
