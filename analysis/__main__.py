@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     _sweep_reading(r)
 
     pr = sub.add_parser("predict", help="commit a prediction: the compute-optimal N, D and loss at a larger budget")
-    pr.add_argument("sweep_dir", type=Path)
+    pr.add_argument("sweep_dir", type=Path, help="a sweep directory, or the runs.csv `scaling.sweep collect` wrote")
     pr.add_argument("--at-C", type=float, required=True, dest="at_C", help="the budget to predict, e.g. 4x the largest")
     pr.add_argument("--out", type=Path, required=True, help="folder for prediction.json and prediction.md")
     pr.add_argument("--headline", default="auto", choices=["auto", "approach2", "approach3"],
@@ -117,7 +117,7 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="score a committed prediction on the runs trained at its budget")
     v.add_argument("prediction", type=Path, help="prediction.json written by `predict`")
-    v.add_argument("sweep_dir", type=Path, help="the verification sweep (runs at the predicted budget)")
+    v.add_argument("sweep_dir", type=Path, help="the verification sweep (runs at the predicted budget), or its runs.csv")
     v.add_argument("--out", type=Path, required=True, help="folder for verification.json and verification.md")
     _sweep_reading(v)
 
@@ -343,19 +343,22 @@ def cmd_report(a) -> int:
     return 0
 
 
+def _load_runs(source: Path, n: str, c: str | None, a, target: str = "loss"):
+    """A sweep directory's run records, or the runs.csv `scaling.sweep collect` wrote from them (what a study commits)."""
+    if source.is_file():
+        if a.skip_corrupt or a.mixed_data:
+            raise ValueError("--skip-corrupt and --allow-mixed-data read run records: give the sweep directory")
+        return load_runs_csv(source, n=n, c=c, target=target)
+    return load_sweep(source, n=n, c=c, skip_corrupt=a.skip_corrupt, mixed_data=a.mixed_data, target=target)
+
+
 def cmd_downstream(a) -> int:
     from analysis.laws import downstream
     from analysis.report import downstream_plots
 
     if a.predict_C is not None and not (math.isfinite(a.predict_C) and a.predict_C > 0):
         raise ValueError(f"--predict-C {a.predict_C:g}: give a positive, finite number of FLOPs, e.g. --predict-C 1e16")
-    if a.source.is_file():
-        if a.skip_corrupt or a.mixed_data:
-            raise ValueError("--skip-corrupt and --allow-mixed-data read run records: give the sweep directory")
-        df = load_runs_csv(a.source, n=a.n_convention, c=a.c_convention)
-    else:
-        df = load_sweep(a.source, n=a.n_convention, c=a.c_convention, skip_corrupt=a.skip_corrupt,
-                        mixed_data=a.mixed_data)
+    df = _load_runs(a.source, a.n_convention, a.c_convention, a)
     kw = dict(metric=a.metric, x=a.x, law=a.law, ceiling=a.ceiling, predict_C=a.predict_C, hold=a.hold,
               n_bootstrap=a.bootstrap, seed=a.seed, n_jobs=a.jobs)
     if a.task:  # named tasks: any that cannot be fitted is an error
@@ -405,8 +408,7 @@ def _write_json_and_markdown(out: Path, stem: str, obj: dict, md: str) -> int:
 def cmd_predict(a) -> int:
     from analysis.checks.predict import predict, prediction_markdown
 
-    runs = usable(load_sweep(a.sweep_dir, n=a.n_convention, c=a.c_convention, skip_corrupt=a.skip_corrupt,
-                             mixed_data=a.mixed_data, target=a.target))
+    runs = usable(_load_runs(a.sweep_dir, a.n_convention, a.c_convention, a, a.target))
     if runs.empty:
         raise ValueError(f"{a.sweep_dir}: no usable runs to fit; finish the sweep first")
     conventions = {"N": a.n_convention, "C": str(runs["C_convention"].iloc[0]), "sweep": str(a.sweep_dir),
@@ -423,8 +425,8 @@ def cmd_verify(a) -> int:
     prediction = read_prediction(a.prediction)
     conv = prediction.get("conventions", {})
     # the prediction's own target (predictions written before --target existed predicted the loss)
-    runs = usable(load_sweep(a.sweep_dir, n=conv.get("N", "non_embedding"), c=conv.get("C"),
-                             skip_corrupt=a.skip_corrupt, mixed_data=a.mixed_data, target=conv.get("target", "loss")))
+    runs = usable(_load_runs(a.sweep_dir, conv.get("N", "non_embedding"), conv.get("C"), a,
+                             conv.get("target", "loss")))
     v = verify(prediction, runs)
     plot_verification(v, a.out / "figures")
     return _write_json_and_markdown(a.out, "verification", v, verification_markdown(v))

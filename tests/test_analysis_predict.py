@@ -153,6 +153,39 @@ def test_cli_predict_then_verify_round_trip(tmp_path, capsys):
     assert "cannot read the prediction" in capsys.readouterr().err
 
 
+def test_cli_predict_and_verify_read_a_collected_runs_csv_as_the_sweep(tmp_path, capsys):
+    """A study commits runs.csv, not its run directories: predicting and verifying from it give the same numbers."""
+    from scaling.sweep.schedule import collect, write_csv
+
+    write_sweep(tmp_path / "fit", family_runs([5e11, 1.5e12, 5e12, 1.5e13], noise=0.002), failed=0, diverged=0)
+    write_csv(collect(tmp_path / "fit"), tmp_path / "runs.csv")
+    for src, out in ((tmp_path / "fit", "dir"), (tmp_path / "runs.csv", "csv")):
+        assert main(["predict", str(src), "--at-C", "6e13", "--out", str(tmp_path / out), "--bootstrap", "10",
+                     "--jobs", "1", "--l-form", "local"]) == 0
+    by_dir, by_csv = (json.loads((tmp_path / o / "prediction.json").read_text()) for o in ("dir", "csv"))
+    assert by_csv["l_form"] == "local" and by_csv["backtest_horizons"]
+    for k in ("prediction", "estimates"):
+        assert by_csv[k] == pytest.approx(by_dir[k], rel=1e-9), k
+    for k, ci in by_dir["prediction_ci95"].items():
+        assert by_csv["prediction_ci95"][k] == pytest.approx(ci, rel=1e-9), k
+    sizes = np.array([0.5, 1.0, 2.0]) * by_dir["prediction"]["N_opt"]
+    ver = pd.DataFrame({"name": ["v-half", "v-pred", "v-double"], "N": sizes, "D": 6e13 / flops_per_token(sizes),
+                        "C": 6e13, "budget": 6e13,
+                        "loss": chinchilla_loss(sizes, 6e13 / flops_per_token(sizes), **TRUTH)})
+    write_sweep(tmp_path / "verify", ver, failed=0, diverged=0)
+    write_csv(collect(tmp_path / "verify"), tmp_path / "verify_runs.csv")
+    for src, out in ((tmp_path / "verify", "dir"), (tmp_path / "verify_runs.csv", "csv")):
+        assert main(["verify", str(tmp_path / "dir" / "prediction.json"), str(src), "--out", str(tmp_path / out)]) == 0
+    v_dir, v_csv = (json.loads((tmp_path / o / "verification.json").read_text()) for o in ("dir", "csv"))
+    assert v_csv["rel_error_L_opt"] == pytest.approx(v_dir["rel_error_L_opt"], rel=1e-12)
+    capsys.readouterr()
+    # A run table has no records to skip or check: asking for that is one clear error.
+    assert main(["predict", str(tmp_path / "runs.csv"), "--at-C", "6e13", "--out", str(tmp_path / "x"),
+                 "--skip-corrupt"]) == 2
+    assert "read run records: give the sweep directory" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_local_exponent_is_the_slope_of_the_constrained_optimum():
     # 9 sizes per budget: the runs' N reach past the optimum at 2C, so f(N) is interpolated, not extended.
     runs = family_runs([5e11, 1.5e12, 5e12, 1.5e13], n=9)
