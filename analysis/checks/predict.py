@@ -13,8 +13,8 @@ as a function of N, is read off the runs' records (C / D of each size), instead 
     `average` predicts their mean and joins their intervals, so the interval carries the choice of form. `local`
     continues the last fitted doubling: a straight line in log C through the two largest budgets' minima (the local
     slope at the top, Kaplan et al. 2020 eq. 1.3 with alpha_C L ~ constant over the extrapolated range). Post hoc it
-    was within 0.5% at 10x in both ladder98 and deep98 (experiments/deep98), where the other forms missed by 0.7-3.9%;
-    a study must commit to it before its runs for that to count.
+    was within 0.5% at 10x in both ladder98 and deep98 (experiments/deep98); committed before its runs in six98 it
+    missed by +1.93%, and no form was within 1% in all three studies (experiments/six98/README.md).
   Approach 3 (sec. 3.3, eq. 2): argmin over N of L(N, C / f(N)) for the fitted L = E + A/N^alpha + B/D^beta.
 Intervals: percentile bootstrap over runs within budgets (analysis.checks.uncertainty).
 """
