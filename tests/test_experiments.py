@@ -17,6 +17,12 @@ PUBLISHED = {
     "data_constrained": 15,
     "data_constrained_small": 15,
     "downstream_quick": 9,
+    "deep98": 59,
+    "deep98_pilot": 10,
+    "deep98_verify": 6,
+    "six98": 118,
+    "six98_pilot": 10,
+    "six98_verify": 6,
 }
 
 
