@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                     dest="l_form",
                     help="Approach 2's L_opt(C) through the IsoFLOP minima: with an irreducible term, a pure power "
                          "law, their mean with both intervals joined (when the fitted budgets cannot tell them apart), or "
-                         "local: a line in log C through the two largest budgets' minima [irreducible]")
+                         "local: a line in log C through the minima of the top doubling of budgets [irreducible]")
     pr.add_argument("--n-convention", default="non_embedding", choices=["non_embedding", "total"])
     pr.add_argument("--target", default="loss", choices=list(TARGETS),
                     help="the L to predict: loss per token, or bits per byte / character (verify reads it back) [loss]")

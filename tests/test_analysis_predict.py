@@ -262,7 +262,7 @@ def test_l_form_average_predicts_the_mean_of_the_two_forms_and_joins_their_inter
     local = predict(runs, 1.5e14, headline="approach2", n_bootstrap=4, n_jobs=1, l_form="local")
     assert local["prediction"]["L_opt"] == pytest.approx(L2 + (L2 - L1) * math.log(1.5e14 / C2) / math.log(C2 / C1))
     assert local["prediction"]["L_opt"] == pytest.approx(e["approach2.L_opt_local"])
-    assert "(a line in log C through the two largest budgets' minima)" in md
+    assert "(a line in log C through the minima of the top doubling of budgets)" in md
     with pytest.raises(ValueError, match="l_form='floor' is unknown"):
         predict(runs, 1.5e14, n_bootstrap=2, n_jobs=1, l_form="floor")
     # the CLI passes it through
@@ -270,6 +270,24 @@ def test_l_form_average_predicts_the_mean_of_the_two_forms_and_joins_their_inter
     assert main(["predict", str(tmp_path / "fit"), "--at-C", "1.5e14", "--out", str(tmp_path / "p"), "--bootstrap",
                  "4", "--jobs", "1", "--headline", "approach2", "--l-form", "average"]) == 0
     assert json.loads((tmp_path / "p" / "prediction.json").read_text())["l_form"] == "average"
+
+
+def test_local_form_is_the_least_squares_line_through_the_top_doubling_of_budgets():
+    from analysis.checks.predict import local_line
+
+    # budgets sqrt(2) apart: the top doubling holds three minima; the middle one moves the line, the lower ones do not
+    C = np.array([1e11, 2e11, 4e11, 5.66e11, 8e11])
+    L = np.array([6.0, 5.8, 5.5, 5.45, 5.3])
+    slope, icpt = np.polyfit(np.log(C[2:]), L[2:], 1)
+    assert local_line(C, L, 8e12) == pytest.approx(icpt + slope * math.log(8e12))
+    assert local_line(C, np.r_[9.0, 1.0, L[2:]], 8e12) == pytest.approx(local_line(C, L, 8e12))
+    assert local_line(C, np.r_[L[:3], 5.40, L[4]], 8e12) != pytest.approx(local_line(C, L, 8e12))
+    # 2x apart (an achieved C a little over 2x still counts) or 3x apart: the two largest, as before
+    for Cs in ([1e11, 2e11, 4.04e11], [1e11, 3e11, 9e11]):
+        C2 = np.array(Cs)
+        L2 = np.array([6.0, 5.7, 5.5])
+        want = L2[2] + (L2[2] - L2[1]) * math.log(9e12 / C2[2]) / math.log(C2[2] / C2[1])
+        assert local_line(C2, L2, 9e12) == pytest.approx(want)
 
 
 def test_backtest_at_every_horizon_the_budgets_allow():

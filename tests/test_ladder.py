@@ -202,7 +202,32 @@ def test_ladder_plan_grid_form_and_seed_replicates_fork_from_their_own_parent():
     assert {r.name for r in plan.runs if r.role == "parent"} == {b.parent for b in branches}
 
 
+def test_shared_sizes_put_each_shape_on_every_budget_line_its_window_holds():
+    budgets = [2e9, 2.83e9, 4e9, 5.66e9, 8e9]
+    kw = dict(budgets=budgets, n_sizes=3, size_step=1.6, prior_fit=[1e-2, 0.7],
+              family={"head_dim": 4, "d_model_multiple": 4, "min_d_model": 4, "max_d_model": 256, "min_layers": 1,
+                      "max_layers": 1, "aspect_ratio": 1000},
+              hyper={"base_lr": 1e-2, "base_d_model": 32, "base_batch": 4, "min_batch": 4, "max_batch": 4,
+                     "min_steps": 1})
+    own, shared = _ladder_plan(**kw), _ladder_plan(**kw, shared_sizes=True)
+    for plan in (own, shared):  # each budget keeps its 3 sizes, one branch each
+        assert sorted(r.budget for r in plan.runs if r.role == "branch") == sorted(budgets * 3)
+    parents = lambda plan: [r for r in plan.runs if r.role == "parent"]
+    # budgets sqrt(2) apart move N_opt by 1.27x, less than the grid's 1.6: with shared sizes the lines reuse shapes
+    assert len(parents(shared)) < len(parents(own))
+    assert max(len(p.keep_steps) for p in parents(shared)) >= 3
+    # the shared grid: neighbouring targets 1.6x apart, and every target one of anchor * 1.6^k
+    targets = sorted({r.target_N for r in shared.runs if r.role == "branch"})
+    k = np.log(np.array(targets) / targets[0]) / np.log(1.6)
+    assert np.allclose(k, np.round(k)) and np.all(np.diff(np.round(k)) == 1)
+    spent = lambda plan: sum(r.C["chinchilla"] * ((r.steps - r.branch_step) / r.steps if r.role == "branch" else 1)
+                             for r in plan.runs)
+    assert spent(shared) < spent(own)
+
+
 @pytest.mark.parametrize("kw, message", [
+    (dict(kind="isoflop", shared_sizes=True), "plan.shared_sizes=true applies to plan.kind=ladder only"),
+    (dict(budgets=[], sizes=[3e3], tokens=[1e5], shared_sizes=True), "plan.shared_sizes=true draws each budget's"),
     (dict(cooldown_fraction=1.0), "plan.cooldown_fraction=1.0 is invalid"),
     (dict(cooldown_shape="cosine"), "plan.cooldown_shape='cosine' is unknown"),
     (dict(sizes=[3e3], tokens=[1e5]), "a ladder needs exactly one of plan.budgets"),

@@ -154,6 +154,11 @@ class SweepSpec:
     # run to the same length), and its shape (optim.decay_shape: linear or 1-sqrt)
     cooldown_fraction: float = 0.2
     cooldown_shape: str = "linear"
+    # ladder with budgets: draw every budget's sizes from one grid (size_step apart, anchored at the largest budget's
+    # prior optimum) instead of centring each budget's grid on its own optimum. A shape then lies on every budget line
+    # whose window holds it and one parent serves all its branches, so budgets closer than size_step cost little more
+    # than their cooldowns; per-budget grids shift with C^a and mostly land on new widths.
+    shared_sizes: bool = False
     prefix: Optional[str] = None  # run-name prefix; default: the kind
     # The N in which sizes, prior_fit, tokens_per_param, grid_tokens_per_param and size_step are read: non_embedding
     # (Kaplan et al. 2020) or total parameters, e.g. to centre a grid with a fit made in total N (analysis predict
@@ -199,6 +204,9 @@ class SweepSpec:
                                  "branch in (0, 1), e.g. 0.2 (Hägele et al. 2024).")
             if self.cooldown_shape not in DECAY_SHAPES:
                 raise ValueError(f"plan.cooldown_shape={self.cooldown_shape!r} is unknown: use one of {DECAY_SHAPES}.")
+            if self.shared_sizes and not self.budgets:
+                raise ValueError("plan.shared_sizes=true draws each budget's sizes from one grid: it needs plan.budgets "
+                                 "(a ladder over plan.sizes already shares its sizes).")
         elif self.kind == "lr":
             if bool(self.budgets) == bool(self.tokens):
                 raise ValueError(
@@ -222,6 +230,9 @@ class SweepSpec:
                 )
             if any(not float(x) > 0 for x in [*self.tokens, *self.grid_tokens_per_param]):
                 raise ValueError("plan.tokens / plan.grid_tokens_per_param must all be positive.")
+        if self.shared_sizes and self.kind != "ladder":
+            raise ValueError(f"plan.shared_sizes=true applies to plan.kind=ladder only (got {self.kind!r}): separate "
+                             "runs share no training, so a shared grid would save nothing.")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"plan.tolerance={self.tolerance!r} is invalid: use a fraction in (0, 1), e.g. 0.02.")
         self.seeds = list(self.seeds or [])
@@ -464,11 +475,17 @@ def plan_isoflop(spec: SweepSpec, base: ModelConfig, convention: str = "chinchil
     return Plan(runs, skipped, spec, convention, optimum)
 
 
-def _isoflop_shapes(C: float, shapes: list[ModelConfig], spec: SweepSpec, convention: str):
-    """The prior N_opt of budget C and its n_sizes shapes, evenly spaced in log N around it (with each one's target N)."""
+def _isoflop_shapes(C: float, shapes: list[ModelConfig], spec: SweepSpec, convention: str,
+                    anchor: Optional[float] = None):
+    """The prior N_opt of budget C and its n_sizes shapes, evenly spaced in log N around it (with each one's target N).
+    With `anchor`, the targets are the n_sizes points of the grid anchor * size_step^k nearest N_opt (shared sizes)."""
     n_opt = _isoflop_optimum(C, shapes, spec, convention)
     half = (spec.n_sizes - 1) / 2
-    targets = [n_opt * spec.size_step ** (i - half) for i in range(spec.n_sizes)]
+    if anchor is None:
+        targets = [n_opt * spec.size_step ** (i - half) for i in range(spec.n_sizes)]
+    else:  # the n_sizes grid points nearest N_opt, as integer powers of size_step from the anchor
+        first = round(math.log(n_opt / anchor) / math.log(spec.size_step) - half)
+        targets = [anchor * spec.size_step ** (first + i) for i in range(spec.n_sizes)]
     placed = []
     for shape in _nearest_shapes(shapes, targets, spec):
         N = _count(shape, spec)
@@ -493,8 +510,10 @@ def plan_ladder(spec: SweepSpec, base: ModelConfig, convention: str = "chinchill
     points: dict[tuple[int, int], list] = {}  # shape -> [(kind, nominal, budget, target N, point name)]
     optimum: dict = {}
     if spec.budgets:
+        top = max(float(c) for c in spec.budgets)
+        anchor = _isoflop_optimum(top, shapes, spec, convention) if spec.shared_sizes else None
         for C in sorted(float(c) for c in spec.budgets):
-            optimum[fmt_sci(C)], placed = _isoflop_shapes(C, shapes, spec, convention)
+            optimum[fmt_sci(C)], placed = _isoflop_shapes(C, shapes, spec, convention, anchor)
             for shape, target in placed:
                 name = f"{prefix}-C{fmt_sci(C)}-d{shape.d_model}-L{shape.n_layers}"
                 points.setdefault((shape.d_model, shape.n_layers), []).append((shape, "flops", C, C, target, name))
