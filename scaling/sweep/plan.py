@@ -232,7 +232,7 @@ class SweepSpec:
                 raise ValueError("plan.tokens / plan.grid_tokens_per_param must all be positive.")
         if self.shared_sizes and self.kind != "ladder":
             raise ValueError(f"plan.shared_sizes=true applies to plan.kind=ladder only (got {self.kind!r}): separate "
-                             "runs share no training, so a shared grid would save nothing.")
+                             "runs share no training, so a shared grid would save nothing: set plan.shared_sizes=false.")
         if not 0 < self.tolerance < 1:
             raise ValueError(f"plan.tolerance={self.tolerance!r} is invalid: use a fraction in (0, 1), e.g. 0.02.")
         self.seeds = list(self.seeds or [])
