@@ -23,6 +23,9 @@ PUBLISHED = {
     "six98": 118,
     "six98_pilot": 10,
     "six98_verify": 6,
+    "dense98": 132,
+    "dense98_pilot": 3,
+    "dense98_verify": 6,
 }
 
 
