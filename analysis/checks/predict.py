@@ -11,10 +11,11 @@ as a function of N, is read off the runs' records (C / D of each size), instead 
     power law (C_c / C)^alpha_C (eq. 1.3), or their mean. Over ~30x of budgets the two forms can fit the minima
     equally well and still part by several percent at 10x (experiments/ladder98: 4.635 vs 4.381, the runs 4.490):
     `average` predicts their mean and joins their intervals, so the interval carries the choice of form. `local`
-    continues the last fitted doubling: a straight line in log C through the minima of the budgets within 2x of the
-    largest (least squares; the two largest when budgets are 2x apart) (the local slope at the top, Kaplan et al. 2020 eq. 1.3 with alpha_C L ~ constant over the extrapolated range). Post hoc it
-    was within 0.5% at 10x in both ladder98 and deep98 (experiments/deep98); committed before its runs in six98 it
-    missed by +1.93%, and no form was within 1% in all three studies (experiments/six98/README.md).
+    continues the last fitted doubling: a least-squares line in log C through the minima of the budgets within 2x of
+    the largest (the two largest when budgets are 2x apart), the local slope at the top (Kaplan et al. 2020 eq. 1.3
+    with alpha_C L ~ constant over the extrapolated range). Post hoc it was within 0.5% at 10x in both ladder98 and
+    deep98 (experiments/deep98); committed before their runs it missed by +1.93% (six98) and, over three minima of
+    denser budgets, +1.73% (experiments/dense98/README.md); no form was within 1% in all studies.
   Approach 3 (sec. 3.3, eq. 2): argmin over N of L(N, C / f(N)) for the fitted L = E + A/N^alpha + B/D^beta.
 Intervals: percentile bootstrap over runs within budgets (analysis.checks.uncertainty).
 """
