@@ -51,9 +51,9 @@ def local_line(C: np.ndarray, L: np.ndarray, C_at: float) -> float:
     budgets 2x apart it is the line through the two largest minima; denser budgets put more minima into the same
     doubling, which averages their scatter without reaching further down the bending curve."""
     C, L = np.asarray(C, float), np.asarray(L, float)
-    top = C >= C.max() / LOCAL_SPAN / 1.02
-    if top.sum() < 2:  # the two largest budgets more than 2x apart: their line is still the local slope
-        top = np.isin(np.arange(len(C)), np.argsort(C)[-2:])
+    top = np.flatnonzero(C >= C.max() / LOCAL_SPAN / 1.02)
+    if len(top) < 2:  # the two largest budgets more than 2x apart: their line is still the local slope
+        top = np.argsort(C)[-2:]
     slope, intercept = np.polyfit(np.log(C[top]), L[top], 1)
     return float(intercept + slope * math.log(C_at))
 
