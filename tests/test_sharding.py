@@ -300,3 +300,78 @@ def test_cpu_devices_refused_once_the_backend_runs_with_another_count():
     for bad in (0, -2, True, 1.5):
         with pytest.raises(ValueError, match=f"sharding.cpu_devices={bad!r} is invalid"):
             ShardingConfig(cpu_devices=bad)
+
+
+# --- pin_cores: one core per joblib job (configs/hydra/launcher/joblib_cpu.yaml) --------------------------------------
+
+PIN = textwrap.dedent(
+    """
+    import fcntl, json, os, sys, threading
+    from pathlib import Path
+    lock_dir = Path(sys.argv[1])
+    for core in json.loads(sys.argv[2]):  # cores another job holds
+        f = open(lock_dir / f"core{core}.lock", "a"); fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        globals().setdefault("held", []).append(f)
+    import jax, jax.numpy as jnp
+    from scaling.train.sharding import pin_cores
+    cores = pin_cores(lock_dir=lock_dir)
+    x = jnp.ones((256, 256))
+    jax.jit(lambda a: (a @ a).sum())(x).block_until_ready()  # starts the backend and its intra-op pool
+    pool = [t for t in os.listdir("/proc/self/task") if open(f"/proc/self/task/{t}/comm").read().startswith("tf_XLAEigen")]
+    print(json.dumps({"cores": cores, "affinity": sorted(os.sched_getaffinity(0)), "pool": len(pool),
+                      "again": pin_cores(lock_dir=lock_dir)}))
+    """
+)
+
+
+def _pin(tmp_path, held=(), value="1"):
+    env = {**os.environ, "SCALING_CORES_PER_JOB": value, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", PIN, str(tmp_path), json.dumps(list(held))], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+needs_two_cores = pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                                     reason="needs 2 cores and Linux's affinity API")
+
+
+@needs_two_cores
+def test_pin_cores_gives_a_free_core_and_a_one_thread_pool(tmp_path):
+    cores = sorted(os.sched_getaffinity(0))
+    out, _ = _pin(tmp_path, held=[cores[0]])  # another job holds the first core: this one takes the next
+    assert out["cores"] == [cores[1]] and out["affinity"] == [cores[1]]
+    # The point of pinning: XLA:CPU sizes its intra-op pool by the cores the process may use (one thread, not one per
+    # core), whatever intra_op_parallelism_threads says.
+    assert out["pool"] <= 1
+    assert out["again"] is None  # a reused worker's next job keeps its core
+
+
+@needs_two_cores
+def test_pin_cores_runs_unpinned_when_no_core_is_free(tmp_path):
+    cores = sorted(os.sched_getaffinity(0))
+    out, err = _pin(tmp_path, held=cores)
+    assert out["cores"] is None and out["affinity"] == cores
+    assert out["pool"] >= 2  # unpinned, the pool has a thread per core: what the pinned test's one thread is against
+    assert "cores are free of other jobs; running unpinned" in err and "hydra.launcher.n_jobs" in err
+
+
+def test_pin_cores_rejects_a_bad_value_and_is_a_no_op_unset(tmp_path):
+    from scaling.train.sharding import pin_cores
+
+    with pytest.raises(ValueError, match=r"SCALING_CORES_PER_JOB='two' is invalid: give a positive number"):
+        pin_cores({"SCALING_CORES_PER_JOB": "two"}, lock_dir=tmp_path)
+    assert pin_cores({}, lock_dir=tmp_path) is None and not list(tmp_path.iterdir())
+
+
+@needs_two_cores
+def test_pin_cores_is_too_late_once_the_backend_runs(tmp_path, caplog):
+    import jax
+
+    from scaling.train.sharding import pin_cores
+
+    jax.devices()  # this pytest process's backend has started
+    before = os.sched_getaffinity(0)
+    assert pin_cores({"SCALING_CORES_PER_JOB": "1"}, lock_dir=tmp_path) is None
+    assert os.sched_getaffinity(0) == before and "JAX's backend already started" in caplog.text

@@ -16,9 +16,12 @@ global batch (the sampler is a pure function of (seed, step)) and places only th
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -76,6 +79,59 @@ class ShardingConfig:
             raise ValueError(
                 f"sharding.process_id={self.process_id!r} is invalid: it must be in [0, num_processes={self.num_processes})."
             )
+
+
+CORES_ENV = "SCALING_CORES_PER_JOB"  # set by hydra/launcher=joblib_cpu (configs/hydra/launcher/joblib_cpu.yaml)
+_held_cores: list = []  # this process's core locks: open files whose flock lives as long as the process
+
+
+def pin_cores(environ: Optional[dict] = None, lock_dir: Optional[Path] = None) -> Optional[list[int]]:
+    """Pins this process to `SCALING_CORES_PER_JOB` cores no other pinned job holds, before JAX starts its backend;
+    returns the cores, or None when unset, already pinned, too late, or no core is free (then it runs unpinned).
+
+    Why: XLA:CPU runs each step's thunks on an intra-op pool sized by the cores the process may use, whatever
+    intra_op_parallelism_threads says; two jobs on 2 cores then each keep 2 `tf_XLAEigen` threads busy, and the 4
+    threads preempt each other (sys time 12-43% of a sweep's CPU, experiments/dense98). A process pinned to one core
+    starts a one-thread pool. Cores are claimed with an flock per core under the temp dir, so loky's reused workers
+    and concurrent sweeps on one machine never share a core; a worker keeps its core for the jobs it runs next.
+    """
+    environ = os.environ if environ is None else environ
+    want = environ.get(CORES_ENV)
+    if not want or _held_cores:
+        return None
+    if not want.isdigit() or int(want) < 1:
+        raise ValueError(f"{CORES_ENV}={want!r} is invalid: give a positive number of cores per job, or unset it.")
+    if not hasattr(os, "sched_setaffinity"):  # macOS: no affinity API; the OS schedules the threads
+        return None
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized():  # threads already started: pinning now would leave them where they are
+        log.warning("%s=%s ignored: JAX's backend already started in this process", CORES_ENV, want)
+        return None
+    lock_dir = Path(lock_dir or Path(tempfile.gettempdir()) / f"scaling-cores-{os.getuid()}")
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    held = []
+    for core in sorted(os.sched_getaffinity(0)):
+        f = open(lock_dir / f"core{core}.lock", "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            continue
+        held.append((core, f))
+        if len(held) == int(want):
+            break
+    if len(held) < int(want):
+        for _, f in held:
+            f.close()  # releases the flock
+        log.warning("%s=%s: only %d of this machine's cores are free of other jobs; running unpinned (launch at most "
+                    "cores / %s jobs at once: hydra.launcher.n_jobs)", CORES_ENV, want, len(held), want)
+        return None
+    cores = [c for c, _ in held]
+    os.sched_setaffinity(0, cores)  # this thread; every thread JAX starts from here on inherits it
+    _held_cores.extend(f for _, f in held)
+    log.info("pinned to core(s) %s", cores)
+    return cores
 
 
 def configure_cpu_devices(cfg: ShardingConfig) -> None:
