@@ -90,6 +90,14 @@ class Config:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)  # mesh + multi-host; not part of a run's identity
     eval: EvalConfig = field(default_factory=EvalConfig)  # downstream tasks at the run's end; not part of its identity
     sweep: Optional[str] = None  # the sweep (wandb group) this run belongs to
+    # JAX's persistent compilation cache (scaling.train.compile_cache): "auto" (per host CPU type under SCALING_CACHE,
+    # default ~/.cache/scaling/xla), a directory, or null for none. Not part of a run's identity.
+    compile_cache: Optional[str] = "auto"
+
+    def __post_init__(self) -> None:
+        if self.compile_cache is not None and not str(self.compile_cache).strip():
+            raise ValueError("compile_cache='' is invalid: give a directory, auto (the default), or null to compile "
+                             "without the persistent cache.")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from scaling.model.decoder import ModelConfig, init_params, loss_fn, resolve_att
 from scaling.record import (CONFIG_FILE, FINAL, RecordError, eval_columns, failed_start_record, git_commit,
                             package_versions, read_record, record_status, summary_fields, text_metrics,
                             write_json_atomic, write_record)
+from scaling.train.compile_cache import configure_compile_cache
 from scaling.train.sharding import (check_batch, configure_cpu_devices, constrain, initialize_distributed, init_sharded,
                                     make_mesh, pin_cores, put_batch, state_shardings)
 from scaling.train.tracking import Progress, build_tracker, read_metrics
@@ -44,7 +45,7 @@ from scaling.train.tracking import Progress, build_tracker, read_metrics
 log = logging.getLogger("scaling.train.loop")
 
 # Fields that may change between a run and its relaunch without making it another run.
-_RELAUNCH_FREE = ("logging", "sweep", "sharding", "eval")  # orbax restores a checkpoint onto any mesh
+_RELAUNCH_FREE = ("logging", "sweep", "sharding", "eval", "compile_cache")  # orbax restores a checkpoint onto any mesh
 
 
 # {"params": ..., "opt_state": ...}: a plain dict, so a pytree for jit, orbax and the tests.
@@ -118,6 +119,7 @@ def train_runs(cfgs: Sequence[Config], run_dirs: Sequence[Path]) -> list[dict]:
     for cfg in cfgs:  # a bad budget fails here, before anything is written (a corrected command then starts clean)
         resolve_budget(cfg.model, cfg.train)
     pin_cores()  # before anything below starts the backend (and its threads)
+    configure_compile_cache(cfgs[0].compile_cache)  # before anything compiles
     configure_cpu_devices(cfgs[0].sharding)
     initialize_distributed(cfgs[0].sharding)  # a no-op on one host
     records: list[Any] = [None] * len(cfgs)
