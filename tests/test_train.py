@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import signal
@@ -137,6 +138,39 @@ def test_gradient_accumulation_equals_big_batch():
     # float32 sums in another order: differences at the 1e-8 level.
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-5), p1, p4)
     assert float(loss_fn(p1, model, batch)) < float(loss_fn(params, model, batch))
+
+
+@pytest.mark.parametrize("optim, parametrization", [
+    (OptimConfig(lr=1e-2, warmup_steps=3, schedule="cosine"), "sp"),
+    (OptimConfig(lr=1e-2, warmup_steps=2, schedule="wsd", decay_fraction=0.5), "sp"),
+    (OptimConfig(lr=1e-2, warmup_steps=2, schedule="wsd", decay_fraction=0.5, decay_shape="1-sqrt"), "mup"),
+])
+def test_step_with_the_lr_as_input_equals_the_schedule_compiled_in_bit_for_bit(optim, parametrization):
+    # The trainer passes each step's lr into one compiled step per shape (train_step_fn), so that a ladder's branches
+    # and every budget share it; that must not change one bit of any update against the schedule inside the step.
+    model = ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=64, seq_len=16, parametrization=parametrization,
+                        mup_base_d_model=16 if parametrization == "mup" else None,
+                        tie_embeddings=parametrization == "sp")
+    steps = 10
+    inside = optim.build(steps, model)
+    with_lr = lambda lr: optim.build(steps, model, schedule=lambda count: lr)  # noqa: E731
+    lr_input = jax.jit(optim.schedule_fn(steps))
+    params = init_params(model, jax.random.key(0))
+    batch = jax.random.randint(jax.random.key(1), (1, 4, 17), 0, 64)
+    fresh = lambda: jax.tree_util.tree_map(jnp.array, {"params": params, "opt_state": inside.init(params)})  # noqa: E731
+    a, b = fresh(), fresh()
+    step_a, step_b = make_train_step(model, inside, 1, seed=0), make_train_step(model, with_lr, 1, seed=0)
+    for i in range(steps):
+        a, metrics_a = step_a(a, batch, jnp.asarray(i))
+        b, metrics_b = step_b(b, batch, jnp.asarray(i), lr_input(jnp.asarray(i)))
+        assert float(metrics_a["train_loss"]) == float(metrics_b["train_loss"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+    assert float(metrics_a["train_loss"]) < float(loss_fn(params, model, batch[0]))  # it trained
+    # one compiled step for two schedules: the lr's value, not the schedule, is what the step is given
+    other = dataclasses.replace(optim, lr=3e-3, warmup_steps=1)
+    lowered = [make_train_step(model, lambda lr, o=o: o.build(steps, model, schedule=lambda c: lr), 1, seed=0)
+               .lower(fresh(), batch, jnp.asarray(0), jnp.asarray(1e-2, jnp.float32)).as_text() for o in (optim, other)]
+    assert lowered[0] == lowered[1]
 
 
 def test_forced_nan_gives_diverged_record(tmp_path):

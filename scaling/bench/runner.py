@@ -152,7 +152,11 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
     from scaling.train.loop import make_train_step
 
     model = model_config(shape, overrides)
-    optimizer = OptimConfig(warmup_steps=0).build(10_000)
+    optim = OptimConfig(warmup_steps=0)
+    optimizer = optim.build(10_000)
+    # The trainer's step: the lr is an input, evaluated by the jitted schedule each step (scaling.train.loop).
+    lr_at = jax.jit(optim.schedule_fn(10_000))
+    with_lr = lambda lr: optim.build(10_000, schedule=lambda count: lr)  # noqa: E731
     batch = jax.random.randint(jax.random.key(1), (1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
     try:
         params = init_params(model, jax.random.key(0))  # runs the forward: the first place attention can fail
@@ -168,7 +172,8 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
             shardings = state_shardings(state, mesh, sharding)
             state, batch = jax.device_put(state, shardings), put_batch(np.asarray(batch), mesh, 1)
         t0 = time.perf_counter()
-        compiled = make_train_step(model, optimizer, 1, 0, shardings).lower(state, batch, jnp.asarray(0)).compile()
+        step0 = jnp.asarray(0)
+        compiled = make_train_step(model, with_lr, 1, 0, shardings).lower(state, batch, step0, lr_at(step0)).compile()
     except Exception as e:
         if model.attention == "cudnn":
             raise RuntimeError(
@@ -181,8 +186,9 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
     used = attention_used(model, compiled.as_text())
     if model.attention == "cudnn" and used != "cudnn":
         raise RuntimeError("model.attention=cudnn was requested but the compiled step holds no cuDNN attention call.")
-    step_s, metrics, state = _timed(compiled, state, batch, warmup, steps)
-    ops = profile_step(compiled, state, batch) if profile else None
+    step = lambda state, batch, i: compiled(state, batch, i, lr_at(i))  # noqa: E731
+    step_s, metrics, state = _timed(step, state, batch, warmup, steps)
+    ops = profile_step(compiled, step, state, batch) if profile else None
     tokens_per_s = shape.batch * shape.seq_len / step_s
     achieved = tokens_per_s * flops_per_token(model, "chinchilla")
     return {
@@ -222,7 +228,7 @@ def bench_vmap(shape: Shape, ks: list[int], warmup: int, steps: int) -> list[dic
     return rows
 
 
-def profile_step(compiled, state, batch, steps: int = 2) -> list[dict]:
+def profile_step(compiled, step, state, batch, steps: int = 2) -> list[dict]:
     """Where one step's time goes: jax.profiler's per-thunk (XLA fusion / library call) times, grouped by the model
     part each fusion came from (its HLO op_name metadata) and by forward / backward. Milliseconds per step."""
     import collections
@@ -242,7 +248,7 @@ def profile_step(compiled, state, batch, steps: int = 2) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             for i in range(steps):
-                state, _ = compiled(state, batch, jnp.asarray(10_000 + i))
+                state, _ = step(state, batch, jnp.asarray(10_000 + i))
             jax.block_until_ready(state)
         with gzip.open(glob.glob(f"{tmp}/**/*.trace.json.gz", recursive=True)[0]) as f:
             events = json.load(f)["traceEvents"]

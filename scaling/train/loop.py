@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -51,17 +51,23 @@ _RELAUNCH_FREE = ("logging", "sweep", "sharding", "eval", "compile_cache")  # or
 # {"params": ..., "opt_state": ...}: a plain dict, so a pytree for jit, orbax and the tests.
 TrainState = dict
 
-def make_train_step(
-    model: ModelConfig, optimizer: optax.GradientTransformation, grad_accum: int, seed: int, shardings: Any = None
-):
+Optimizer = Union[optax.GradientTransformation, Callable[[jax.Array], optax.GradientTransformation]]
+
+
+def make_train_step(model: ModelConfig, optimizer: Optimizer, grad_accum: int, seed: int, shardings: Any = None):
     """A jit-compiled step that donates the old state's buffers (see `train_step_fn`)."""
     return jax.jit(train_step_fn(model, optimizer, grad_accum, seed, shardings), donate_argnums=(0,))
 
 
-def train_step_fn(
-    model: ModelConfig, optimizer: optax.GradientTransformation, grad_accum: int, seed: int, shardings: Any = None
-):
+def train_step_fn(model: ModelConfig, optimizer: Optimizer, grad_accum: int, seed: int, shardings: Any = None):
     """The pure step: `grad_accum` microbatches are scanned and their mean gradient applied once.
+
+    `optimizer` is a GradientTransformation, or a function from the step's learning rate to one: then the step takes
+    that lr as a fourth argument (the trainer evaluates the schedule outside, `lr_input`) and its compiled code does
+    not depend on the schedule, so every run of one shape (a ladder's parent and branches, any budget) compiles the
+    same step and the persistent compilation cache serves it (scaling.train.compile_cache). The optimizer state is
+    the same either way (optax keeps the step count whatever the schedule), and so is every update, bit for bit on
+    CPU (tests/test_train.py).
 
     The mean of microbatch means equals the big batch's mean loss (equal-size microbatches), so the update is the
     big batch's up to float summation order (tested). `shardings` (the state's, from scaling.train.sharding) pins the
@@ -70,7 +76,8 @@ def train_step_fn(
     """
     param_shardings = None if shardings is None else shardings["params"]
 
-    def step_fn(state: TrainState, batch_AxBxLp1: jnp.ndarray, step: jnp.ndarray):
+    def step_fn(state: TrainState, batch_AxBxLp1: jnp.ndarray, step: jnp.ndarray, lr: Optional[jax.Array] = None):
+        tx = optimizer(lr) if callable(optimizer) else optimizer  # a GradientTransformation is a (non-callable) tuple
         params = state["params"]
         dropout_rng = jax.random.fold_in(jax.random.key(seed), step) if model.dropout > 0 else None
 
@@ -86,7 +93,7 @@ def train_step_fn(
             grads = jax.tree_util.tree_map(lambda g: g / grad_accum, grads)
             loss = jnp.mean(losses)
         grads = constrain(grads, param_shardings)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = TrainState(params=optax.apply_updates(params, updates), opt_state=opt_state)
         new_state = constrain(new_state, shardings)
         return new_state, {"train_loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads)}
@@ -189,7 +196,8 @@ class _Stack:
     and the same step vmapped over it (learning rates live in the state, scaling.train.stack.unit_lr_optimizer)."""
 
     init: Callable[[], TrainState]
-    step: Callable  # (shardings) -> jitted step(state, batch, step) -> (state, {"train_loss": [K]?, "grad_norm"})
+    step: Callable  # (shardings) -> jitted step(state, batch, step, lr) -> (state, {"train_loss": [K]?, "grad_norm"})
+    lr_input: Callable  # jitted step -> the step's lr argument (the schedule, or K > 1 its lr = 1 shape)
     eval: Callable  # jitted (params, batch_BxLp1) -> loss ([] or [K])
     leading_axes: int  # 0 or 1: the K axis is never sharded
     batch_axis: int  # the microbatch-row axis of what batch_at returns
@@ -199,20 +207,24 @@ def _build_stack(cfgs: Sequence[Config], num_steps: int) -> _Stack:
     cfg0, K = cfgs[0], len(cfgs)
     model, A, seed = cfg0.model, cfg0.train.grad_accum, cfg0.train.seed
     eval_one = lambda params, batch_BxLp1: loss_fn(params, model, batch_BxLp1)  # noqa: E731
+    # The lr is an input of the step (train_step_fn): one compiled step per shape, whatever the schedule.
     if K == 1:
         optimizer = cfg0.optim.build(num_steps, model)
+        with_lr = lambda lr: cfg0.optim.build(num_steps, model, schedule=lambda count: lr)  # noqa: E731
 
         def init() -> TrainState:
             params = init_params(model, jax.random.key(seed))
             return TrainState(params=params, opt_state=optimizer.init(params))
 
-        return _Stack(init, lambda shardings: make_train_step(model, optimizer, A, seed, shardings),
-                      jax.jit(eval_one), leading_axes=0, batch_axis=1)
+        return _Stack(init, lambda shardings: make_train_step(model, with_lr, A, seed, shardings),
+                      jax.jit(cfg0.optim.schedule_fn(num_steps)), jax.jit(eval_one), leading_axes=0, batch_axis=1)
     optimizer = stack.unit_lr_optimizer(cfg0.optim, num_steps, model)
+    with_lr = lambda lr: stack.unit_lr_optimizer(cfg0.optim, num_steps, model, schedule=lambda count: lr)  # noqa: E731
+    unit = dataclasses.replace(cfg0.optim, lr=1.0).schedule_fn(num_steps)
     seeds, lrs = [c.train.seed for c in cfgs], [c.optim.lr for c in cfgs]
     shared = len(set(seeds)) == 1  # one data stream for all: the batch is broadcast, not stacked
     return _Stack(lambda: stack.init_stacked(model, optimizer, seeds, lrs),
-                  lambda shardings: stack.make_multi_step(model, optimizer, A, seed, shared, shardings),
+                  lambda shardings: stack.make_multi_step(model, with_lr, A, seed, shared, shardings), jax.jit(unit),
                   jax.jit(jax.vmap(eval_one, in_axes=(0, None))), leading_axes=1, batch_axis=1 if shared else 2)
 
 
@@ -289,7 +301,8 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
             return np.array([float(np.mean([float(x[k]) for x in losses])) for k in range(K)])
 
         t0 = time.perf_counter()
-        train_step = held.step(shardings).lower(state, batch_at(start_step), jnp.asarray(start_step)).compile()
+        step0 = jnp.asarray(start_step)
+        train_step = held.step(shardings).lower(state, batch_at(start_step), step0, held.lr_input(step0)).compile()
         compile_s = time.perf_counter() - t0
         peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg0.train.peak_flops) * mesh.size
         fpt = flops_per_token(cfg0.model, "chinchilla")  # MFU counts every matmul
@@ -303,7 +316,8 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
         progress = Progress(cfg0.logging, budget.steps, start_step)
 
         for step in range(start_step, budget.steps):
-            state, metrics = train_step(state, batch_at(step), jnp.asarray(step))
+            step_i = jnp.asarray(step)
+            state, metrics = train_step(state, batch_at(step), step_i, held.lr_input(step_i))
             window.append(metrics["train_loss"])
             done = step + 1
             last = done == budget.steps

@@ -143,9 +143,12 @@ class OptimConfig:
         lr = self.lr
         return lambda count: floor + (lr - floor) * (1.0 - jnp.sqrt(jnp.clip(count / length, 0.0, 1.0)))
 
-    def build(self, num_steps: int, model: "ModelConfig | None" = None) -> optax.GradientTransformation:
-        """AdamW for `num_steps`; for a µP `model` (scaling/model/mup.py), with its per-layer Adam lr multipliers."""
-        schedule = self.schedule_fn(num_steps)
+    def build(self, num_steps: int, model: "ModelConfig | None" = None,
+              schedule: "optax.Schedule | None" = None) -> optax.GradientTransformation:
+        """AdamW for `num_steps`; for a µP `model` (scaling/model/mup.py), with its per-layer Adam lr multipliers.
+        `schedule` replaces `schedule_fn(num_steps)`: the training step passes `lambda count: lr` with the step's lr
+        as an input, so its compiled code does not depend on the schedule (scaling.train.loop.train_step_fn)."""
+        schedule = self.schedule_fn(num_steps) if schedule is None else schedule
         mask = lambda params: decay_mask(params, self)  # noqa: E731
         if model is None or model.parametrization == "sp":
             adamw = optax.adamw(

@@ -56,11 +56,12 @@ def scale_by_model_lr() -> optax.GradientTransformation:
     return optax.GradientTransformation(init, update)
 
 
-def unit_lr_optimizer(optim: OptimConfig, num_steps: int,
-                      model: ModelConfig | None = None) -> optax.GradientTransformation:
+def unit_lr_optimizer(optim: OptimConfig, num_steps: int, model: ModelConfig | None = None,
+                      schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
     """`optim` at lr = 1 (with µP's per-layer multipliers for a µP `model`), then times each model's own lr: the
-    multipliers and the decay sit inside the update that lr_k scales, so model k's update is its K = 1 update."""
-    return optax.chain(dataclasses.replace(optim, lr=1.0).build(num_steps, model), scale_by_model_lr())
+    multipliers and the decay sit inside the update that lr_k scales, so model k's update is its K = 1 update.
+    `schedule`: as OptimConfig.build's (the lr = 1 shape's value, an input of the step)."""
+    return optax.chain(dataclasses.replace(optim, lr=1.0).build(num_steps, model, schedule), scale_by_model_lr())
 
 
 def init_stacked(model: ModelConfig, optimizer: optax.GradientTransformation, seeds: Sequence[int],
@@ -91,10 +92,11 @@ def make_multi_step(model: ModelConfig, optimizer: optax.GradientTransformation,
     from scaling.train.sharding import constrain
     from scaling.train.loop import train_step_fn
 
-    vmapped = jax.vmap(train_step_fn(model, optimizer, grad_accum, seed), in_axes=(0, None if shared_batch else 0, None))
+    vmapped = jax.vmap(train_step_fn(model, optimizer, grad_accum, seed),
+                       in_axes=(0, None if shared_batch else 0, None, None))
 
-    def step(state, batch, step_index):
-        new_state, metrics = vmapped(state, batch, step_index)
+    def step(state, batch, step_index, lr=None):  # lr: the unit schedule's value, when `optimizer` is lr -> optimizer
+        new_state, metrics = vmapped(state, batch, step_index, lr)
         return constrain(new_state, shardings), metrics
 
     return jax.jit(step, donate_argnums=(0,))
