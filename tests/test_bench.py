@@ -99,7 +99,14 @@ def test_missing_torch_is_explained(monkeypatch):
         return real_import(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_torch)
-    row = bench.worker({"impl": "torch", "shape": bench.asdict(TINY), "threads": 1, "warmup": 0, "steps": 1})
+    # worker() pins its process to `threads` cores, as a bench subprocess should; here it runs in pytest's process,
+    # whose later tests (and the processes they start) must keep every core.
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    try:
+        row = bench.worker({"impl": "torch", "shape": bench.asdict(TINY), "threads": 1, "warmup": 0, "steps": 1})
+    finally:
+        if cores is not None:
+            os.sched_setaffinity(0, cores)
     assert "torch not installed (pip install -e '.[bench]')" in row["error"]
 
 
