@@ -47,6 +47,23 @@ def test_vmapped_step_equals_separate_steps(shared_batch):
     assert len({round(float(x), 4) for x in losses_SxK[-1]}) == 3
 
 
+def test_vmapped_step_with_the_lr_as_input_equals_its_schedule_compiled_in_bit_for_bit():
+    # The trainer gives the K > 1 step its lr = 1 schedule's value as an input (scaling.train.loop._build_stack);
+    # against the schedule inside the vmapped step, nothing may change.
+    lrs, seeds, steps = [1e-3, 3e-3, 1e-2], [0, 1, 2], 6
+    base = OptimConfig(lr=3e-3, warmup_steps=2, schedule="wsd", decay_fraction=0.5)
+    inside = unit_lr_optimizer(base, steps)
+    with_lr = lambda lr: unit_lr_optimizer(base, steps, schedule=lambda count: lr)  # noqa: E731
+    unit_lr = jax.jit(dataclasses.replace(base, lr=1.0).schedule_fn(steps))
+    batch = jax.random.randint(jax.random.key(7), (1, 8, 17), 0, 64)
+    a, b = init_many(MODEL, inside, seeds, lrs), init_many(MODEL, inside, seeds, lrs)
+    step_a, step_b = make_multi_step(MODEL, inside, 1, 0, True), make_multi_step(MODEL, with_lr, 1, 0, True)
+    for s in range(steps):
+        a, _ = step_a(a, batch, jnp.asarray(s))
+        b, _ = step_b(b, batch, jnp.asarray(s), unit_lr(jnp.asarray(s)))
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
 def test_train_many_writes_one_record_per_model_equal_to_separate_runs(tmp_path):
     lrs = [3e-3, 1e-2, 3e-2]
     cfgs = []
