@@ -27,8 +27,7 @@ for shape in PRESETS["nanogpt"]:
         continue
     model = model_config(shape, {})
     optim = OptimConfig(warmup_steps=0)
-    lr_at = jax.jit(optim.schedule_fn(10_000))
-    with_lr = lambda lr: optim.build(10_000, schedule=lambda count: lr)  # noqa: E731  (the trainer's step)
+    lr_at, with_lr = optim.with_lr_input(10_000)  # the trainer's step
     batch = jax.random.randint(jax.random.key(1), (1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
     params = init_params(model, jax.random.key(0))
     state = {"params": params, "opt_state": optim.build(10_000).init(params)}

@@ -153,8 +153,7 @@ def test_step_with_the_lr_as_input_equals_the_schedule_compiled_in_bit_for_bit(o
                         tie_embeddings=parametrization == "sp")
     steps = 10
     inside = optim.build(steps, model)
-    with_lr = lambda lr: optim.build(steps, model, schedule=lambda count: lr)  # noqa: E731
-    lr_input = jax.jit(optim.schedule_fn(steps))
+    lr_input, with_lr = optim.with_lr_input(steps, model)  # what the trainer builds
     params = init_params(model, jax.random.key(0))
     batch = jax.random.randint(jax.random.key(1), (1, 4, 17), 0, 64)
     fresh = lambda: jax.tree_util.tree_map(jnp.array, {"params": params, "opt_state": inside.init(params)})  # noqa: E731
@@ -168,7 +167,7 @@ def test_step_with_the_lr_as_input_equals_the_schedule_compiled_in_bit_for_bit(o
     assert float(metrics_a["train_loss"]) < float(loss_fn(params, model, batch[0]))  # it trained
     # one compiled step for two schedules: the lr's value, not the schedule, is what the step is given
     other = dataclasses.replace(optim, lr=3e-3, warmup_steps=1)
-    lowered = [make_train_step(model, lambda lr, o=o: o.build(steps, model, schedule=lambda c: lr), 1, seed=0)
+    lowered = [make_train_step(model, o.with_lr_input(steps, model)[1], 1, seed=0)
                .lower(fresh(), batch, jnp.asarray(0), jnp.asarray(1e-2, jnp.float32)).as_text() for o in (optim, other)]
     assert lowered[0] == lowered[1]
 

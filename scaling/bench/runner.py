@@ -154,9 +154,7 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
     model = model_config(shape, overrides)
     optim = OptimConfig(warmup_steps=0)
     optimizer = optim.build(10_000)
-    # The trainer's step: the lr is an input, evaluated by the jitted schedule each step (scaling.train.loop).
-    lr_at = jax.jit(optim.schedule_fn(10_000))
-    with_lr = lambda lr: optim.build(10_000, schedule=lambda count: lr)  # noqa: E731
+    lr_at, with_lr = optim.with_lr_input(10_000)  # the trainer's step: the lr an input, the schedule evaluated outside
     batch = jax.random.randint(jax.random.key(1), (1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
     try:
         params = init_params(model, jax.random.key(0))  # runs the forward: the first place attention can fail

@@ -210,14 +210,14 @@ def _build_stack(cfgs: Sequence[Config], num_steps: int) -> _Stack:
     # The lr is an input of the step (train_step_fn): one compiled step per shape, whatever the schedule.
     if K == 1:
         optimizer = cfg0.optim.build(num_steps, model)
-        with_lr = lambda lr: cfg0.optim.build(num_steps, model, schedule=lambda count: lr)  # noqa: E731
+        lr_input, with_lr = cfg0.optim.with_lr_input(num_steps, model)
 
         def init() -> TrainState:
             params = init_params(model, jax.random.key(seed))
             return TrainState(params=params, opt_state=optimizer.init(params))
 
         return _Stack(init, lambda shardings: make_train_step(model, with_lr, A, seed, shardings),
-                      jax.jit(cfg0.optim.schedule_fn(num_steps)), jax.jit(eval_one), leading_axes=0, batch_axis=1)
+                      lr_input, jax.jit(eval_one), leading_axes=0, batch_axis=1)
     optimizer = stack.unit_lr_optimizer(cfg0.optim, num_steps, model)
     with_lr = lambda lr: stack.unit_lr_optimizer(cfg0.optim, num_steps, model, schedule=lambda count: lr)  # noqa: E731
     unit = dataclasses.replace(cfg0.optim, lr=1.0).schedule_fn(num_steps)

@@ -143,11 +143,17 @@ class OptimConfig:
         lr = self.lr
         return lambda count: floor + (lr - floor) * (1.0 - jnp.sqrt(jnp.clip(count / length, 0.0, 1.0)))
 
+    def with_lr_input(self, num_steps: int, model: "ModelConfig | None" = None
+                      ) -> tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array], optax.GradientTransformation]]:
+        """The trainer's form of `build`: (the jitted schedule, giving each step's lr; lr -> the optimizer at that lr).
+        The step takes the lr as an input, so its compiled code does not depend on the schedule
+        (scaling.train.loop.train_step_fn); the optimizer state is `build(num_steps, model)`'s."""
+        return jax.jit(self.schedule_fn(num_steps)), lambda lr: self.build(num_steps, model, schedule=lambda count: lr)
+
     def build(self, num_steps: int, model: "ModelConfig | None" = None,
               schedule: "optax.Schedule | None" = None) -> optax.GradientTransformation:
         """AdamW for `num_steps`; for a µP `model` (scaling/model/mup.py), with its per-layer Adam lr multipliers.
-        `schedule` replaces `schedule_fn(num_steps)`: the training step passes `lambda count: lr` with the step's lr
-        as an input, so its compiled code does not depend on the schedule (scaling.train.loop.train_step_fn)."""
+        `schedule` replaces `schedule_fn(num_steps)` (`with_lr_input` passes the step's lr as a constant one)."""
         schedule = self.schedule_fn(num_steps) if schedule is None else schedule
         mask = lambda params: decay_mask(params, self)  # noqa: E731
         if model is None or model.parametrization == "sp":

@@ -81,7 +81,7 @@ def init_many(model: ModelConfig, optimizer: optax.GradientTransformation, seeds
     return jax.jit(lambda: init_stacked(model, optimizer, seeds, lrs))()
 
 
-def make_multi_step(model: ModelConfig, optimizer: optax.GradientTransformation, grad_accum: int, seed: int,
+def make_multi_step(model: ModelConfig, optimizer: "scaling.train.loop.Optimizer", grad_accum: int, seed: int,
                     shared_batch: bool, shardings=None):
     """One jitted step for K stacked models: the single-run step of scaling.train.loop, vmapped over the model axis.
 
