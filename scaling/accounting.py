@@ -181,7 +181,9 @@ def measured_cpu_peak(cache_dir: Optional[Path] = None) -> float:
     import jax
     import jax.numpy as jnp
 
-    cache_dir = Path(cache_dir or os.environ.get("SCALING_CACHE", "~/.cache/scaling")).expanduser()
+    from scaling.paths import cache_root  # not at the top: analysis imports this module and nothing else of scaling
+
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else cache_root()
     key = f"{os.uname().nodename}-{os.cpu_count()}-{jax.devices()[0].device_kind}-{jax.__version__}"
     path = cache_dir / "cpu_peak.json"
     try:

@@ -77,3 +77,5 @@ def test_empty_compile_cache_is_refused_and_the_host_key_names_the_cpu():
     machine, digest = host_key().rsplit("-", 1)
     assert machine and len(digest) == 8 and host_key() == host_key()
     assert default_dir({"SCALING_CACHE": "/x"}) == Path("/x/xla") / host_key()
+    # Unset or empty: the default root, as the token cache reads it (scaling.paths).
+    assert default_dir({"SCALING_CACHE": ""}) == default_dir({}) == Path("~/.cache/scaling/xla").expanduser() / host_key()

@@ -242,6 +242,9 @@ def test_benchmarks_load_through_datasets_and_say_offline_what_to_use(monkeypatc
     assert hs.examples[0].choices[0] == " sings. loudly." and hs.examples[0].gold == 2 and hs.chance == 0.25
     assert hs.examples[0].context == "Cooking: A man cuts onions. He" and len(hs.examples[0].shots) == 1
     assert asked[0] == ("Rowan/hellaswag", tmp_path / "hf")
+    monkeypatch.setenv("SCALING_CACHE", str(tmp_path / "root"))  # no cache_dir: the project's cache root
+    T.build_task("hellaswag", None, n=2, k=1)
+    assert asked[-1] == ("Rowan/hellaswag", tmp_path / "root" / "hf")
     arc = T.build_task("arc_easy", None, n=2)
     assert arc.chance == pytest.approx((1 / 3 + 1 / 4) / 2)
     assert {ex.answer for ex in arc.examples} == {" solid water", " star"}

@@ -21,9 +21,10 @@ from scaling.data import cache
 from scaling.data.sources import Source, embedded_source, hf_source, local_source
 from scaling.data.synthetic import MarkovChain, SyntheticConfig, SyntheticTokenizer
 from scaling.data.tokenizers import Tokenizer, TokenizerConfig, build_tokenizer, check_vocab
+from scaling.paths import DEFAULT_CACHE_ROOT, cache_root
 
 SOURCES = ("embedded", "local", "hf", "synthetic")
-DEFAULT_CACHE_DIR = "~/.cache/scaling"
+DEFAULT_CACHE_DIR = DEFAULT_CACHE_ROOT
 
 
 @dataclass
@@ -64,7 +65,7 @@ class DataConfig:
     def resolved_cache_dir(self) -> Path:
         """The token cache folder (created on first use); one error naming the setting when it cannot be one."""
         if self.cache_dir == DEFAULT_CACHE_DIR and os.environ.get("SCALING_CACHE"):
-            path, name = Path(os.environ["SCALING_CACHE"]).expanduser(), "SCALING_CACHE"
+            path, name = cache_root(), "SCALING_CACHE"
         else:
             path, name = Path(self.cache_dir).expanduser(), "data.cache_dir"
         # The nearest existing ancestor must be a folder: the cache's subfolders are created below it.

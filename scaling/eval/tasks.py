@@ -35,6 +35,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from scaling.paths import cache_root
+
 KINDS = ("mc", "exact")
 
 
@@ -385,7 +387,7 @@ def build_task(name: str, src: Optional[HeldOut], seed: int = 0, k: Optional[int
 
 def _hf_examples(spec: TaskSpec, seed: int, k: int, n: int, cache_dir: Optional[Path]) -> tuple[Example, ...]:
     assert spec.hf is not None
-    cache_dir = Path(cache_dir or Path("~/.cache/scaling").expanduser()) / "hf"
+    cache_dir = (Path(cache_dir).expanduser() if cache_dir else cache_root()) / "hf"
     try:
         rows = load_hf_rows(spec.hf, cache_dir)
     except Exception as e:  # noqa: BLE001 - offline (ConnectionError, HF_DATASETS_OFFLINE), or not in the cache

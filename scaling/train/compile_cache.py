@@ -24,6 +24,8 @@ from typing import Optional
 
 import jax
 
+from scaling.paths import cache_root
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -45,7 +47,7 @@ def host_key() -> str:
 
 def default_dir(environ: Optional[dict] = None) -> Path:
     environ = os.environ if environ is None else environ
-    return Path(environ.get("SCALING_CACHE", "~/.cache/scaling")).expanduser() / "xla" / host_key()
+    return cache_root(environ) / "xla" / host_key()
 
 
 def configure_compile_cache(setting: Optional[str], environ: Optional[dict] = None) -> Optional[Path]:
