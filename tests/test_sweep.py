@@ -130,6 +130,51 @@ def test_joblib_launcher_runs_the_sweep_in_parallel_processes(tmp_path):
     assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_joblib_workers_exit_when_their_sweep_is_killed_with_sigkill(tmp_path):
+    """kill -9 of a joblib sweep's main process used to leave its loky workers training their runs to the end
+    (holding their cores' locks); now they exit within seconds, and their runs stay resumable (no final record)."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "scaling.train", "-m", *SMALL, f"hydra.sweep.dir={sweep_dir}",
+           f"data.cache_dir={tmp_path / 'cache'}", "hydra/launcher=joblib_cpu", "hydra.launcher.n_jobs=2",
+           "hydra.sweeper.plan.budgets=[1e11]", "logging.log_every=1"]  # minutes of training per run
+    main = subprocess.Popen(cmd, cwd=tmp_path, env={**os.environ, "SCALING_CACHE": str(tmp_path / "cache")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(p.stat().st_size for p in sweep_dir.rglob("metrics.jsonl")):
+            time.sleep(0.5)
+        workers = [c for c in _children(main.pid) if b"popen_loky" in (Path("/proc") / str(c) / "cmdline").read_bytes()]
+        assert workers, "the sweep started no loky worker that trains"
+    finally:
+        main.kill()
+        main.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.5)
+    assert not any(_alive(w) for w in workers), "a worker outlived its killed sweep"
+    assert not list(sweep_dir.rglob("record.json"))  # interrupted, not finished: a relaunch resumes them
+
+
 def test_a_failing_run_is_recorded_and_the_others_complete(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # An injected failure: a vocabulary smaller than the data's makes that one run fail inside the trainer.

@@ -38,8 +38,9 @@ from scaling.record import (CONFIG_FILE, FINAL, RecordError, eval_columns, faile
                             package_versions, read_record, record_status, summary_fields, text_metrics,
                             write_json_atomic, write_record)
 from scaling.train.compile_cache import configure_compile_cache
-from scaling.train.sharding import (check_batch, configure_cpu_devices, constrain, initialize_distributed, init_sharded,
-                                    make_mesh, pin_cores, put_batch, state_shardings)
+from scaling.train.sharding import (check_batch, configure_cpu_devices, constrain, exit_with_parent,
+                                    initialize_distributed, init_sharded, make_mesh, pin_cores, put_batch,
+                                    state_shardings)
 from scaling.train.tracking import Progress, build_tracker, read_metrics
 
 log = logging.getLogger("scaling.train.loop")
@@ -125,6 +126,7 @@ def train_runs(cfgs: Sequence[Config], run_dirs: Sequence[Path]) -> list[dict]:
         raise ValueError(f"train: give one distinct run directory per config (got {len(run_dirs)} for {len(cfgs)}).")
     for cfg in cfgs:  # a bad budget fails here, before anything is written (a corrected command then starts clean)
         resolve_budget(cfg.model, cfg.train)
+    exit_with_parent()  # a joblib worker does not outlive a sweep killed with SIGKILL
     pin_cores()  # before anything below starts the backend (and its threads)
     configure_compile_cache(cfgs[0].compile_cache)  # before anything compiles
     configure_cpu_devices(cfgs[0].sharding)

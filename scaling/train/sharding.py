@@ -85,6 +85,43 @@ CORES_ENV = "SCALING_CORES_PER_JOB"  # set by hydra/launcher=joblib_cpu (configs
 _held_cores: list = []  # this process's core locks: open files whose flock lives as long as the process
 
 
+_watching_parent: list[int] = []  # the launcher process a worker watches (set once per process)
+
+
+def exit_with_parent(poll_s: float = 2.0) -> Optional[int]:
+    """In a joblib launcher's worker (a loky process), exits this process when the sweep's main process dies: returns
+    the pid watched, or None elsewhere (in-process launchers, submitit/SLURM jobs, plain runs).
+
+    Why: a sweep killed with SIGKILL cannot stop its loky workers, which trained their current runs to the end,
+    held their cores' locks (so a relaunch ran unpinned beside them) and wrote into directories the user may be
+    deleting (BENCHMARKS.md, session 12). A worker is its launcher's child, so losing the launcher re-parents it:
+    then it exits at once, as if killed with it. That is a kill -9 of the run, which a relaunch resumes from its
+    last checkpoint bit for bit (tests/test_train.py); no record is half-written (records are written atomically).
+    """
+    import multiprocessing
+    import sys
+    import threading
+    import time
+
+    if _watching_parent:
+        return _watching_parent[0]
+    if not multiprocessing.current_process().name.startswith("LokyProcess"):
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print(f"scaling: this sweep worker's launcher (pid {parent}) is gone; exiting (a relaunch resumes its "
+                      "runs from their checkpoints)", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+    _watching_parent.append(parent)
+    return parent
+
+
 def pin_cores(environ: Optional[dict] = None, lock_dir: Optional[Path] = None) -> Optional[list[int]]:
     """Pins this process to `SCALING_CORES_PER_JOB` cores no other pinned job holds, before JAX starts its backend;
     returns the cores, or None when unset, already pinned, too late, or no core is free (then it runs unpinned).
