@@ -161,9 +161,9 @@ def pin_cores(environ: Optional[dict] = None, lock_dir: Optional[Path] = None) -
     if len(held) < int(want):
         for _, f in held:
             f.close()  # releases the flock
-        log.warning("%s=%s: only %d of this machine's cores are free of other jobs (this sweep's, another sweep's, or "
-                    "the workers of a killed sweep finishing their runs); running unpinned. Launch at most cores / %s "
-                    "jobs at once (hydra.launcher.n_jobs)", CORES_ENV, want, len(held), want)
+        log.warning("%s=%s: only %d of this machine's cores are free of other jobs (this sweep's or another sweep's; "
+                    "a killed sweep's workers exit within seconds); running unpinned. Launch at most cores / %s jobs "
+                    "at once (hydra.launcher.n_jobs)", CORES_ENV, want, len(held), want)
         return None
     cores = [c for c, _ in held]
     os.sched_setaffinity(0, cores)  # this thread; every thread JAX starts from here on inherits it
