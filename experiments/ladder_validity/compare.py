@@ -1,10 +1,11 @@
 """Ladder validity: the final loss of each cooldown branch against the ordinary cosine run to the same D.
 
     python experiments/ladder_validity/compare.py multirun/ladder_validity_cosine multirun/ladder_validity
+    python experiments/ladder_validity/compare.py COSINE_DIR LADDER_DIR long   # -> gap_long.md, gap_long.png
 
 Reads each sweep's runs.csv (`python -m scaling.sweep collect` writes it; collected here when missing), matches points
 by shape (d_model, n_layers) and D, and writes gap.md (the table) and gap.png (loss against D per shape) beside this
-script. gap = branch / cosine - 1: Hägele et al. 2024 (Fig. 3-4) find a 20% cooldown within about 0.5% of cosine.
+script (gap_<suffix>.* with a third argument). gap = branch / cosine - 1: Hägele et al. 2024 (Fig. 3-4) find a 20% cooldown within about 0.5% of cosine.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def runs(sweep: Path) -> pd.DataFrame:
     return df
 
 
-def main(cosine_dir: str, ladder_dir: str) -> pd.DataFrame:
+def main(cosine_dir: str, ladder_dir: str, suffix: str = "") -> pd.DataFrame:
+    stem = f"gap_{suffix}" if suffix else "gap"
     cosine, ladder = runs(Path(cosine_dir)), runs(Path(ladder_dir))
     branches = ladder[ladder["role"] == "branch"]
     both = cosine[KEY + ["N", "loss", "C"]].merge(branches[KEY + ["loss", "C_spent"]], on=KEY, suffixes=("_cosine", "_branch"))
@@ -50,7 +52,7 @@ def main(cosine_dir: str, ladder_dir: str) -> pd.DataFrame:
     lines += ["", f"Mean gap {both['gap'].mean():+.2%}, largest |gap| {both['gap'].abs().max():.2%} over {len(both)} "
               f"points. FLOPs spent (chinchilla): cosine runs {spent_cosine:.3g}, ladders {spent_ladder:.3g} "
               f"({spent_ladder / spent_cosine:.2f}x)."]
-    (OUT / "gap.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -63,11 +65,11 @@ def main(cosine_dir: str, ladder_dir: str) -> pd.DataFrame:
     ax.set_title("Cooldown branches (20%) vs cosine runs to the same D")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(OUT / "gap.png", dpi=120)
+    fig.savefig(OUT / f"{stem}.png", dpi=120)
     return both
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         raise SystemExit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
