@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from scaling.model.decoder import ModelConfig, init_params
-from scaling.train.stack import check_group, group_by_shape, init_many, make_multi_step, unit_lr_optimizer, use_vmap
+from scaling.train.stack import (check_group, group_by_shape, init_many, make_multi_step, unit_lr_input,
+                                 unit_lr_optimizer, use_vmap)
 from scaling.train.optim import OptimConfig
 from scaling.train.tracking import read_metrics
 from scaling.record import read_record, write_record
@@ -53,8 +54,7 @@ def test_vmapped_step_with_the_lr_as_input_equals_its_schedule_compiled_in_bit_f
     lrs, seeds, steps = [1e-3, 3e-3, 1e-2], [0, 1, 2], 6
     base = OptimConfig(lr=3e-3, warmup_steps=2, schedule="wsd", decay_fraction=0.5)
     inside = unit_lr_optimizer(base, steps)
-    with_lr = lambda lr: unit_lr_optimizer(base, steps, schedule=lambda count: lr)  # noqa: E731
-    unit_lr = jax.jit(dataclasses.replace(base, lr=1.0).schedule_fn(steps))
+    unit_lr, with_lr = unit_lr_input(base, steps)  # what the trainer builds
     batch = jax.random.randint(jax.random.key(7), (1, 8, 17), 0, 64)
     a, b = init_many(MODEL, inside, seeds, lrs), init_many(MODEL, inside, seeds, lrs)
     step_a, step_b = make_multi_step(MODEL, inside, 1, 0, True), make_multi_step(MODEL, with_lr, 1, 0, True)

@@ -221,12 +221,11 @@ def _build_stack(cfgs: Sequence[Config], num_steps: int) -> _Stack:
         return _Stack(init, lambda shardings: make_train_step(model, with_lr, A, seed, shardings),
                       lr_input, jax.jit(eval_one), leading_axes=0, batch_axis=1)
     optimizer = stack.unit_lr_optimizer(cfg0.optim, num_steps, model)
-    with_lr = lambda lr: stack.unit_lr_optimizer(cfg0.optim, num_steps, model, schedule=lambda count: lr)  # noqa: E731
-    unit = dataclasses.replace(cfg0.optim, lr=1.0).schedule_fn(num_steps)
+    unit_lr, with_lr = stack.unit_lr_input(cfg0.optim, num_steps, model)
     seeds, lrs = [c.train.seed for c in cfgs], [c.optim.lr for c in cfgs]
     shared = len(set(seeds)) == 1  # one data stream for all: the batch is broadcast, not stacked
     return _Stack(lambda: stack.init_stacked(model, optimizer, seeds, lrs),
-                  lambda shardings: stack.make_multi_step(model, with_lr, A, seed, shared, shardings), jax.jit(unit),
+                  lambda shardings: stack.make_multi_step(model, with_lr, A, seed, shared, shardings), unit_lr,
                   jax.jit(jax.vmap(eval_one, in_axes=(0, None))), leading_axes=1, batch_axis=1 if shared else 2)
 
 

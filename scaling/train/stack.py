@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +62,14 @@ def unit_lr_optimizer(optim: OptimConfig, num_steps: int, model: ModelConfig | N
     multipliers and the decay sit inside the update that lr_k scales, so model k's update is its K = 1 update.
     `schedule`: as OptimConfig.build's (the lr = 1 shape's value, an input of the step)."""
     return optax.chain(dataclasses.replace(optim, lr=1.0).build(num_steps, model, schedule), scale_by_model_lr())
+
+
+def unit_lr_input(optim: OptimConfig, num_steps: int, model: ModelConfig | None = None
+                  ) -> tuple[Callable[[jax.Array], jax.Array], Callable[[jax.Array], optax.GradientTransformation]]:
+    """The K > 1 trainer's form of `unit_lr_optimizer`, as OptimConfig.with_lr_input is the K = 1 one: (the jitted
+    lr = 1 schedule, giving each step's unit lr; unit lr -> the optimizer at it)."""
+    unit = jax.jit(dataclasses.replace(optim, lr=1.0).schedule_fn(num_steps))
+    return unit, lambda lr: unit_lr_optimizer(optim, num_steps, model, schedule=lambda count: lr)
 
 
 def init_stacked(model: ModelConfig, optimizer: optax.GradientTransformation, seeds: Sequence[int],
