@@ -479,15 +479,14 @@ def _wandb_core() -> str | None:
     return None
 
 
-def _leet_inspect(path: str, summary: bool) -> "subprocess.CompletedProcess":
+def _leet_inspect(path: str, summary: bool, core: str | None) -> "subprocess.CompletedProcess":
     """`wandb leet inspect [--summary] --json PATH`. The Python CLI only builds wandb-core's arguments and runs it, at
     ~0.6 s of interpreter and wandb import per call (two calls per run file: 1.3 s a run); wandb-core itself reads a
     file in ~30 ms. So call it directly, with the arguments the CLI passes offline (wandb/cli/leet.py), and fall back
-    to the CLI when that fails (another wandb version's flags)."""
+    to the CLI when that fails (another wandb version's flags). `core`: `_wandb_core()`, or None for the CLI only."""
     import subprocess
 
     flags = ["--summary", "--json"] if summary else ["--json"]
-    core = _wandb_core()
     if core is not None:
         run_file = Path(path).resolve()
         direct = subprocess.run([core, "leet", "inspect", "--no-observability", *flags, "--run-file", str(run_file),
@@ -503,10 +502,10 @@ def read_wandb_file(path: str | Path) -> dict:
     key): {"name", "state", "summary", "config", "group", "job_type", "history": [step dicts]}."""
     import subprocess
 
-    p = str(path)
+    p, core = str(path), _wandb_core()
     try:
-        summ = _leet_inspect(p, summary=True)
-        recs = _leet_inspect(p, summary=False)
+        summ = _leet_inspect(p, summary=True, core=core)
+        recs = _leet_inspect(p, summary=False, core=core)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise ValueError(f"wandb file {p!r}: `wandb leet inspect` could not run ({exc}); is wandb >= 0.31 installed?") \
             from None
