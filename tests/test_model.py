@@ -1,4 +1,5 @@
 import math
+import re
 
 import flax.linen as nn
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from scaling.model import decoder
 from scaling.model.attention import blocked_causal_attention, query_blocks
 from scaling.model.head_loss import head_cross_entropy
 from scaling.model.decoder import (
@@ -333,3 +335,22 @@ def test_auto_head_loss_is_chunked_for_float32_on_cpu_only():
     assert resolve_head_loss(ModelConfig(**TINY)) == ("chunked" if on_cpu else "reference")
     assert resolve_head_loss(ModelConfig(**TINY, compute_dtype="bfloat16")) == "reference"
     assert resolve_head_loss(ModelConfig(**TINY, head_loss="reference")) == "reference"
+
+
+def test_dense_layers_multiply_flattened_tokens_with_the_same_math(monkeypatch):
+    """Every Dense contracts one dimension (tokens flattened), so no weight gradient contracts two (B and L), which
+    XLA:CPU runs as transposes + a slow dot; loss and gradients equal lax.dot_general's over [B, L, D]."""
+    cfg = ModelConfig(**TINY, tie_embeddings=False, head_loss="reference")
+    params, batch = init_params(cfg, jax.random.key(0)), _tokens(cfg, length=cfg.seq_len + 1)
+
+    def contracted_dims() -> list[str]:  # every dot's lhs contracting dims in the lowered gradient
+        text = jax.jit(lambda p, b: jax.grad(loss_fn)(p, cfg, b)).lower(params, batch).as_text()
+        return re.findall(r"contracting_dims = \[([\d, ]+)\] x", text)
+
+    assert contracted_dims() and all("," not in c for c in contracted_dims()), contracted_dims()
+    loss, g = jax.value_and_grad(loss_fn)(params, cfg, batch)
+    monkeypatch.setattr(decoder, "tokens_dot_general", jax.lax.dot_general)
+    assert any("," in c for c in contracted_dims())  # the check above can fail
+    loss_3d, g_3d = jax.value_and_grad(loss_fn)(params, cfg, batch)
+    assert float(loss) == pytest.approx(float(loss_3d), rel=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), g, g_3d)
