@@ -159,3 +159,13 @@ def test_bad_arguments_fail_clearly():
         bench.parse_args(["--refs", "numpy"])
 
 
+
+
+def test_profile_groups_name_matmuls_of_every_cpu_library_and_the_model_part():
+    profile_group = bench.profile_group
+    op = "jit(step_fn)/transpose(jvp(Transformer))/block_1/mlp/fc/dot_general"
+    for fusion in ("ynn_fusion.3", "onednn_fusion.12", "dot.78"):
+        assert profile_group(fusion, op) == "bwd mlp/fc matmul", fusion
+    gelu = "jit(step_fn)/jvp(Transformer)/block_2/mlp/tanh"
+    assert profile_group("multiply_tanh_fusion", gelu) == "fwd mlp gelu other"
+    assert profile_group("loop_fusion", "jit(step_fn)/jvp(Transformer)/block_0/ln_1/mul") == "fwd layernorm other"

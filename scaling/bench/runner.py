@@ -263,7 +263,8 @@ def profile_group(fusion: str, op_name: str) -> str:
     import re
 
     direction = "bwd" if "transpose(" in op_name else "fwd"
-    kind = "matmul" if ("dot_general" in op_name.rsplit("/", 1)[-1] and "ynn" in fusion) or fusion.startswith(
+    library = "ynn" in fusion or "onednn" in fusion  # XLA:CPU's library fusions (YNNPACK, or oneDNN when enabled)
+    kind = "matmul" if ("dot_general" in op_name.rsplit("/", 1)[-1] and library) or fusion.startswith(
         "dot") else "other"
     for part, pattern in (("attn/qkv", "/attn/qkv/"), ("attn/proj", "/attn/proj/"), ("attn core", "/attn/"),
                           ("mlp/fc", "/mlp/fc/"), ("mlp/proj", "/mlp/proj/"), ("mlp gelu", "/mlp/"),
