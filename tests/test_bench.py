@@ -159,8 +159,6 @@ def test_bad_arguments_fail_clearly():
         bench.parse_args(["--refs", "numpy"])
 
 
-
-
 def test_profile_groups_name_matmuls_of_every_cpu_library_and_the_model_part():
     profile_group = bench.profile_group
     op = "jit(step_fn)/transpose(jvp(Transformer))/block_1/mlp/fc/dot_general"

@@ -337,10 +337,12 @@ def test_auto_head_loss_is_chunked_for_float32_on_cpu_only():
     assert resolve_head_loss(ModelConfig(**TINY, head_loss="reference")) == "reference"
 
 
-def test_dense_layers_multiply_flattened_tokens_with_the_same_math(monkeypatch):
-    """Every Dense contracts one dimension (tokens flattened), so no weight gradient contracts two (B and L), which
-    XLA:CPU runs as transposes + a slow dot; loss and gradients equal lax.dot_general's over [B, L, D]."""
-    cfg = ModelConfig(**TINY, tie_embeddings=False, head_loss="reference")
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_dense_layers_multiply_flattened_tokens_with_the_same_math(monkeypatch, tie_embeddings):
+    """Every Dense and the tied head contract one dimension (tokens flattened), so no weight gradient contracts two
+    (B and L), which XLA:CPU runs as transposes + a slow dot; loss and gradients equal lax.dot_general's over
+    [B, L, D] (the untied model; the tied head's reshape is the same math)."""
+    cfg = ModelConfig(**TINY, tie_embeddings=tie_embeddings, head_loss="reference")
     params, batch = init_params(cfg, jax.random.key(0)), _tokens(cfg, length=cfg.seq_len + 1)
 
     def contracted_dims() -> list[str]:  # every dot's lhs contracting dims in the lowered gradient
@@ -349,6 +351,8 @@ def test_dense_layers_multiply_flattened_tokens_with_the_same_math(monkeypatch):
 
     assert contracted_dims() and all("," not in c for c in contracted_dims()), contracted_dims()
     loss, g = jax.value_and_grad(loss_fn)(params, cfg, batch)
+    if tie_embeddings:
+        return
     monkeypatch.setattr(decoder, "tokens_dot_general", jax.lax.dot_general)
     assert any("," in c for c in contracted_dims())  # the check above can fail
     loss_3d, g_3d = jax.value_and_grad(loss_fn)(params, cfg, batch)

@@ -407,7 +407,8 @@ class Transformer(nn.Module):
             return x_BxLxD
 
         if cfg.tie_embeddings:
-            logits_BxLxV = wte.attend(x_BxLxD)
+            # Over flattened tokens, as every Dense (tokens_dot_general): the embedding's gradient is then one GEMM.
+            logits_BxLxV = wte.attend(x_BxLxD.reshape(-1, cfg.d_model)).reshape(*x_BxLxD.shape[:-1], -1)
         else:
             logits_BxLxV = nn.Dense(
                 cfg.vocab_size,
