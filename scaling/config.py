@@ -40,6 +40,10 @@ class TrainConfig:
     eval_tokens: int = 65536  # fixed held-out tokens per evaluation
     divergence_factor: float = 3.0  # stop as diverged when the train loss exceeds this x its first value
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; None: table, or a measured CPU probe
+    # Optimizer steps per call of the compiled step (scaling.train.loop.chain_steps): up to this many run in one
+    # executable, which allocates its temporaries once for all of them; the loop still stops at every logging,
+    # evaluation and checkpoint step. 1: one call per step.
+    steps_per_call: int = 16
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     # A branch (a ladder's cooldown, scaling.sweep.plan kind "ladder"): the run starts from the checkpoint of step
     # `branch_step` of the run in `parent` (a run directory; relative paths are siblings of this run's directory) and
@@ -57,7 +61,7 @@ class TrainConfig:
                 raise ValueError(f"train.{name}={value!r} is invalid: the budget must be positive.")
         if self.flops_convention not in FLOP_CONVENTIONS:
             raise ValueError(f"train.flops_convention={self.flops_convention!r} is unknown: use one of {FLOP_CONVENTIONS}.")
-        for name in ("batch_size", "grad_accum", "eval_every", "eval_tokens"):
+        for name in ("batch_size", "grad_accum", "eval_every", "eval_tokens", "steps_per_call"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:  # as ModelConfig: True is no size
                 raise ValueError(f"train.{name}={value!r} is invalid: it must be a positive integer.")

@@ -112,6 +112,7 @@ def test_budget_errors(tmp_path, kw, message):
         (dict(steps=3, flops_convention="6ND"), "train.flops_convention='6ND' is unknown"),
         (dict(steps=3, divergence_factor=0.5), "train.divergence_factor=0.5 is invalid"),
         (dict(steps=3, batch_size=True), "train.batch_size=True is invalid"),
+        (dict(steps=3, steps_per_call=0), "train.steps_per_call=0 is invalid: it must be a positive integer"),
     ],
 )
 def test_train_config_errors(kw, message):
@@ -170,6 +171,48 @@ def test_step_with_the_lr_as_input_equals_the_schedule_compiled_in_bit_for_bit(o
     lowered = [make_train_step(model, o.with_lr_input(steps, model)[1], 1, seed=0)
                .lower(fresh(), batch, jnp.asarray(0), jnp.asarray(1e-2, jnp.float32)).as_text() for o in (optim, other)]
     assert lowered[0] == lowered[1]
+
+
+def test_chained_steps_equal_single_steps_bit_for_bit():
+    # steps_per_call > 1 runs n steps inside one executable (loop.chain_steps): each step must be the single step on
+    # its own batch, step number and lr, and the padding rows past n must never run.
+    model = ModelConfig(d_model=32, n_layers=2, n_heads=2, vocab_size=64, seq_len=16)
+    optim = OptimConfig(lr=1e-2, warmup_steps=2, schedule="cosine")
+    lr_input, with_lr = optim.with_lr_input(10, model)
+    params = init_params(model, jax.random.key(0))
+    fresh = lambda: jax.tree_util.tree_map(jnp.array, {"params": params, "opt_state": optim.build(10, model).init(params)})  # noqa: E731
+    batches = jax.random.randint(jax.random.key(1), (8, 1, 4, 17), 0, 64)
+    single, chained = make_train_step(model, with_lr, 1, seed=0), make_train_step(model, with_lr, 1, 0, None, 8)
+    a, losses_a = fresh(), []
+    for i in range(5):
+        a, metrics = single(a, batches[i], jnp.asarray(i), lr_input(jnp.asarray(i)))
+        losses_a.append(float(metrics["train_loss"]))
+    b, metrics_b = chained(fresh(), batches, jnp.asarray(0), jnp.stack([lr_input(jnp.asarray(i)) for i in range(8)]),
+                           jnp.asarray(5))
+    np.testing.assert_array_equal(np.asarray(metrics_b["train_loss"]), losses_a + [0.0] * 3)  # rows 5..7: not run
+    assert float(metrics_b["grad_norm"]) == float(metrics["grad_norm"])
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def _metric_rows(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "mfu")} for row in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_steps_per_call_changes_no_logged_value_checkpoint_or_loss(tmp_path):
+    # The loop stops a chunk of steps at every logging, checkpoint and kept step (a ladder's branch points), so the
+    # run logs, evaluates and saves exactly where one call per step does, with the same numbers.
+    ckpt = CheckpointConfig(every=5, keep=10, keep_steps=[7])
+    runs = {}
+    for p in (1, 4):
+        cfg = tiny_config(tmp_path, steps=13, steps_per_call=p, checkpoint=ckpt)
+        cfg.logging.log_every = 3
+        runs[p] = (train(cfg, tmp_path / f"p{p}"), _metric_rows(tmp_path / f"p{p}"))
+        saved = sorted(int(d.name) for d in (tmp_path / f"p{p}" / "checkpoints").iterdir() if d.name.isdigit())
+        assert saved == [5, 7, 10, 13]
+    (rec1, rows1), (rec4, rows4) = runs[1], runs[4]
+    assert [r["step"] for r in rows4] == [3, 6, 9, 12, 13] and rows4 == rows1
+    assert (rec4["loss"], rec4["train_loss"]) == (rec1["loss"], rec1["train_loss"]) and rec4["status"] == "completed"
+    assert rec4["tokens_per_s"] > 0
 
 
 def test_forced_nan_gives_diverged_record(tmp_path):

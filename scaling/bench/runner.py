@@ -142,7 +142,9 @@ def _peak_memory(compiled, device) -> Optional[int]:
 
 
 def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: float, profile: bool = False,
-              devices: int = 1) -> dict:
+              devices: int = 1, steps_per_call: int = 1) -> dict:
+    """The training loop's step on `shape`; with `steps_per_call` > 1, as the loop runs it by default
+    (scaling.train.loop.chain_steps): calls of that many steps, timed per step (call time / steps_per_call)."""
     import jax
     import jax.numpy as jnp
 
@@ -170,8 +172,17 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
             shardings = state_shardings(state, mesh, sharding)
             state, batch = jax.device_put(state, shardings), put_batch(np.asarray(batch), mesh, 1)
         t0 = time.perf_counter()
-        step0 = jnp.asarray(0)
-        compiled = make_train_step(model, with_lr, 1, 0, shardings).lower(state, batch, step0, lr_at(step0)).compile()
+        step0, P = jnp.asarray(0), steps_per_call
+        if P > 1:  # P different batches per call, as the loop's chunks (a repeated batch would train on one batch)
+            batch = jax.random.randint(jax.random.key(1), (P, 1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
+            if devices > 1:
+                batch = put_batch(np.asarray(batch), mesh, 2)
+            lrs = jnp.stack([lr_at(jnp.asarray(i)) for i in range(P)])
+            compiled = make_train_step(model, with_lr, 1, 0, shardings, P).lower(state, batch, step0, lrs,
+                                                                                 jnp.asarray(P)).compile()
+        else:
+            compiled = make_train_step(model, with_lr, 1, 0, shardings).lower(state, batch, step0,
+                                                                              lr_at(step0)).compile()
     except Exception as e:
         if model.attention == "cudnn":
             raise RuntimeError(
@@ -184,8 +195,13 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
     used = attention_used(model, compiled.as_text())
     if model.attention == "cudnn" and used != "cudnn":
         raise RuntimeError("model.attention=cudnn was requested but the compiled step holds no cuDNN attention call.")
-    step = lambda state, batch, i: compiled(state, batch, i, lr_at(i))  # noqa: E731
-    step_s, metrics, state = _timed(step, state, batch, warmup, steps)
+    if P > 1:
+        step = lambda state, batch, i: compiled(state, batch, i * P, lrs, jnp.asarray(P))  # noqa: E731
+    else:
+        step = lambda state, batch, i: compiled(state, batch, i, lr_at(i))  # noqa: E731
+    call_s, metrics, state = _timed(step, state, batch, warmup, steps)
+    step_s = call_s / P
+    metrics = {**metrics, "train_loss": metrics["train_loss"][-1] if P > 1 else metrics["train_loss"]}
     ops = profile_step(compiled, step, state, batch) if profile else None
     tokens_per_s = shape.batch * shape.seq_len / step_s
     achieved = tokens_per_s * flops_per_token(model, "chinchilla")
@@ -195,7 +211,7 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
         "flops_per_s": achieved, "mfu": achieved / peak, "compile_s": compile_s,
         "peak_memory_bytes": _peak_memory(compiled, jax.devices()[0]), "attention": used,
         "compute_dtype": model.compute_dtype, "remat": model.remat, "loss": float(metrics["train_loss"]),
-        "mesh_devices": devices,
+        "mesh_devices": devices, "steps_per_call": P,
         **({"profile": ops} if ops else {}),
     }
 
@@ -326,8 +342,11 @@ def _run_one(spec: dict) -> dict:
         configure_cpu_devices(ShardingConfig(cpu_devices=devices))  # as the training loop: before the backend starts
         kind = jax.devices()[0].device_kind
         peak = peak_flops_per_device(kind, spec["peak_flops"])
+        from scaling.config import TrainConfig
+
+        P = spec.get("steps_per_call") or TrainConfig().steps_per_call  # None: what a training run uses
         row = bench_jax(shape, spec["overrides"], spec["warmup"], spec["steps"], peak, spec.get("profile", False),
-                        devices)
+                        devices, P)
         on_table = spec["peak_flops"] or any(k.lower() in kind.lower() for k in PEAK_FLOPS)
         return {**row, "device_kind": kind, "platform": jax.devices()[0].platform, "n_devices": jax.device_count(),
                 "peak_flops": peak, "peak_source": "datasheet/override" if on_table else "measured XLA f32 matmul",
@@ -504,7 +523,7 @@ def run(args: argparse.Namespace) -> dict:
                 overrides = {**overrides, "attention": args.attention}
             overrides = {**overrides, **args.set}
             spec = {**base, "impl": "jax", "shape": asdict(shape), "overrides": overrides, "profile": args.profile,
-                    "cpu_devices": devices}
+                    "cpu_devices": devices, "steps_per_call": args.steps_per_call}
             row = {"shape": shape.name, **_measure(spec, env, args.timeout), "variant": label}
             if "error" in row and args.strict:
                 raise RuntimeError(f"{shape.name} {label}: {row['error']}")
@@ -561,6 +580,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU")
     p.add_argument("--xla-flags", choices=["default", "none"], default="default",
                    help="gpu preset: add GPU_XLA_FLAGS to XLA_FLAGS (default) or leave XLA_FLAGS as is")
+    p.add_argument("--steps-per-call", type=int, default=None,
+                   help="optimizer steps per call of the compiled step (default: train.steps_per_call's default)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one measurement (one process) may take")
     p.add_argument("--strict", action="store_true", help="raise on the first failing shape instead of reporting it")
     p.add_argument("--json", help="also write the report as JSON to this path")

@@ -55,9 +55,43 @@ TrainState = dict
 Optimizer = Union[optax.GradientTransformation, Callable[[jax.Array], optax.GradientTransformation]]
 
 
-def make_train_step(model: ModelConfig, optimizer: Optimizer, grad_accum: int, seed: int, shardings: Any = None):
-    """A jit-compiled step that donates the old state's buffers (see `train_step_fn`)."""
-    return jax.jit(train_step_fn(model, optimizer, grad_accum, seed, shardings), donate_argnums=(0,))
+def make_train_step(model: ModelConfig, optimizer: Optimizer, grad_accum: int, seed: int, shardings: Any = None,
+                    steps_per_call: int = 1):
+    """A jit-compiled step that donates the old state's buffers (see `train_step_fn`); with `steps_per_call` > 1, up
+    to that many steps per call (`chain_steps`)."""
+    step_fn = train_step_fn(model, optimizer, grad_accum, seed, shardings)
+    chained = step_fn if steps_per_call == 1 else chain_steps(step_fn, steps_per_call, shardings)
+    return jax.jit(chained, donate_argnums=(0,))
+
+
+def chain_steps(step_fn: Callable, n_max: int, shardings: Any = None) -> Callable:
+    """`step_fn` run n <= `n_max` times in one executable: (state, batches [n_max, ...], first step, lrs [n_max], n) ->
+    (state, {"train_loss": [n_max, ...] (rows past n are zeros), "grad_norm": the n-th step's}).
+
+    Why: an XLA:CPU executable allocates its temporaries (the step's activations, 1.3 GB at d384 x 16 x 256) as one
+    block per call, and glibc maps blocks that large fresh from the kernel and unmaps them on free, so every call
+    faults every page in again: 350k page faults, ~0.5 CPU-s of a 1.9 s step (BENCHMARKS.md, session 14). A loop
+    inside the executable reuses the block for all n steps; n is an argument (a while loop), so one compilation serves
+    chunks of every length. Each step is `step_fn` on its own batch, step number and lr: the same math as n calls.
+    `shardings` (the state's) pin the loop's state to the layout the step keeps, so the executable takes and returns
+    the state as the trainer placed it.
+    """
+
+    def chained(state: TrainState, batches: jax.Array, step0: jax.Array, lrs: jax.Array, n: jax.Array):
+        state = constrain(state, shardings)
+        metrics = jax.eval_shape(step_fn, state, batches[0], step0, lrs[0])[1]
+        loss, norm = metrics["train_loss"], metrics["grad_norm"]
+
+        def body(i, carry):
+            state, losses, _ = carry
+            state, m = step_fn(state, batches[i], step0 + i, lrs[i])
+            return state, losses.at[i].set(m["train_loss"]), m["grad_norm"]
+
+        carry = (state, jnp.zeros((n_max, *loss.shape), loss.dtype), jnp.zeros(norm.shape, norm.dtype))
+        state, losses, grad_norm = jax.lax.fori_loop(0, n, body, carry)
+        return constrain(state, shardings), {"train_loss": losses, "grad_norm": grad_norm}
+
+    return chained
 
 
 def train_step_fn(model: ModelConfig, optimizer: Optimizer, grad_accum: int, seed: int, shardings: Any = None):
@@ -207,7 +241,7 @@ class _Stack:
 
 def _build_stack(cfgs: Sequence[Config], num_steps: int) -> _Stack:
     cfg0, K = cfgs[0], len(cfgs)
-    model, A, seed = cfg0.model, cfg0.train.grad_accum, cfg0.train.seed
+    model, A, seed, P = cfg0.model, cfg0.train.grad_accum, cfg0.train.seed, cfg0.train.steps_per_call
     eval_one = lambda params, batch_BxLp1: loss_fn(params, model, batch_BxLp1)  # noqa: E731
     # The lr is an input of the step (train_step_fn): one compiled step per shape, whatever the schedule.
     if K == 1:
@@ -218,14 +252,14 @@ def _build_stack(cfgs: Sequence[Config], num_steps: int) -> _Stack:
             params = init_params(model, jax.random.key(seed))
             return TrainState(params=params, opt_state=optimizer.init(params))
 
-        return _Stack(init, lambda shardings: make_train_step(model, with_lr, A, seed, shardings),
+        return _Stack(init, lambda shardings: make_train_step(model, with_lr, A, seed, shardings, P),
                       lr_input, jax.jit(eval_one), leading_axes=0, batch_axis=1)
     optimizer = stack.unit_lr_optimizer(cfg0.optim, num_steps, model)
     unit_lr, with_lr = stack.unit_lr_input(cfg0.optim, num_steps, model)
     seeds, lrs = [c.train.seed for c in cfgs], [c.optim.lr for c in cfgs]
     shared = len(set(seeds)) == 1  # one data stream for all: the batch is broadcast, not stacked
     return _Stack(lambda: stack.init_stacked(model, optimizer, seeds, lrs),
-                  lambda shardings: stack.make_multi_step(model, with_lr, A, seed, shared, shardings), unit_lr,
+                  lambda shardings: stack.make_multi_step(model, with_lr, A, seed, shared, shardings, P), unit_lr,
                   jax.jit(jax.vmap(eval_one, in_axes=(0, None))), leading_axes=1, batch_axis=1 if shared else 2)
 
 
@@ -290,10 +324,30 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
         bytes_per_token, chars_per_token = data.val_text_per_token(cfg0.train.eval_tokens, B, L) or (None, None)
         seeds = sorted({c.train.seed for c in cfgs}) if held.batch_axis == 1 else [c.train.seed for c in cfgs]
 
-        def batch_at(step: int) -> jax.Array:
+        def tokens_at(step: int) -> np.ndarray:
             one = lambda seed: data.train_batch(seed, step, B, L).reshape(A, B // A, L + 1)  # noqa: E731
-            tokens = one(seeds[0]) if held.batch_axis == 1 else np.stack([one(s) for s in seeds])
-            return put_batch(tokens, mesh, batch_axis=held.batch_axis)
+            return one(seeds[0]) if held.batch_axis == 1 else np.stack([one(s) for s in seeds])
+
+        P = cfg0.train.steps_per_call
+        saves = cfg0.train.checkpoint
+
+        def chunk_end(step: int) -> int:
+            """Where the chunk of steps from `step` must stop: every logging and checkpoint step ends one (eval only
+            happens at logging steps), as does the budget's last step."""
+            ends = [step + P, budget.steps, (step // log_every + 1) * log_every, (step // saves.every + 1) * saves.every]
+            return min(ends + [s for s in saves.keep_steps if s > step])
+
+        def run_chunk(state: TrainState, step: int, n: int) -> tuple[TrainState, dict]:
+            """Steps step .. step + n - 1; the metrics' train_loss has a leading steps axis (n rows) when P > 1."""
+            step_i = jnp.asarray(step)
+            if P == 1:
+                return train_step(state, put_batch(tokens_at(step), mesh, batch_axis=held.batch_axis), step_i,
+                                  held.lr_input(step_i))
+            steps = [min(s, step + n - 1) for s in range(step, step + P)]  # rows past n are padding, never run
+            tokens = put_batch(np.stack([tokens_at(s) for s in steps]), mesh, batch_axis=held.batch_axis + 1)
+            lrs = jnp.stack([held.lr_input(jnp.asarray(s)) for s in steps])
+            state, metrics = train_step(state, tokens, step_i, lrs, jnp.asarray(n))
+            return state, {**metrics, "train_loss": metrics["train_loss"][:n]}
 
         def evaluate_K(params) -> np.ndarray:
             batches = data.val_batches(cfg0.train.eval_tokens, B, L)
@@ -301,33 +355,40 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
             # per run, a float64 mean of Python floats (as the K = 1 loop always did: bit-identical records)
             return np.array([float(np.mean([float(x[k]) for x in losses])) for k in range(K)])
 
+        log_every = cfg0.logging.log_every
         t0 = time.perf_counter()
         step0 = jnp.asarray(start_step)
-        train_step = held.step(shardings).lower(state, batch_at(start_step), step0, held.lr_input(step0)).compile()
+        if P == 1:
+            batch0 = put_batch(tokens_at(start_step), mesh, batch_axis=held.batch_axis)
+            train_step = held.step(shardings).lower(state, batch0, step0, held.lr_input(step0)).compile()
+        else:  # the arguments run_chunk passes: P steps' batches and lrs, and the number to run
+            batches0 = put_batch(np.stack([tokens_at(start_step)] * P), mesh, batch_axis=held.batch_axis + 1)
+            lrs0 = jnp.stack([held.lr_input(step0)] * P)
+            train_step = held.step(shardings).lower(state, batches0, step0, lrs0, step0).compile()
         compile_s = time.perf_counter() - t0
         peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg0.train.peak_flops) * mesh.size
         fpt = flops_per_token(cfg0.model, "chinchilla")  # MFU counts every matmul
         conv_fpt = flops_per_token(cfg0.model, cfg0.train.flops_convention)
         lr_at = [c.optim.schedule_fn(budget.steps) for c in cfgs]  # built once, not at every logged step
-        log_every = cfg0.logging.log_every
-        window: list[jax.Array] = []
+        window: list[jax.Array] = []  # the train losses since the last log: one entry per step, or per chunk if P > 1
+        window_start = start_step
         window_t0, train_s = time.perf_counter(), 0.0
         tokens_per_s = float("nan")  # per run; the group trains K times this
         train_loss_K, eval_loss_K = np.full(K, np.nan), np.full(K, np.nan)
         progress = Progress(cfg0.logging, budget.steps, start_step)
 
-        for step in range(start_step, budget.steps):
-            step_i = jnp.asarray(step)
-            state, metrics = train_step(state, batch_at(step), step_i, held.lr_input(step_i))
+        step = start_step
+        while step < budget.steps:
+            done = chunk_end(step)
+            state, metrics = run_chunk(state, step, done - step)
             window.append(metrics["train_loss"])
-            done = step + 1
-            last = done == budget.steps
+            step, last = done, done == budget.steps
             if done % log_every == 0 or last:
-                train_loss_K = np.array([float(np.mean(w)) for w in _per_run(jax.device_get(window), K)])
+                train_loss_K = np.array([float(np.mean(w)) for w in _per_run(jax.device_get(window), K, P > 1)])
                 grad_norm_K = np.atleast_1d(np.asarray(jax.device_get(metrics["grad_norm"]), dtype=float))
                 elapsed = time.perf_counter() - window_t0
                 train_s += elapsed
-                tokens_per_s = len(window) * budget.tokens_per_step / elapsed
+                tokens_per_s = (done - window_start) * budget.tokens_per_step / elapsed
                 first_K = np.where(np.isnan(first_K), train_loss_K, first_K)
                 rows: dict[int, dict] = {}
                 for k in np.flatnonzero(alive_K):
@@ -335,7 +396,7 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
                         "step": done,
                         "tokens": done * budget.tokens_per_step,
                         "flops": done * budget.tokens_per_step * conv_fpt,
-                        "lr": float(lr_at[k](step)),
+                        "lr": float(lr_at[k](done - 1)),
                         "train_loss": float(train_loss_K[k]),
                         "grad_norm": float(grad_norm_K[k]),
                         "tokens_per_s": tokens_per_s,
@@ -363,7 +424,7 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
                 if not alive_K.any():
                     break
                 progress.update(done, float(np.min(train_loss_K[alive_K])), tokens_per_s)
-                window, window_t0 = [], time.perf_counter()
+                window, window_t0, window_start = [], time.perf_counter(), done
             checkpointer.save(done, state, _checkpoint_meta(done, budget, first_K, alive_K, members, records, identity), force=last)
         checkpointer.close()
         progress.close()
@@ -477,9 +538,13 @@ def _member(params: Any, k: int, K: int) -> Any:
     return params if K == 1 else jax.tree_util.tree_map(lambda x: x[k], params)
 
 
-def _per_run(window: list, K: int) -> list[np.ndarray]:
-    """The logging window's train losses of each run (K = 1: the losses are scalars)."""
-    losses = np.stack([np.atleast_1d(np.asarray(x)) for x in window])
+def _per_run(window: list, K: int, chunks: bool = False) -> list[np.ndarray]:
+    """The logging window's train losses of each run (K = 1: the losses are scalars). `chunks`: each entry holds the
+    losses of several steps (a leading steps axis, `chain_steps`)."""
+    if chunks:
+        losses = np.concatenate([np.asarray(x).reshape(len(x), -1) for x in window])
+    else:
+        losses = np.stack([np.atleast_1d(np.asarray(x)) for x in window])
     return [np.ascontiguousarray(losses[:, k]) for k in range(K)]
 
 

@@ -90,15 +90,16 @@ def init_many(model: ModelConfig, optimizer: optax.GradientTransformation, seeds
 
 
 def make_multi_step(model: ModelConfig, optimizer: "scaling.train.loop.Optimizer", grad_accum: int, seed: int,
-                    shared_batch: bool, shardings=None):
+                    shared_batch: bool, shardings=None, steps_per_call: int = 1):
     """One jitted step for K stacked models: the single-run step of scaling.train.loop, vmapped over the model axis.
 
     shared_batch: every model sees the same [A, B, L+1] batch (an lr sweep with one data seed); else [K, A, B, L+1].
     shardings: the stacked state's (leading K axis unsharded); constraints inside the vmap would see one model's
-    shapes, so the new state is pinned outside it.
+    shapes, so the new state is pinned outside it. steps_per_call > 1: up to that many steps per call
+    (scaling.train.loop.chain_steps).
     """
     from scaling.train.sharding import constrain
-    from scaling.train.loop import train_step_fn
+    from scaling.train.loop import chain_steps, train_step_fn
 
     vmapped = jax.vmap(train_step_fn(model, optimizer, grad_accum, seed),
                        in_axes=(0, None if shared_batch else 0, None, None))
@@ -107,7 +108,7 @@ def make_multi_step(model: ModelConfig, optimizer: "scaling.train.loop.Optimizer
         new_state, metrics = vmapped(state, batch, step_index, lr)
         return constrain(new_state, shardings), metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step if steps_per_call == 1 else chain_steps(step, steps_per_call, shardings), donate_argnums=(0,))
 
 
 def group_key(cfg: Config) -> str:
