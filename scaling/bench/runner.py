@@ -199,7 +199,8 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
         step = lambda state, batch, i: compiled(state, batch, i * P, lrs, jnp.asarray(P))  # noqa: E731
     else:
         step = lambda state, batch, i: compiled(state, batch, i, lr_at(i))  # noqa: E731
-    call_s, metrics, state = _timed(step, state, batch, warmup, steps)
+    # P > 1: as many timed steps as P = 1 would time, in calls of P (at least 3 calls, for the median)
+    call_s, metrics, state = _timed(step, state, batch, -(-warmup // P), max(3, -(-steps // P)))
     step_s = call_s / P
     metrics = {**metrics, "train_loss": metrics["train_loss"][-1] if P > 1 else metrics["train_loss"]}
     ops = profile_step(compiled, step, state, batch) if profile else None

@@ -64,7 +64,7 @@ def make_train_step(model: ModelConfig, optimizer: Optimizer, grad_accum: int, s
     return jax.jit(chained, donate_argnums=(0,))
 
 
-def chain_steps(step_fn: Callable, n_max: int, shardings: Any = None) -> Callable:
+def chain_steps(step_fn: Callable, n_max: int, shardings: Any = None, stacked: bool = False) -> Callable:
     """`step_fn` run n <= `n_max` times in one executable: (state, batches [n_max, ...], first step, lrs [n_max], n) ->
     (state, {"train_loss": [n_max, ...] (rows past n are zeros), "grad_norm": the n-th step's}).
 
@@ -74,20 +74,21 @@ def chain_steps(step_fn: Callable, n_max: int, shardings: Any = None) -> Callabl
     inside the executable reuses the block for all n steps; n is an argument (a while loop), so one compilation serves
     chunks of every length. Each step is `step_fn` on its own batch, step number and lr: the same math as n calls.
     `shardings` (the state's) pin the loop's state to the layout the step keeps, so the executable takes and returns
-    the state as the trainer placed it.
+    the state as the trainer placed it; `stacked`: the state holds K models (scaling.train.stack), one loss each.
     """
 
     def chained(state: TrainState, batches: jax.Array, step0: jax.Array, lrs: jax.Array, n: jax.Array):
         state = constrain(state, shardings)
-        metrics = jax.eval_shape(step_fn, state, batches[0], step0, lrs[0])[1]
-        loss, norm = metrics["train_loss"], metrics["grad_norm"]
+        # one loss and grad norm per model: a scalar, or [K] for K stacked models (scaling.train.stack), whose state
+        # leaves lead with K (taken from the state rather than by tracing the step a second time: compile time)
+        shape = jax.tree_util.tree_leaves(state["params"])[0].shape[:1] if stacked else ()
 
         def body(i, carry):
             state, losses, _ = carry
             state, m = step_fn(state, batches[i], step0 + i, lrs[i])
-            return state, losses.at[i].set(m["train_loss"]), m["grad_norm"]
+            return state, losses.at[i].set(m["train_loss"]), m["grad_norm"].astype(jnp.float32)
 
-        carry = (state, jnp.zeros((n_max, *loss.shape), loss.dtype), jnp.zeros(norm.shape, norm.dtype))
+        carry = (state, jnp.zeros((n_max, *shape), jnp.float32), jnp.zeros(shape, jnp.float32))
         state, losses, grad_norm = jax.lax.fori_loop(0, n, body, carry)
         return constrain(state, shardings), {"train_loss": losses, "grad_norm": grad_norm}
 

@@ -108,7 +108,7 @@ def make_multi_step(model: ModelConfig, optimizer: "scaling.train.loop.Optimizer
         new_state, metrics = vmapped(state, batch, step_index, lr)
         return constrain(new_state, shardings), metrics
 
-    return jax.jit(step if steps_per_call == 1 else chain_steps(step, steps_per_call, shardings), donate_argnums=(0,))
+    return jax.jit(step if steps_per_call == 1 else chain_steps(step, steps_per_call, shardings, stacked=True), donate_argnums=(0,))
 
 
 def group_key(cfg: Config) -> str:
