@@ -157,6 +157,9 @@ def test_bad_arguments_fail_clearly():
         bench.parse_args(["--steps", "0"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--refs", "numpy"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps-per-call", "0"])
+    assert bench.parse_args(["--steps-per-call", "1"]).steps_per_call == 1
 
 
 def test_profile_groups_name_matmuls_of_every_cpu_library_and_the_model_part():

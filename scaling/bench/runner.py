@@ -547,6 +547,13 @@ def run(args: argparse.Namespace) -> dict:
     return report
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (1 = one call per step)")
+    return value
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scaling.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="nanogpt")
@@ -581,7 +588,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--peak-flops", type=float, default=None, help="per-device peak FLOP/s for MFU")
     p.add_argument("--xla-flags", choices=["default", "none"], default="default",
                    help="gpu preset: add GPU_XLA_FLAGS to XLA_FLAGS (default) or leave XLA_FLAGS as is")
-    p.add_argument("--steps-per-call", type=int, default=None,
+    p.add_argument("--steps-per-call", type=_positive_int, default=None,
                    help="optimizer steps per call of the compiled step (default: train.steps_per_call's default)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one measurement (one process) may take")
     p.add_argument("--strict", action="store_true", help="raise on the first failing shape instead of reporting it")
