@@ -68,6 +68,33 @@ def test_every_implementation_runs_in_its_own_process_on_the_same_cores():
     assert "1 threads" in row["refs"]["torch"]["version"]
 
 
+def test_repeats_interleave_the_implementations_in_their_own_processes_and_report_the_median():
+    report = bench.main([*QUICK, "--refs", "linen", "--repeats", "3"])
+    row = report["rows"][0]
+    for measured in (row, row["refs"]["linen"]):
+        samples = measured["samples"]
+        assert len(samples) == 3 and measured["tokens_per_s"] == sorted(samples)[1]
+    cell = f"{row['tokens_per_s']:,.0f} ({min(row['samples']):,.0f}-{max(row['samples']):,.0f})"
+    assert f"| {cell} |" in bench.format_table(report)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
+
+
+def test_median_row_keeps_the_median_measurement_and_the_whole_load_span():
+    def measured(tps, before, after, others):
+        return {"tokens_per_s": tps, "step_ms": 1e3 / tps, "pid": tps,
+                "load": {"loadavg_before": (before, 0, 0), "loadavg_after": (after, 0, 0), "other_cores": others}}
+
+    rows = [measured(30.0, 0.2, 1.0, 0.01), measured(10.0, 1.0, 1.5, 0.30), measured(20.0, 1.5, 1.8, 0.02),
+            measured(40.0, 1.8, 1.9, 0.00)]
+    median = bench.median_row(rows)
+    assert median["pid"] == 20.0 and median["samples"] == [30.0, 10.0, 20.0, 40.0]  # lower median of an even count
+    assert median["load"] == {"loadavg_before": (0.2, 0, 0), "loadavg_after": (1.9, 0, 0), "other_cores": 0.30}
+    failed = {"error": "worker timed out after 9 s"}
+    assert bench.median_row([failed]) == failed
+    assert bench.median_row([rows[0], failed])["samples"] == [30.0]  # a failed repeat is no sample
+
+
 def test_busy_machine_is_refused_unless_allowed(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.0))
     with pytest.raises(SystemExit, match="1-minute load average is 3.50 > --max-load 1.0"):

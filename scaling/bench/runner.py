@@ -10,7 +10,10 @@ The machine's load is part of every figure: the 1-minute load average is read be
 run is refused unless `--allow-busy`) and before and after each measurement, and the CPU time other processes used
 *during* each measurement is measured (/proc/stat less the worker's own CPU time). The load average cannot judge a
 single measurement, since after the first one it counts our own worker's threads too; the other processes' CPU time
-can, and a row where it exceeds `--max-load` cores is marked BUSY in the table.
+can, and a row where it exceeds `--max-load` cores is marked BUSY in the table. A shared VM's speed also drifts by
+5-10% between minutes (eager PyTorch at d384: 1,547-1,715 ms per step in three runs within ten minutes, session 16):
+`--repeats R` measures in R interleaved rounds (this step, then each reference, each in its own process) and reports
+each implementation's median with the range of its samples.
 
 Per row: N, tokens/s (median step), step ms, achieved FLOP/s (chinchilla convention, scaling.accounting), MFU against
 the device peak (datasheet on GPU/TPU, the measured XLA matmul peak on CPU), compile seconds, peak memory, the
@@ -418,6 +421,28 @@ def _measure(spec: dict, env: dict, timeout: float) -> dict:
     return {**row, "load": {"loadavg_before": load_before, "loadavg_after": os.getloadavg(), "other_cores": others}}
 
 
+def median_row(rows: list[dict]) -> dict:
+    """One implementation's repeated measurements as one row: the measurement with the median tokens/s (the lower
+    one of an even count), the tokens/s of all of them ("samples", in the order taken), and the load from the first
+    one's start to the last one's end with the most cores others kept busy in any of them."""
+    good = [r for r in rows if "tokens_per_s" in r]
+    if not good:
+        return rows[-1]
+    median = sorted(good, key=lambda r: r["tokens_per_s"])[(len(good) - 1) // 2]
+    loads = [r["load"] for r in rows if r.get("load")]
+    others = [ld["other_cores"] for ld in loads if ld["other_cores"] is not None]
+    load = loads and {"loadavg_before": loads[0]["loadavg_before"], "loadavg_after": loads[-1]["loadavg_after"],
+                      "other_cores": max(others) if others else None}
+    return {**median, "samples": [r["tokens_per_s"] for r in good], **({"load": load} if load else {})}
+
+
+def _tokens_cell(measured: dict) -> str:
+    """tokens/s, with the range of the samples when measured more than once: '2,394 (2,377-2,410)'."""
+    samples = measured.get("samples", [])
+    cell = f"{measured['tokens_per_s']:,.0f}"
+    return cell + (f" ({min(samples):,.0f}-{max(samples):,.0f})" if len(samples) > 1 else "")
+
+
 def _worker_env(threads: int) -> dict:
     env = {**os.environ, **{name: str(threads) for name in THREAD_ENV}}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -463,11 +488,11 @@ def format_table(report: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['variant']} | error: {r['error'][:150]} |")
             continue
-        cells = [r["shape"], r["variant"], _fmt(r["N"]), f"{r['batch']}x{r['seq_len']}", f"{r['tokens_per_s']:,.0f}",
+        cells = [r["shape"], r["variant"], _fmt(r["N"]), f"{r['batch']}x{r['seq_len']}", _tokens_cell(r),
                  f"{r['step_ms']:.1f}", _fmt(r["flops_per_s"]), f"{100 * r['mfu']:.1f}%", f"{r['compile_s']:.1f}",
                  _fmt(r["peak_memory_bytes"], "B"), r["attention"]]
         theirs = [r.get("refs", {}).get(name, {}) for name in refs]
-        cells += [f"{t['tokens_per_s']:,.0f}" if "tokens_per_s" in t else t.get("error", "-")[:60] for t in theirs]
+        cells += [_tokens_cell(t) if "tokens_per_s" in t else t.get("error", "-")[:60] for t in theirs]
         cells += [f"{r['tokens_per_s'] / t['tokens_per_s']:.2f}x" if "tokens_per_s" in t else "-" for t in theirs]
         lines.append("| " + " | ".join(cells + [_load_cell(r, report["max_load"])]) + " |")
     out = [f"device: {report.get('device_kind')} x{report.get('n_devices')} ({report.get('host')}), "
@@ -525,15 +550,24 @@ def run(args: argparse.Namespace) -> dict:
             overrides = {**overrides, **args.set}
             spec = {**base, "impl": "jax", "shape": asdict(shape), "overrides": overrides, "profile": args.profile,
                     "cpu_devices": devices, "steps_per_call": args.steps_per_call}
-            row = {"shape": shape.name, **_measure(spec, env, args.timeout), "variant": label}
+            # --repeats: rounds of (this step, then each reference), each measurement in its own process, so a slow
+            # spell of the machine lands on every implementation alike; the median of each is reported.
+            ours: list[dict] = []
+            theirs: dict[str, list[dict]] = {name: [] for name in (args.refs if i == 0 else [])}
+            for repeat in range(args.repeats):
+                ours.append(_measure({**spec, "profile": args.profile and repeat == 0}, env, args.timeout))
+                if "error" in ours[-1]:
+                    break
+                for name in theirs:
+                    theirs[name].append(_measure({**base, "impl": name, "shape": asdict(shape)}, env, args.timeout))
+            row = {"shape": shape.name, **median_row(ours), "variant": label}
             if "error" in row and args.strict:
                 raise RuntimeError(f"{shape.name} {label}: {row['error']}")
             for key in ("device_kind", "platform", "n_devices", "peak_flops", "peak_source", "jax"):
                 if key in row:
                     report.setdefault(key, row.pop(key))
-            if i == 0 and "error" not in row:
-                row["refs"] = {name: _measure({**base, "impl": name, "shape": asdict(shape)}, env, args.timeout)
-                               for name in args.refs}
+            if theirs and "error" not in row:
+                row["refs"] = {name: median_row(rows) for name, rows in theirs.items()}
             report["rows"].append(row)
             print(format_table({**report, "rows": [row], "loadavg_end": os.getloadavg()}).splitlines()[3],
                   flush=True)
@@ -550,7 +584,7 @@ def run(args: argparse.Namespace) -> dict:
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer (1 = one call per step)")
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
     return value
 
 
@@ -590,6 +624,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="gpu preset: add GPU_XLA_FLAGS to XLA_FLAGS (default) or leave XLA_FLAGS as is")
     p.add_argument("--steps-per-call", type=_positive_int, default=None,
                    help="optimizer steps per call of the compiled step (default: train.steps_per_call's default)")
+    p.add_argument("--repeats", type=_positive_int, default=1,
+                   help="measure every implementation this many times, in interleaved rounds (ours, then each "
+                        "reference), each in its own process; report the median and the range")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one measurement (one process) may take")
     p.add_argument("--strict", action="store_true", help="raise on the first failing shape instead of reporting it")
     p.add_argument("--json", help="also write the report as JSON to this path")
