@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from scaling.bench.runner import PRESETS, model_config
 from scaling.config import TrainConfig
 from scaling.model.decoder import init_params
-from scaling.train.loop import make_train_step
+from scaling.train.loop import chunk_lrs, make_train_step
 from scaling.train.optim import OptimConfig
 
 args = sys.argv[1:]
@@ -41,7 +41,7 @@ for shape in PRESETS["nanogpt"]:
     step0 = jnp.asarray(0)
     if P > 1:  # the trainer's chained step: P batches and lrs per call, and the number of steps to run
         batch = jnp.stack([batch] * P)
-        lrs = jnp.stack([lr_at(jnp.asarray(i)) for i in range(P)])
+        lrs = chunk_lrs(lr_at, 0, P, P)
         call = lambda step, state, i: step(state, batch, jnp.asarray(i * P), lrs, jnp.asarray(P))  # noqa: E731
         args_ = (state, batch, step0, lrs, step0)
     else:

@@ -154,7 +154,7 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
     from scaling.accounting import count_params, flops_per_token
     from scaling.model.decoder import init_params
     from scaling.train.optim import OptimConfig
-    from scaling.train.loop import make_train_step
+    from scaling.train.loop import chunk_lrs, make_train_step
 
     model = model_config(shape, overrides)
     optim = OptimConfig(warmup_steps=0)
@@ -180,7 +180,7 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
             batch = jax.random.randint(jax.random.key(1), (P, 1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
             if devices > 1:
                 batch = put_batch(np.asarray(batch), mesh, 2)
-            lrs = jnp.stack([lr_at(jnp.asarray(i)) for i in range(P)])
+            lrs = chunk_lrs(lr_at, 0, P, P)
             compiled = make_train_step(model, with_lr, 1, 0, shardings, P).lower(state, batch, step0, lrs,
                                                                                  jnp.asarray(P)).compile()
         else:

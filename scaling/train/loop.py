@@ -95,6 +95,18 @@ def chain_steps(step_fn: Callable, n_max: int, shardings: Any = None, stacked: b
     return chained
 
 
+def chunk_steps(step: int, n: int, steps_per_call: int) -> list[int]:
+    """The step numbers of the `steps_per_call` rows of a chunk of n steps from `step` (`chain_steps`'s batches and
+    lrs): step .. step + n - 1, then the last one repeated; rows past n are padding the loop never runs."""
+    return [min(s, step + n - 1) for s in range(step, step + steps_per_call)]
+
+
+def chunk_lrs(lr_input: Callable, step: int, n: int, steps_per_call: int) -> jax.Array:
+    """The lrs argument of a chained step (`chain_steps`): `lr_input` (the schedule, OptimConfig.with_lr_input) at
+    each row's step, stacked."""
+    return jnp.stack([lr_input(jnp.asarray(s)) for s in chunk_steps(step, n, steps_per_call)])
+
+
 def train_step_fn(model: ModelConfig, optimizer: Optimizer, grad_accum: int, seed: int, shardings: Any = None):
     """The pure step: `grad_accum` microbatches are scanned and their mean gradient applied once.
 
@@ -344,10 +356,9 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
             if P == 1:
                 return train_step(state, put_batch(tokens_at(step), mesh, batch_axis=held.batch_axis), step_i,
                                   held.lr_input(step_i))
-            steps = [min(s, step + n - 1) for s in range(step, step + P)]  # rows past n are padding, never run
-            tokens = put_batch(np.stack([tokens_at(s) for s in steps]), mesh, batch_axis=held.batch_axis + 1)
-            lrs = jnp.stack([held.lr_input(jnp.asarray(s)) for s in steps])
-            state, metrics = train_step(state, tokens, step_i, lrs, jnp.asarray(n))
+            tokens = np.stack([tokens_at(s) for s in chunk_steps(step, n, P)])
+            state, metrics = train_step(state, put_batch(tokens, mesh, batch_axis=held.batch_axis + 1), step_i,
+                                        chunk_lrs(held.lr_input, step, n, P), jnp.asarray(n))
             return state, {**metrics, "train_loss": metrics["train_loss"][:n]}
 
         def evaluate_K(params) -> np.ndarray:
@@ -363,9 +374,9 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
             batch0 = put_batch(tokens_at(start_step), mesh, batch_axis=held.batch_axis)
             train_step = held.step(shardings).lower(state, batch0, step0, held.lr_input(step0)).compile()
         else:  # the arguments run_chunk passes: P steps' batches and lrs, and the number to run
-            batches0 = put_batch(np.stack([tokens_at(start_step)] * P), mesh, batch_axis=held.batch_axis + 1)
-            lrs0 = jnp.stack([held.lr_input(step0)] * P)
-            train_step = held.step(shardings).lower(state, batches0, step0, lrs0, step0).compile()
+            tokens0 = np.stack([tokens_at(s) for s in chunk_steps(start_step, 1, P)])
+            train_step = held.step(shardings).lower(state, put_batch(tokens0, mesh, batch_axis=held.batch_axis + 1),
+                                                    step0, chunk_lrs(held.lr_input, start_step, 1, P), step0).compile()
         compile_s = time.perf_counter() - t0
         peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg0.train.peak_flops) * mesh.size
         fpt = flops_per_token(cfg0.model, "chinchilla")  # MFU counts every matmul
