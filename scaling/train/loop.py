@@ -350,16 +350,20 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
             ends = [step + P, budget.steps, (step // log_every + 1) * log_every, (step // saves.every + 1) * saves.every]
             return min(ends + [s for s in saves.keep_steps if s > step])
 
+        def chunk_args(step: int, n: int) -> tuple:
+            """The step's arguments after the state for steps step .. step + n - 1 (P = 1: n is 1): the batch, the
+            first step and its lr; P > 1 P steps' batches and lrs (`chain_steps`), and n."""
+            if P == 1:
+                return (put_batch(tokens_at(step), mesh, batch_axis=held.batch_axis), jnp.asarray(step),
+                        held.lr_input(jnp.asarray(step)))
+            tokens = np.stack([tokens_at(s) for s in chunk_steps(step, n, P)])
+            return (put_batch(tokens, mesh, batch_axis=held.batch_axis + 1), jnp.asarray(step),
+                    chunk_lrs(held.lr_input, step, n, P), jnp.asarray(n))
+
         def run_chunk(state: TrainState, step: int, n: int) -> tuple[TrainState, dict]:
             """Steps step .. step + n - 1; the metrics' train_loss has a leading steps axis (n rows) when P > 1."""
-            step_i = jnp.asarray(step)
-            if P == 1:
-                return train_step(state, put_batch(tokens_at(step), mesh, batch_axis=held.batch_axis), step_i,
-                                  held.lr_input(step_i))
-            tokens = np.stack([tokens_at(s) for s in chunk_steps(step, n, P)])
-            state, metrics = train_step(state, put_batch(tokens, mesh, batch_axis=held.batch_axis + 1), step_i,
-                                        chunk_lrs(held.lr_input, step, n, P), jnp.asarray(n))
-            return state, {**metrics, "train_loss": metrics["train_loss"][:n]}
+            state, metrics = train_step(state, *chunk_args(step, n))
+            return state, metrics if P == 1 else {**metrics, "train_loss": metrics["train_loss"][:n]}
 
         def evaluate_K(params) -> np.ndarray:
             batches = data.val_batches(cfg0.train.eval_tokens, B, L)
@@ -369,14 +373,7 @@ def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
 
         log_every = cfg0.logging.log_every
         t0 = time.perf_counter()
-        step0 = jnp.asarray(start_step)
-        if P == 1:
-            batch0 = put_batch(tokens_at(start_step), mesh, batch_axis=held.batch_axis)
-            train_step = held.step(shardings).lower(state, batch0, step0, held.lr_input(step0)).compile()
-        else:  # the arguments run_chunk passes: P steps' batches and lrs, and the number to run
-            tokens0 = np.stack([tokens_at(s) for s in chunk_steps(start_step, 1, P)])
-            train_step = held.step(shardings).lower(state, put_batch(tokens0, mesh, batch_axis=held.batch_axis + 1),
-                                                    step0, chunk_lrs(held.lr_input, start_step, 1, P), step0).compile()
+        train_step = held.step(shardings).lower(state, *chunk_args(start_step, 1)).compile()
         compile_s = time.perf_counter() - t0
         peak = peak_flops_per_device(jax.devices()[0].device_kind, cfg0.train.peak_flops) * mesh.size
         fpt = flops_per_token(cfg0.model, "chinchilla")  # MFU counts every matmul
