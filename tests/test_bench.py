@@ -160,6 +160,17 @@ def test_references_build_the_same_model_and_train(shape):
         bench_refs.linen_step(**_dims(shape), expected_params=total + 1)
 
 
+def test_torch_reference_trains_on_a_new_batch_every_step():
+    # On one repeated batch the reference memorizes it and its step slows (denormal gradients; torch does not flush
+    # them, XLA:CPU does), so a long measurement would time a regime no training run is in. Uniformly random tokens
+    # cannot be learnt: the loss stays near ln(V) only if every step sees new ones.
+    pytest.importorskip("torch")
+    total = count_params(bench.model_config(TINY, {})).total
+    step = bench_refs.torch_step(**_dims(TINY), compile_model=False, expected_params=total)
+    losses = [step() for _ in range(60)]
+    assert min(losses[-10:]) > math.log(TINY.vocab_size) - 0.3, losses[-10:]
+
+
 def test_cudnn_request_without_cudnn_raises_instead_of_falling_back():
     import jax
 

@@ -73,10 +73,14 @@ def torch_step(d_model: int, n_layers: int, n_heads: int, seq_len: int, vocab_si
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": rest, "weight_decay": 0.0}],
                             lr=LR, betas=BETAS, eps=EPS)
     fwd = torch.compile(model) if compile_model else model
-    tokens = torch.randint(0, V, (batch, L + 1))
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    # A new batch every step, as in training: on one repeated batch the model memorizes it, and past ~40 steps its
+    # tiny gradients turn into denormals that torch (no flush-to-zero by default; XLA:CPU flushes) computes up to ~15%
+    # slower (d384: 1,380 -> 1,600-1,650 ms per step by step 90; session 17).
+    gen = torch.Generator().manual_seed(0)
 
     def step() -> float:
+        tokens = torch.randint(0, V, (batch, L + 1), generator=gen)
+        x, y = tokens[:, :-1], tokens[:, 1:]
         loss = fwd(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
