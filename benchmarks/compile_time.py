@@ -15,13 +15,9 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
-from scaling.bench.runner import PRESETS, model_config
+from scaling.bench.runner import PRESETS, step_setup
 from scaling.config import TrainConfig
-from scaling.model.decoder import init_params
-from scaling.train.loop import chunk_lrs, make_train_step
-from scaling.train.optim import OptimConfig
 
 args = sys.argv[1:]
 P = TrainConfig().steps_per_call
@@ -32,23 +28,9 @@ out = {}
 for shape in PRESETS["nanogpt"]:
     if args and shape.name not in args:
         continue
-    model = model_config(shape, {})
-    optim = OptimConfig(warmup_steps=0)
-    lr_at, with_lr = optim.with_lr_input(10_000)  # the trainer's step
-    batch = jax.random.randint(jax.random.key(1), (1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
-    params = init_params(model, jax.random.key(0))
-    state = {"params": params, "opt_state": optim.build(10_000).init(params)}
-    step0 = jnp.asarray(0)
-    if P > 1:  # the trainer's chained step: P batches and lrs per call, and the number of steps to run
-        batch = jnp.stack([batch] * P)
-        lrs = chunk_lrs(lr_at, 0, P, P)
-        call = lambda step, state, i: step(state, batch, jnp.asarray(i * P), lrs, jnp.asarray(P))  # noqa: E731
-        args_ = (state, batch, step0, lrs, step0)
-    else:
-        call = lambda step, state, i: step(state, batch, jnp.asarray(i), lr_at(jnp.asarray(i)))  # noqa: E731
-        args_ = (state, batch, step0, lr_at(step0))
+    model, train_step, state, lower_args, call = step_setup(shape, {}, P)
     t0 = time.perf_counter()
-    lowered = make_train_step(model, with_lr, 1, 0, None, P).lower(*args_)
+    lowered = train_step.lower(*lower_args)
     t1 = time.perf_counter()
     step = lowered.compile()
     t2 = time.perf_counter()

@@ -144,48 +144,60 @@ def _peak_memory(compiled, device) -> Optional[int]:
         return None
 
 
-def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: float, profile: bool = False,
-              devices: int = 1, steps_per_call: int = 1) -> dict:
-    """The training loop's step on `shape`; with `steps_per_call` > 1, as the loop runs it by default
-    (scaling.train.loop.chain_steps): calls of that many steps, timed per step (call time / steps_per_call)."""
+def step_setup(shape: Shape, overrides: dict, steps_per_call: int = 1, devices: int = 1):
+    """The training loop's step on `shape`, ready to lower: (model, jitted step, state, lowering arguments, call),
+    where `call(compiled, state, i)` runs the i-th call (steps_per_call steps) and returns (state, metrics). Shared by
+    the bench, benchmarks/compile_time.py and benchmarks/interleaved.py, so all three time the same step."""
     import jax
     import jax.numpy as jnp
 
-    from scaling.accounting import count_params, flops_per_token
     from scaling.model.decoder import init_params
     from scaling.train.optim import OptimConfig
     from scaling.train.loop import chunk_lrs, make_train_step
 
     model = model_config(shape, overrides)
     optim = OptimConfig(warmup_steps=0)
-    optimizer = optim.build(10_000)
     lr_at, with_lr = optim.with_lr_input(10_000)  # the trainer's step: the lr an input, the schedule evaluated outside
-    batch = jax.random.randint(jax.random.key(1), (1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
+    P = steps_per_call
+    # P > 1: P different batches per call, as the loop's chunks (a repeated batch would train on one batch)
+    batch = jax.random.randint(jax.random.key(1), (P, 1, shape.batch, shape.seq_len + 1) if P > 1 else
+                               (1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
+    params = init_params(model, jax.random.key(0))  # runs the forward: the first place attention can fail
+    state = {"params": params, "opt_state": optim.build(10_000).init(params)}
+    shardings = None
+    if devices > 1:  # the training loop's own placement: sharding.cpu_devices=N sharding.mode=fsdp
+        import numpy as np
+
+        from scaling.train.sharding import ShardingConfig, make_mesh, put_batch, state_shardings
+
+        sharding = ShardingConfig(mode="fsdp", n_devices=devices)
+        mesh = make_mesh(sharding)
+        shardings = state_shardings(state, mesh, sharding)
+        state, batch = jax.device_put(state, shardings), put_batch(np.asarray(batch), mesh, 2 if P > 1 else 1)
+    step = make_train_step(model, with_lr, 1, 0, shardings, P)
+    step0 = jnp.asarray(0)
+    if P > 1:
+        lrs = chunk_lrs(lr_at, 0, P, P)
+        call = lambda compiled, state, i: compiled(state, batch, jnp.asarray(i * P), lrs, jnp.asarray(P))  # noqa: E731
+        return model, step, state, (state, batch, step0, lrs, jnp.asarray(P)), call
+    call = lambda compiled, state, i: compiled(state, batch, jnp.asarray(i), lr_at(jnp.asarray(i)))  # noqa: E731
+    return model, step, state, (state, batch, step0, lr_at(step0)), call
+
+
+def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: float, profile: bool = False,
+              devices: int = 1, steps_per_call: int = 1) -> dict:
+    """The training loop's step on `shape`; with `steps_per_call` > 1, as the loop runs it by default
+    (scaling.train.loop.chain_steps): calls of that many steps, timed per step (call time / steps_per_call)."""
+    import jax
+
+    from scaling.accounting import count_params, flops_per_token
+
+    model = model_config(shape, overrides)
+    P = steps_per_call
     try:
-        params = init_params(model, jax.random.key(0))  # runs the forward: the first place attention can fail
-        state = {"params": params, "opt_state": optimizer.init(params)}
-        shardings = None
-        if devices > 1:  # the training loop's own placement: sharding.cpu_devices=N sharding.mode=fsdp
-            import numpy as np
-
-            from scaling.train.sharding import ShardingConfig, make_mesh, put_batch, state_shardings
-
-            sharding = ShardingConfig(mode="fsdp", n_devices=devices)
-            mesh = make_mesh(sharding)
-            shardings = state_shardings(state, mesh, sharding)
-            state, batch = jax.device_put(state, shardings), put_batch(np.asarray(batch), mesh, 1)
+        model, step, state, lower_args, call = step_setup(shape, overrides, P, devices)
         t0 = time.perf_counter()
-        step0, P = jnp.asarray(0), steps_per_call
-        if P > 1:  # P different batches per call, as the loop's chunks (a repeated batch would train on one batch)
-            batch = jax.random.randint(jax.random.key(1), (P, 1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
-            if devices > 1:
-                batch = put_batch(np.asarray(batch), mesh, 2)
-            lrs = chunk_lrs(lr_at, 0, P, P)
-            compiled = make_train_step(model, with_lr, 1, 0, shardings, P).lower(state, batch, step0, lrs,
-                                                                                 jnp.asarray(P)).compile()
-        else:
-            compiled = make_train_step(model, with_lr, 1, 0, shardings).lower(state, batch, step0,
-                                                                              lr_at(step0)).compile()
+        compiled = step.lower(*lower_args).compile()
     except Exception as e:
         if model.attention == "cudnn":
             raise RuntimeError(
@@ -198,10 +210,8 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
     used = attention_used(model, compiled.as_text())
     if model.attention == "cudnn" and used != "cudnn":
         raise RuntimeError("model.attention=cudnn was requested but the compiled step holds no cuDNN attention call.")
-    if P > 1:
-        step = lambda state, batch, i: compiled(state, batch, i * P, lrs, jnp.asarray(P))  # noqa: E731
-    else:
-        step = lambda state, batch, i: compiled(state, batch, i, lr_at(i))  # noqa: E731
+    step = lambda state, batch, i: call(compiled, state, i)  # noqa: E731
+    batch = lower_args[1]
     # P > 1: as many timed steps as P = 1 would time, in calls of P (at least 3 calls, for the median)
     call_s, metrics, state = _timed(step, state, batch, -(-warmup // P), max(3, -(-steps // P)))
     step_s = call_s / P
