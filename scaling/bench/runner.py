@@ -210,7 +210,8 @@ def bench_jax(shape: Shape, overrides: dict, warmup: int, steps: int, peak: floa
     used = attention_used(model, compiled.as_text())
     if model.attention == "cudnn" and used != "cudnn":
         raise RuntimeError("model.attention=cudnn was requested but the compiled step holds no cuDNN attention call.")
-    step = lambda state, batch, i: call(compiled, state, i)  # noqa: E731
+    # _timed's and profile_step's (state, batch, i) signature; the batch is the one step_setup built and `call` holds
+    step = lambda state, _batch, i: call(compiled, state, i)  # noqa: E731
     batch = lower_args[1]
     # P > 1: as many timed steps as P = 1 would time, in calls of P (at least 3 calls, for the median)
     call_s, metrics, state = _timed(step, state, batch, -(-warmup // P), max(3, -(-steps // P)))
