@@ -7,7 +7,7 @@ alternates calls seconds apart, for A/B tests of a few percent.
 
 VARIANTS.json: a list of {"name", "impl": "jax" | "torch", "shape": a nanogpt preset shape name, "overrides":
 ModelConfig fields (jax), "repo": a checkout to import `scaling` from (default: this one; it needs
-`scaling.bench.runner.step_setup`, i.e. session 17 or later), "xla_flags": XLA_FLAGS for
+`scaling.bench.runner.step_setup` and `reference_dims`, i.e. session 17 or later), "xla_flags": XLA_FLAGS for
 that process}. A jax call is one chained call of train.steps_per_call steps (as the trainer runs); a torch call is as
 many eager steps. Prints per variant the median over rounds of (steps / call wall time) as tokens/s, the range, CPU
 cores used (process CPU time / wall), the last loss, and the 1-minute load average before and after.
@@ -28,7 +28,6 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def serve(spec: dict) -> None:
     """Worker: build the step, print READY, then one timed call per "go" line on stdin."""
     sys.path.insert(0, spec.get("repo", HERE))
-    from scaling.accounting import count_params
     from scaling.bench import runner
     from scaling.config import TrainConfig
 
@@ -38,7 +37,7 @@ def serve(spec: dict) -> None:
     if spec["impl"] == "jax":
         import jax
 
-        # the step as scaling.bench times it (the checkout's own runner.step_setup: one at or after session 17)
+        # the step as scaling.bench times it (the checkout's own runner.step_setup)
         _, train_step, state, lower_args, run_call = runner.step_setup(shape, spec.get("overrides", {}), P)
         compiled = train_step.lower(*lower_args).compile()
         calls = [0]
@@ -55,10 +54,7 @@ def serve(spec: dict) -> None:
         from scaling.bench import references
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        step = references.torch_step(
-            d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, seq_len=shape.seq_len,
-            vocab_size=shape.vocab_size, batch=shape.batch, compile_model=spec["impl"] == "torch-compile",
-            expected_params=count_params(runner.model_config(shape, {})).total)
+        step = references.torch_step(**runner.reference_dims(shape), compile_model=spec["impl"] == "torch-compile")
         step()
 
         def call() -> float:

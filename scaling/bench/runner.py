@@ -344,6 +344,16 @@ def worker(spec: dict) -> dict:
         return {"error": f"{e.name or e} not installed (pip install -e '.[bench]')", "pid": os.getpid()}
 
 
+def reference_dims(shape: Shape) -> dict:
+    """The keyword arguments of references.torch_step / linen_step for `shape` (compile_model aside), with this
+    project's parameter count, which each reference asserts it matches."""
+    from scaling.accounting import count_params
+
+    return dict(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, seq_len=shape.seq_len,
+                vocab_size=shape.vocab_size, batch=shape.batch,
+                expected_params=count_params(model_config(shape, {})).total)
+
+
 def _run_one(spec: dict) -> dict:
     shape, impl = Shape(**spec["shape"]), spec["impl"]
     if impl == "jax":
@@ -369,11 +379,8 @@ def _run_one(spec: dict) -> dict:
     if impl == "vmap":
         return {"rows": bench_vmap(shape, spec["ks"], spec["warmup"], spec["steps"])}
     from scaling.bench import references as bench_refs
-    from scaling.accounting import count_params
 
-    dims = dict(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, seq_len=shape.seq_len,
-                vocab_size=shape.vocab_size, batch=shape.batch,
-                expected_params=count_params(model_config(shape, {})).total)
+    dims = reference_dims(shape)
     if impl == "linen":
         step = bench_refs.linen_step(**dims)
         version = __import__("flax").__version__
