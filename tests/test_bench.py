@@ -58,6 +58,29 @@ def test_cpu_devices_row_runs_the_step_data_parallel_over_that_many_devices():
         bench.parse_args(["--cpu-devices", "0"])
 
 
+@pytest.mark.parametrize("steps_per_call", [1, 2])
+def test_step_setup_in_microbatches_trains_on_the_same_tokens(steps_per_call):
+    """benchmarks/interleaved.py's "grad_accum": the same batch split in microbatches, so an A/B of the split times
+    the same maths (the update equal up to float summation order)."""
+    import jax
+
+    import numpy as np
+
+    ends = []
+    for A in (1, 2):
+        _, step, state, lower_args, call = bench.step_setup(TINY, {}, steps_per_call, grad_accum=A)
+        compiled = step.lower(*lower_args).compile()
+        for i in range(2):
+            state, metrics = call(compiled, state, i)
+        ends.append((jax.device_get(metrics["train_loss"]), jax.tree_util.tree_leaves(jax.device_get(state["params"]))))
+    (loss1, params1), (loss2, params2) = ends
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
+    for p1, p2 in zip(params1, params2):  # other tokens would move other embedding rows by ~lr
+        np.testing.assert_allclose(p2, p1, atol=2e-5)
+    with pytest.raises(ValueError, match="grad_accum=3 does not split tiny's batch of 4"):
+        bench.step_setup(TINY, {}, 1, grad_accum=3)
+
+
 def test_every_implementation_runs_in_its_own_process_on_the_same_cores():
     pytest.importorskip("torch")
     report = bench.main([*QUICK, "--refs", "linen,torch", "--threads", "1"])

@@ -144,7 +144,7 @@ def _peak_memory(compiled, device) -> Optional[int]:
         return None
 
 
-def step_setup(shape: Shape, overrides: dict, steps_per_call: int = 1, devices: int = 1):
+def step_setup(shape: Shape, overrides: dict, steps_per_call: int = 1, devices: int = 1, grad_accum: int = 1):
     """The training loop's step on `shape`, ready to lower: (model, jitted step, state, lowering arguments, call),
     where `call(compiled, state, i)` runs the i-th call (steps_per_call steps) and returns (state, metrics). Shared by
     the bench, benchmarks/compile_time.py and benchmarks/interleaved.py, so all three time the same step."""
@@ -160,8 +160,13 @@ def step_setup(shape: Shape, overrides: dict, steps_per_call: int = 1, devices: 
     lr_at, with_lr = optim.with_lr_input(10_000)  # the trainer's step: the lr an input, the schedule evaluated outside
     P = steps_per_call
     # P > 1: P different batches per call, as the loop's chunks (a repeated batch would train on one batch)
+    A = grad_accum  # the same tokens in A microbatches, scanned (train.grad_accum)
+    if A < 1 or shape.batch % A:
+        raise ValueError(f"grad_accum={A} does not split {shape.name}'s batch of {shape.batch} sequences into equal "
+                         "microbatches: give a divisor of the batch size.")
     batch = jax.random.randint(jax.random.key(1), (P, 1, shape.batch, shape.seq_len + 1) if P > 1 else
                                (1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
+    batch = batch.reshape(*batch.shape[:-3], A, shape.batch // A, shape.seq_len + 1)
     params = init_params(model, jax.random.key(0))  # runs the forward: the first place attention can fail
     state = {"params": params, "opt_state": optim.build(10_000).init(params)}
     shardings = None
@@ -174,7 +179,7 @@ def step_setup(shape: Shape, overrides: dict, steps_per_call: int = 1, devices: 
         mesh = make_mesh(sharding)
         shardings = state_shardings(state, mesh, sharding)
         state, batch = jax.device_put(state, shardings), put_batch(np.asarray(batch), mesh, 2 if P > 1 else 1)
-    step = make_train_step(model, with_lr, 1, 0, shardings, P)
+    step = make_train_step(model, with_lr, A, 0, shardings, P)
     step0 = jnp.asarray(0)
     if P > 1:
         lrs = chunk_lrs(lr_at, 0, P, P)
