@@ -159,11 +159,11 @@ def step_setup(shape: Shape, overrides: dict, steps_per_call: int = 1, devices: 
     optim = OptimConfig(warmup_steps=0)
     lr_at, with_lr = optim.with_lr_input(10_000)  # the trainer's step: the lr an input, the schedule evaluated outside
     P = steps_per_call
-    # P > 1: P different batches per call, as the loop's chunks (a repeated batch would train on one batch)
     A = grad_accum  # the same tokens in A microbatches, scanned (train.grad_accum)
     if A < 1 or shape.batch % A:
         raise ValueError(f"grad_accum={A} does not split {shape.name}'s batch of {shape.batch} sequences into equal "
                          "microbatches: give a divisor of the batch size.")
+    # P > 1: P different batches per call, as the loop's chunks (a repeated batch would train on one batch)
     batch = jax.random.randint(jax.random.key(1), (P, 1, shape.batch, shape.seq_len + 1) if P > 1 else
                                (1, shape.batch, shape.seq_len + 1), 0, shape.vocab_size)
     batch = batch.reshape(*batch.shape[:-3], A, shape.batch // A, shape.seq_len + 1)
