@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Prototype of session 18 (BENCHMARKS.md): an XLA FFI custom call into MKL's cblas_sgemm. Not part of the product.
+#   benchmarks/mkl_ffi/build.sh                 # ~1 min: MKL's wheel (229 MB) unpacked into /tmp/mkl, the .so built here
+#   MKL_THREADING_LAYER=GNU python benchmarks/mkl_ffi/mklmm.py   # checks values and gradients against XLA's matmul
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+py=${PYTHON:-python}
+if [ ! -e /tmp/mkl/lib/libmkl_rt.so.3 ]; then
+  "$py" -m pip download mkl --no-deps -d /tmp/mklwheel -q
+  mkdir -p /tmp/mkl && (cd /tmp/mkl && unzip -q -o /tmp/mklwheel/mkl-*.whl 'mkl-*.data/data/lib/*' && mv mkl-*.data/data/lib .)
+fi
+inc=$("$py" -c "import jax.ffi; print(jax.ffi.include_dir())")
+g++ -O2 -std=c++17 -shared -fPIC -w -I"$inc" "$here/gemm_ffi.cc" -o "$here/libgemm_ffi.so" \
+  -L/tmp/mkl/lib -l:libmkl_rt.so.3 -Wl,-rpath,/tmp/mkl/lib
+echo "built $here/libgemm_ffi.so"
