@@ -9,8 +9,9 @@ VARIANTS.json: a list of {"name", "impl": "jax" | "torch", "shape": a nanogpt pr
 ModelConfig fields (jax), "repo": a checkout to import `scaling` from (default: this one; it needs
 `scaling.bench.runner.step_setup` and `reference_dims`, i.e. session 17 or later), "xla_flags": XLA_FLAGS for
 that process, "grad_accum": the same tokens in that many microbatches (jax; session 18 or later)}. A jax call is
-one chained call of train.steps_per_call steps (as the trainer runs); a torch call is as many eager steps. Prints per variant the median over rounds of (steps / call wall time) as tokens/s, the range, CPU
-cores used (process CPU time / wall), the last loss, and the 1-minute load average before and after.
+one chained call of train.steps_per_call steps (as the trainer runs); a torch call is as many eager steps. Prints
+per variant the median over rounds of (steps / call wall time) as tokens/s, the range, CPU cores used (process CPU
+time / wall), the last loss, and the 1-minute load average before and after.
 """
 
 from __future__ import annotations

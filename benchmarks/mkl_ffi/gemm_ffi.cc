@@ -5,14 +5,17 @@ namespace ffi = xla::ffi;
 extern "C" void cblas_sgemm(int layout, int transa, int transb, int m, int n, int k, float alpha, const float* a,
                             int lda, const float* b, int ldb, float beta, float* c, int ldc);
 
+// CBLAS's enum values (cblas.h): row-major layout, no transpose, transpose.
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+
 static ffi::Error GemmImpl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
                            int64_t ta, int64_t tb) {
   auto ad = a.dimensions(), bd = b.dimensions();
   if (ad.size() != 2 || bd.size() != 2) return ffi::Error::InvalidArgument("mkl_gemm: 2-D operands only");
   int m = ta ? ad[1] : ad[0], k = ta ? ad[0] : ad[1];
   int n = tb ? bd[0] : bd[1];
-  cblas_sgemm(101, ta ? 112 : 111, tb ? 112 : 111, m, n, k, 1.0f, a.typed_data(), ad[1], b.typed_data(), bd[1], 0.0f,
-              c->typed_data(), n);
+  cblas_sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, 1.0f, a.typed_data(), ad[1],
+              b.typed_data(), bd[1], 0.0f, c->typed_data(), n);
   return ffi::Error::Success();
 }
 

@@ -1,7 +1,11 @@
 """Prototype (session 18, BENCHMARKS.md): x @ w through MKL via an XLA FFI custom call (gemm_ffi.cc, built by
 build.sh), its VJP two more MKL GEMMs. Not part of the product: benchmarks only."""
-import ctypes, os
-import jax, jax.numpy as jnp, numpy as np
+import ctypes
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 _lib = ctypes.cdll.LoadLibrary(os.path.join(os.path.dirname(__file__), "libgemm_ffi.so"))
 jax.ffi.register_ffi_target("mkl_gemm", jax.ffi.pycapsule(_lib.MklGemm), platform="cpu")
@@ -10,7 +14,8 @@ jax.ffi.register_ffi_target("mkl_gemm", jax.ffi.pycapsule(_lib.MklGemm), platfor
 def _gemm(a, b, ta, tb):
     m = a.shape[1] if ta else a.shape[0]
     n = b.shape[0] if tb else b.shape[1]
-    return jax.ffi.ffi_call("mkl_gemm", jax.ShapeDtypeStruct((m, n), jnp.float32))(a, b, ta=np.int64(ta), tb=np.int64(tb))
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    return jax.ffi.ffi_call("mkl_gemm", out)(a, b, ta=np.int64(ta), tb=np.int64(tb))
 
 
 @jax.custom_vjp
@@ -30,9 +35,15 @@ def _bwd(res, g_NxF):
 matmul.defvjp(_fwd, _bwd)
 
 if __name__ == "__main__":
-    x = jax.random.normal(jax.random.key(0), (64, 48)); w = jax.random.normal(jax.random.key(1), (48, 80))
+    x = jax.random.normal(jax.random.key(0), (64, 48))
+    w = jax.random.normal(jax.random.key(1), (48, 80))
     np.testing.assert_allclose(jax.jit(matmul)(x, w), x @ w, rtol=1e-4, atol=1e-4)
-    f = lambda x, w: (jnp.sin(matmul(x, w)) ** 2).sum(); r = lambda x, w: (jnp.sin(x @ w) ** 2).sum()
-    for a, b in zip(jax.jit(jax.grad(f, (0, 1)))(x, w), jax.grad(r, (0, 1))(x, w)):
+
+    def loss(mm, x, w):
+        return (jnp.sin(mm(x, w)) ** 2).sum()
+
+    ours = jax.jit(jax.grad(lambda x, w: loss(matmul, x, w), (0, 1)))(x, w)
+    xlas = jax.grad(lambda x, w: loss(jnp.matmul, x, w), (0, 1))(x, w)
+    for a, b in zip(ours, xlas):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
     print("ok")
