@@ -1,14 +1,25 @@
 """Prototype (session 18, BENCHMARKS.md): x @ w through MKL via an XLA FFI custom call (gemm_ffi.cc, built by
-build.sh), its VJP two more MKL GEMMs. Not part of the product: benchmarks only."""
+build.sh), its VJP two more MKL GEMMs. Not part of the product: benchmarks only.
+
+MKL_FFI=omp (default): gemm_ffi.cc, MKL's own OpenMP threads (run with MKL_THREADING_LAYER=GNU).
+MKL_FFI=pool (session 19): gemm_pool.cc, MKL sequential, the GEMM's rows split over XLA's own intra-op thread pool
+(run with MKL_THREADING_LAYER=SEQUENTIAL).
+
+    python benchmarks/mkl_ffi/mklmm.py           # values and gradients against XLA's matmul
+    python benchmarks/mkl_ffi/mklmm.py --bench   # GFLOP/s of XLA's and this matmul, d384's forward GEMM shapes
+"""
 import ctypes
 import os
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-_lib = ctypes.cdll.LoadLibrary(os.path.join(os.path.dirname(__file__), "libgemm_ffi.so"))
-jax.ffi.register_ffi_target("mkl_gemm", jax.ffi.pycapsule(_lib.MklGemm), platform="cpu")
+_VARIANT = {"omp": ("libgemm_ffi.so", "MklGemm"), "pool": ("libgemm_pool.so", "MklGemmPool")}[os.environ.get("MKL_FFI", "omp")]
+_lib = ctypes.cdll.LoadLibrary(os.path.join(os.path.dirname(os.path.abspath(__file__)), _VARIANT[0]))
+jax.ffi.register_ffi_target("mkl_gemm", jax.ffi.pycapsule(getattr(_lib, _VARIANT[1])), platform="cpu")
 
 
 def _gemm(a, b, ta, tb):
@@ -34,7 +45,28 @@ def _bwd(res, g_NxF):
 
 matmul.defvjp(_fwd, _bwd)
 
-if __name__ == "__main__":
+
+def bench() -> None:
+    """Median of 5 timings of 20 calls per shape, as GFLOP/s; XLA's matmul first, then this one, in this process."""
+    for M, K, N in [(4096, 384, 1152), (4096, 384, 1536), (4096, 1536, 384)]:
+        a = jax.random.normal(jax.random.key(0), (M, K))
+        b = jax.random.normal(jax.random.key(1), (K, N))
+        for name, f in [("xla", jax.jit(jnp.matmul)), (os.environ.get("MKL_FFI", "omp"), jax.jit(matmul))]:
+            for _ in range(3):
+                f(a, b).block_until_ready()
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    c = f(a, b)
+                c.block_until_ready()
+                times.append(time.perf_counter() - t0)
+            print(f"{name:5s} [{M}, {K}] x [{K}, {N}]: {20 * 2 * M * K * N / sorted(times)[2] / 1e9:.0f} GFLOP/s")
+
+
+if __name__ == "__main__" and "--bench" in sys.argv:
+    bench()
+elif __name__ == "__main__":
     x = jax.random.normal(jax.random.key(0), (64, 48))
     w = jax.random.normal(jax.random.key(1), (48, 80))
     np.testing.assert_allclose(jax.jit(matmul)(x, w), x @ w, rtol=1e-4, atol=1e-4)
