@@ -1,7 +1,8 @@
 // Prototype (session 19, BENCHMARKS.md): causal attention forward and backward as two XLA FFI custom calls whose
 // work, one (batch, head) pair at a time, runs on XLA's own intra-op thread pool; each pair's GEMMs in MKL's
-// sequential sgemm (built with -DATTN_MKL) or in small_gemm.h's loops. The math is scaling/model/attention.py's (FlashAttention's backward, Dao et al. 2022 Alg. 2,
-// with P recomputed from the saved log-sum-exp): query blocks of kBlock rows see keys [0, end of block) only.
+// sequential sgemm (built with -DATTN_MKL) or in small_gemm.h's loops. The math is scaling/model/attention.py's
+// (FlashAttention's backward, Dao et al. 2022 Alg. 2, with P recomputed from the saved log-sum-exp): query blocks of
+// kBlock rows see keys [0, end of block) only.
 // Layout: q, k, v, o and their gradients [B, L, H, K] (the model's), lse [B, H, L].
 #include <algorithm>
 #include <atomic>
