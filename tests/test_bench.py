@@ -159,27 +159,23 @@ def test_missing_torch_is_explained(monkeypatch):
     assert "torch not installed (pip install -e '.[bench]')" in row["error"]
 
 
-def _dims(shape):
-    return dict(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, seq_len=shape.seq_len,
-                vocab_size=shape.vocab_size, batch=shape.batch)
-
-
 @pytest.mark.parametrize("shape", [TINY, bench.PRESETS["nanogpt"][1]], ids=lambda s: s.name)
 def test_references_build_the_same_model_and_train(shape):
     """Same parameter count as this project's model (asserted inside), first loss near ln(V) (same init)."""
-    total = count_params(bench.model_config(shape, {})).total
-    refs = [lambda: bench_refs.linen_step(**_dims(shape), expected_params=total)]
+    dims = bench.reference_dims(shape)
+    assert dims["expected_params"] == count_params(bench.model_config(shape, {})).total
+    refs = [lambda: bench_refs.linen_step(**dims)]
     try:
         import torch  # noqa: F401
 
-        refs.append(lambda: bench_refs.torch_step(**_dims(shape), compile_model=False, expected_params=total))
+        refs.append(lambda: bench_refs.torch_step(**dims, compile_model=False))
     except ImportError:
         pass
     for make in refs:
         step = make()
         assert abs(step() - math.log(shape.vocab_size)) < 0.5
     with pytest.raises(AssertionError, match="params"):
-        bench_refs.linen_step(**_dims(shape), expected_params=total + 1)
+        bench_refs.linen_step(**{**dims, "expected_params": dims["expected_params"] + 1})
 
 
 def test_torch_reference_trains_on_a_new_batch_every_step():
