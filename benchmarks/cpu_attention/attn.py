@@ -1,5 +1,6 @@
 """Prototype (session 19, BENCHMARKS.md): causal attention through the FFI custom calls of attn_ffi.cc (built by
-build.sh; ATTN_KERNEL=native|mkl picks the build), a drop-in for scaling.model.attention.blocked_causal_attention on CPU. Not part of the product.
+build.sh; ATTN_KERNEL=native|mkl picks the build), a drop-in for scaling.model.attention.blocked_causal_attention
+on CPU. Not part of the product.
 
     ATTN_KERNEL=native python benchmarks/cpu_attention/attn.py   # values, gradients, causality against the product's
 """

@@ -3,7 +3,8 @@
 # the product. Two builds of attn_ffi.cc: libattn_native.so (the small GEMMs of small_gemm.h, no library) and
 # libattn_mkl.so (MKL's sequential sgemm; MKL's wheel unpacked into /tmp/mkl, as benchmarks/mkl_ffi/build.sh does).
 #   benchmarks/cpu_attention/build.sh
-#   ATTN_KERNEL=native|mkl python benchmarks/cpu_attention/attn.py   # values, gradients, causality against the product's
+#   ATTN_KERNEL=native|mkl python benchmarks/cpu_attention/attn.py
+#   (values, gradients and causality against the product's attention)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python}
@@ -14,6 +15,6 @@ if [ ! -e /tmp/mkl/lib/libmkl_rt.so.3 ]; then
   "$py" -m pip download mkl --no-deps -d /tmp/mklwheel -q
   mkdir -p /tmp/mkl && (cd /tmp/mkl && unzip -q -o /tmp/mklwheel/mkl-*.whl 'mkl-*.data/data/lib/*' && mv mkl-*.data/data/lib .)
 fi
-g++ "${flags[@]}" -DATTN_MKL "$here/attn_ffi.cc" -o "$here/libattn_mkl.so" -L/tmp/mkl/lib -l:libmkl_rt.so.3 \
-  -Wl,-rpath,/tmp/mkl/lib
+g++ "${flags[@]}" -DATTN_MKL "$here/attn_ffi.cc" -o "$here/libattn_mkl.so" \
+  -L/tmp/mkl/lib -l:libmkl_rt.so.3 -Wl,-rpath,/tmp/mkl/lib
 echo "built $here/libattn_native.so $here/libattn_mkl.so"

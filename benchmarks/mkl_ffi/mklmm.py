@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-_VARIANT = {"omp": ("libgemm_ffi.so", "MklGemm"), "pool": ("libgemm_pool.so", "MklGemmPool")}[os.environ.get("MKL_FFI", "omp")]
-_lib = ctypes.cdll.LoadLibrary(os.path.join(os.path.dirname(os.path.abspath(__file__)), _VARIANT[0]))
-jax.ffi.register_ffi_target("mkl_gemm", jax.ffi.pycapsule(getattr(_lib, _VARIANT[1])), platform="cpu")
+VARIANT = os.environ.get("MKL_FFI", "omp")
+_so, _handler = {"omp": ("libgemm_ffi.so", "MklGemm"), "pool": ("libgemm_pool.so", "MklGemmPool")}[VARIANT]
+_lib = ctypes.cdll.LoadLibrary(os.path.join(os.path.dirname(os.path.abspath(__file__)), _so))
+jax.ffi.register_ffi_target("mkl_gemm", jax.ffi.pycapsule(getattr(_lib, _handler)), platform="cpu")
 
 
 def _gemm(a, b, ta, tb):
@@ -51,7 +52,7 @@ def bench() -> None:
     for M, K, N in [(4096, 384, 1152), (4096, 384, 1536), (4096, 1536, 384)]:
         a = jax.random.normal(jax.random.key(0), (M, K))
         b = jax.random.normal(jax.random.key(1), (K, N))
-        for name, f in [("xla", jax.jit(jnp.matmul)), (os.environ.get("MKL_FFI", "omp"), jax.jit(matmul))]:
+        for name, f in [("xla", jax.jit(jnp.matmul)), (VARIANT, jax.jit(matmul))]:
             for _ in range(3):
                 f(a, b).block_until_ready()
             times = []
