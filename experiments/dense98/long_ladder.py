@@ -1,11 +1,11 @@
 """Post hoc (session 19): the loss in D at fixed size over the 10x the prediction spans. One WSD parent per size for
-two of the verification's sizes (d44, d72) to 9.4e6 tokens, cooldown branches at 1.46e6, 2.93e6, 5.85e6 and 1.17e7
+two of the verification's sizes (d44, d72) and two of the sweep's smaller ones (d12, d24) to 9.4e6 tokens, cooldown branches at 1.46e6, 2.93e6, 5.85e6 and 1.17e7
 tokens (seed 0), beside the sweep's own branch ends of those sizes (d44; d76 is the sweep's nearest to d72) and the
 verification runs, with the drop per doubling of D and Approach 3's surface through the sweep (surfaces.py); then
 each parent's training loss at constant lr (long_parent_curves.csv: the parents' metrics.jsonl rows), averaged over
 the 15% of tokens before each doubling:
 
-    python experiments/dense98/long_ladder.py      # reads runs.csv, long_runs.csv, verify*_runs.csv here
+    python experiments/dense98/long_ladder.py   # reads runs.csv, long_runs.csv, long_small_runs.csv, verify*_runs.csv
 """
 from pathlib import Path
 
@@ -22,7 +22,8 @@ def table(name: str) -> pd.DataFrame:
     return usable(load_runs_csv(HERE / name, n="total"))
 
 
-sweep, long = table("runs.csv"), table("long_runs.csv")
+sweep = table("runs.csv")
+long = pd.concat([table("long_runs.csv"), table("long_small_runs.csv")])  # d44, d72; then d12, d24
 verify = pd.concat([table("verify_runs.csv"), table("verify_quarter_runs.csv")])
 means = sweep.groupby(["N", "D"], as_index=False).loss.mean()
 surface = fit_approach3(means.N, means.D, means.loss)
