@@ -11,10 +11,7 @@ py=${PYTHON:-python}
 inc=$("$py" -c "import jax.ffi; print(jax.ffi.include_dir())")
 flags=(-O3 -march=native -std=c++17 -shared -fPIC -w -I"$inc")
 g++ "${flags[@]}" "$here/attn_ffi.cc" -o "$here/libattn_native.so"
-if [ ! -e /tmp/mkl/lib/libmkl_rt.so.3 ]; then
-  "$py" -m pip download mkl --no-deps -d /tmp/mklwheel -q
-  mkdir -p /tmp/mkl && (cd /tmp/mkl && unzip -q -o /tmp/mklwheel/mkl-*.whl 'mkl-*.data/data/lib/*' && mv mkl-*.data/data/lib .)
-fi
+source "$here/../mkl_ffi/fetch_mkl.sh"
 g++ "${flags[@]}" -DATTN_MKL "$here/attn_ffi.cc" -o "$here/libattn_mkl.so" \
   -L/tmp/mkl/lib -l:libmkl_rt.so.3 -Wl,-rpath,/tmp/mkl/lib
 echo "built $here/libattn_native.so $here/libattn_mkl.so"

@@ -6,10 +6,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python}
-if [ ! -e /tmp/mkl/lib/libmkl_rt.so.3 ]; then
-  "$py" -m pip download mkl --no-deps -d /tmp/mklwheel -q
-  mkdir -p /tmp/mkl && (cd /tmp/mkl && unzip -q -o /tmp/mklwheel/mkl-*.whl 'mkl-*.data/data/lib/*' && mv mkl-*.data/data/lib .)
-fi
+source "$here/fetch_mkl.sh"
 inc=$("$py" -c "import jax.ffi; print(jax.ffi.include_dir())")
 for src in gemm_ffi gemm_pool; do  # gemm_pool (session 19): MKL sequential on XLA's thread pool
   g++ -O2 -std=c++17 -shared -fPIC -w -I"$inc" "$here/$src.cc" -o "$here/lib$src.so" \
