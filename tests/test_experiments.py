@@ -26,6 +26,9 @@ PUBLISHED = {
     "dense98": 132,
     "dense98_pilot": 3,
     "dense98_verify": 6,
+    "rope98": 132,
+    "rope98_pilot": 3,  # the config's three lrs; the README's widening adds two by override
+    "rope98_verify": 6,
 }
 
 
