@@ -251,6 +251,30 @@ def test_schedule_launches_branches_after_everything_else_and_never_groups_ladde
     assert not s.singles and len(s.branches) == 8 and len(s.finished) == 4
 
 
+def test_a_cooldown_shape_on_the_command_line_is_refused_and_the_plans_reaches_every_branch(tmp_path):
+    import subprocess
+    import sys
+
+    def dry_run(*overrides):
+        cmd = [sys.executable, "-m", "scaling.train", "-m", "+experiment=ladder_tiny", "hydra.sweeper.dry_run=true",
+               f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]
+        return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    # optim.decay_shape reached the parents (constant lr, no cooldown) and the plan's linear replaced it on every branch
+    out = dry_run("optim.decay_shape=1-sqrt")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert re.fullmatch(r"error: sweep 'ladder_tiny': the plan sets these keys for its runs and would replace the command "
+                        r"line's values: optim\.decay_shape=1-sqrt \(run ladder-\S+ gets linear; set "
+                        r"hydra\.sweeper\.plan\.cooldown_shape instead\)\. Drop them from the command line\.\n",
+                        out.stderr), out.stderr[-2000:]
+    out = dry_run("+hydra.sweeper.plan.cooldown_shape=1-sqrt")
+    assert out.returncode == 0, out.stderr[-2000:]
+    jobs = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("  ladder-")]
+    branches = [line for line in jobs if "train.parent=" in line]
+    assert len(branches) == 4 and all("optim.decay_shape=1-sqrt" in line for line in branches)
+    assert not (tmp_path / "sweep").exists()
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # A ladder sweep through Hydra: waves, the FLOPs it spent, kill -9 and relaunch
 # --------------------------------------------------------------------------------------------------------------------

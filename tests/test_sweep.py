@@ -1,7 +1,9 @@
 """Sweeps end to end through Hydra (plan sweeper + basic / joblib launchers), relaunch, failure isolation, collect."""
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -304,14 +306,37 @@ def test_swept_user_keys_multiply_runs_and_show_in_names():
     assert all("logging.log_every=5" in j.overrides and f"name={j.name}" in j.overrides for j in jobs)
 
 
-def test_plan_wins_over_user_keys_and_run_overrides_win_over_plan():
+def test_run_overrides_win_over_the_plan():
     plan = small_plan()
     target = plan.runs[0].name
-    jobs = expand_jobs(plan, "s", [["optim.lr=1.0"]], {target: ["optim.lr=0.5"]})
+    jobs = expand_jobs(plan, "s", [["logging.log_every=5"]], {target: ["optim.lr=0.5"]})
     lrs = {j.name: [o for o in j.overrides if o.startswith("optim.lr=")] for j in jobs}
     assert lrs[target] == ["optim.lr=0.5"]
-    assert all(v == [f"optim.lr={r.lr:.6g}"] for r in plan.runs[1:] for k, v in lrs.items() if k == r.name)
+    assert all(lrs[r.name] == [f"optim.lr={r.lr:.6g}"] for r in plan.runs[1:])
     assert merge_overrides(["a=1", "+b=2"], ["b=3"]) == ["a=1", "b=3"]
+
+
+@pytest.mark.parametrize("combo, message", [
+    (["optim.lr=1.0"], "optim.lr=1.0 (run isoflop-C2e9-d16-L1-B8 gets 0.024; set hydra.sweeper.plan.hyper.base_lr"),
+    (["model.d_model=32", "logging.log_every=5"], "model.d_model=32 (run isoflop-C2e9-d16-L1-B8 gets 16; set "
+                                                  "hydra.sweeper.plan.family"),
+    (["optim.warmup_fraction=0.1"], "set hydra.sweeper.plan.hyper.warmup_fraction instead"),
+    (["train.tokens=1e6"], "set hydra.sweeper.plan.budgets, plan.tokens or plan.grid_tokens_per_param instead"),
+    (["name=mine"], "name=mine (run isoflop-C2e9-d16-L1-B8 gets isoflop-C2e9-d16-L1-B8; the sweep names each run"),
+])
+def test_a_user_key_the_plan_would_replace_is_refused(combo, message):
+    # Before: the plan's value silently won, so the run was not the one asked for.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        expand_jobs(small_plan(), "s", [combo])
+
+
+def test_user_keys_equal_to_the_plans_or_outside_it_pass():
+    plan = small_plan()
+    run = plan.runs[0]
+    # the same value written another way, a key the plan leaves alone, and the plan's own null
+    same = [f"optim.lr={run.lr:.3e}", "train.steps=None", "train.tokens=null", "optim.decay_shape=1-sqrt"]
+    jobs = expand_jobs(dataclasses.replace(plan, runs=[run]), "s", [same])
+    assert "optim.decay_shape=1-sqrt" in jobs[0].overrides
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ any plan (`plan.seeds`), whose runs differ only in train.seed.
 
 
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -68,7 +70,19 @@ class PlanSweeper(Sweeper):
         )
 
     def sweep(self, arguments: List[str]) -> Any:
-        """Hydra's side only: parse overrides, compose each job's config, launch; scaling.sweep.schedule decides the rest."""
+        """Hydra's side only: parse overrides, compose each job's config, launch; scaling.sweep.schedule decides the rest.
+        A bad plan or override (ours name the key and the fix) is one line and exit 2 before anything is launched or
+        written, as for a single run (scaling.train.loop.main); HYDRA_FULL_ERROR=1 keeps the traceback."""
+        self._launched = False
+        try:
+            return self._sweep(arguments)
+        except ValueError as e:
+            if self._launched or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def _sweep(self, arguments: List[str]) -> Any:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
         from scaling.sweep import schedule as S
@@ -120,6 +134,7 @@ class PlanSweeper(Sweeper):
                  len(plan_.finished), plan_.n_jobs)
 
         returns, failed, offset = [], [], 0
+        self._launched = True
         size = self.max_batch_size or max(1, plan_.n_jobs)
         # Ladder branches last: by then every parent has trained (or failed, which its branches' records then say).
         units = [("run", [[j] for j in plan_.singles]), ("group", plan_.grouped), ("run", [[j] for j in plan_.branches])]

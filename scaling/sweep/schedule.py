@@ -49,8 +49,9 @@ def merge_overrides(*groups: list[str]) -> list[str]:
 def expand_jobs(plan: Plan, sweep: str, combos: list[list[str]], run_overrides: Optional[dict] = None) -> list[Job]:
     """One job per planned run x user override combination (e.g. `train.seed=0,1` doubles the sweep).
 
-    The plan owns shape, batch, lr and budget; user overrides apply to every run; `run_overrides` maps a glob on run
-    names to extra overrides for those runs (e.g. a lower lr for the largest models) and wins over both.
+    The plan owns shape, batch, lr, schedule and budget, and the sweep names each run; user overrides apply to every
+    run, and one that sets a key the plan sets otherwise is refused (`refuse_replaced`); `run_overrides` maps a glob on
+    run names to extra overrides for those runs (e.g. a lower lr for the largest models) and wins over both.
     """
     combos = combos or [[]]
     jobs = []
@@ -60,10 +61,12 @@ def expand_jobs(plan: Plan, sweep: str, combos: list[list[str]], run_overrides: 
         for run in plan.runs:
             name = f"{run.name}-{suffix}" if suffix else run.name
             tags = ",".join(f"'{t}'" for t in [sweep, *run.tags()])
+            planned = [*run.overrides(), f"name={name}", f"sweep={sweep}", f"logging.group={sweep}",
+                       f"logging.tags=[{tags}]"]
+            refuse_replaced(sweep, combo, planned)
             overrides = merge_overrides(
                 combo,
-                run.overrides(),
-                [f"name={name}", f"sweep={sweep}", f"logging.group={sweep}", f"logging.tags=[{tags}]"],
+                planned,
                 *[extra for pattern, extra in (run_overrides or {}).items() if fnmatch.fnmatch(name, pattern)],
             )
             jobs.append(Job(name, run, overrides))
@@ -71,6 +74,59 @@ def expand_jobs(plan: Plan, sweep: str, combos: list[list[str]], run_overrides: 
     if len(set(names)) != len(names):
         raise ValueError(f"sweep {sweep!r}: two jobs share a run name; give swept keys distinct values.")
     return jobs
+
+
+# Where to set each key a plan sets per run, for the error that refuses a command-line value the plan would replace.
+_PLAN_OWNERS = {
+    "model.": "set hydra.sweeper.plan.family (widths, depth, heads) or plan.sizes instead",
+    "train.batch_size": "set hydra.sweeper.plan.hyper.base_batch / min_batch / max_batch instead",
+    "train.tokens": "set hydra.sweeper.plan.budgets, plan.tokens or plan.grid_tokens_per_param instead",
+    "train.flops": "set hydra.sweeper.plan.budgets, plan.tokens or plan.grid_tokens_per_param instead",
+    "train.steps": "set hydra.sweeper.plan.budgets, plan.tokens or plan.grid_tokens_per_param instead",
+    "optim.lr": "set hydra.sweeper.plan.hyper.base_lr (the lr rule), plan.lrs or plan.lr_multipliers (an lr sweep), "
+                "or hydra.sweeper.run_overrides (some runs) instead",
+    "optim.schedule": "set hydra.sweeper.plan.hyper.schedule instead",
+    "optim.warmup_fraction": "set hydra.sweeper.plan.hyper.warmup_fraction instead",
+    "optim.warmup_steps": "set hydra.sweeper.plan.hyper.warmup_steps instead",
+    "optim.decay_fraction": "set hydra.sweeper.plan.cooldown_fraction instead",
+    "optim.decay_shape": "set hydra.sweeper.plan.cooldown_shape instead",
+    "train.seed": "set hydra.sweeper.plan.seeds instead",
+    "train.parent": "the ladder plan places its branches (plan.tokens or plan.budgets, plan.cooldown_fraction)",
+    "train.branch_step": "the ladder plan places its branches (plan.tokens or plan.budgets, plan.cooldown_fraction)",
+    "train.checkpoint.keep_steps": "a ladder's parents keep their branch points",
+    "name": "the sweep names each run (sweep=... names the sweep)",
+    "logging.group": "each run's group is the sweep's name: set sweep=... instead",
+    "logging.tags": "the sweep tags each run with its sweep, budget and shape",
+}
+
+
+def _same_value(a: str, b: str) -> bool:
+    """Two override values that mean the same (1e-3 and 0.001; null and None; lists with or without spaces)."""
+    if a.replace(" ", "").replace("'", "").replace('"', "") == b.replace(" ", "").replace("'", "").replace('"', ""):
+        return True
+    try:
+        return float(a) == float(b)
+    except ValueError:
+        return {a.strip().lower(), b.strip().lower()} <= {"null", "none", "~"}
+
+
+def refuse_replaced(sweep: str, combo: list[str], planned: list[str]) -> None:
+    """A user override of a key that the plan sets to another value would be replaced without a word (a ladder run
+    with optim.decay_shape=1-sqrt on the command line would cool down linearly): refused, naming where to set it."""
+    plan_values = {_key(o): o.split("=", 1)[1] for o in planned}
+    run = plan_values.get("name", "?")
+    clashes = []
+    for o in combo:
+        if "=" not in o or _key(o) not in plan_values:
+            continue
+        key, value = _key(o), o.split("=", 1)[1]
+        if not _same_value(value, plan_values[key]):
+            owner = next((v for k, v in _PLAN_OWNERS.items() if key == k or (k.endswith(".") and key.startswith(k))),
+                         "set it in hydra.sweeper.plan instead")
+            clashes.append(f"{key}={value} (run {run} gets {plan_values[key]}; {owner})")
+    if clashes:
+        raise ValueError(f"sweep {sweep!r}: the plan sets these keys for its runs and would replace the command line's "
+                         f"values: {'; '.join(clashes)}. Drop them from the command line.")
 
 
 def _varies(override: str, combos: list[list[str]]) -> bool:
