@@ -316,6 +316,12 @@ def test_run_overrides_win_over_the_plan():
     assert merge_overrides(["a=1", "+b=2"], ["b=3"]) == ["a=1", "b=3"]
 
 
+def test_a_run_overrides_glob_that_matches_no_run_is_refused():
+    with pytest.raises(ValueError, match=re.escape("hydra.sweeper.run_overrides: 'isoflop-C1e12-*' matches no run of "
+                                                   "sweep 's' (its runs: isoflop-C2e9-d16-L1-B8,")):
+        expand_jobs(small_plan(), "s", [], {"isoflop-C2e9-d16-*": ["optim.lr=0.5"], "isoflop-C1e12-*": ["optim.lr=1"]})
+
+
 @pytest.mark.parametrize("combo, message", [
     (["optim.lr=1.0"], "optim.lr=1.0 (run isoflop-C2e9-d16-L1-B8 gets 0.024; set hydra.sweeper.plan.hyper.base_lr"),
     (["model.d_model=32", "logging.log_every=5"], "model.d_model=32 (run isoflop-C2e9-d16-L1-B8 gets 16; set "

@@ -71,6 +71,11 @@ def expand_jobs(plan: Plan, sweep: str, combos: list[list[str]], run_overrides: 
             )
             jobs.append(Job(name, run, overrides))
     names = [j.name for j in jobs]
+    unmatched = [pattern for pattern in (run_overrides or {}) if not fnmatch.filter(names, pattern)]
+    if unmatched:  # a typo in a glob would otherwise leave every run as planned without a word
+        raise ValueError(f"hydra.sweeper.run_overrides: {', '.join(map(repr, unmatched))} matches no run of sweep "
+                         f"{sweep!r} (its runs: {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}): fix the "
+                         "glob, or drop it.")
     if len(set(names)) != len(names):
         raise ValueError(f"sweep {sweep!r}: two jobs share a run name; give swept keys distinct values.")
     return jobs
