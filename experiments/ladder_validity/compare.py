@@ -2,6 +2,9 @@
 
     python experiments/ladder_validity/compare.py multirun/ladder_validity_cosine multirun/ladder_validity
     python experiments/ladder_validity/compare.py COS_S0 LAD_S0 COS_S1 LAD_S1 long   # seeds -> gap_long.md, gap_long.png
+    python experiments/ladder_validity/compare.py experiments/ladder_validity/long/cos_s0 \
+        experiments/ladder_validity/long_1sqrt/lad_s0 experiments/ladder_validity/long/cos_s1 \
+        experiments/ladder_validity/long_1sqrt/lad_s1 long_1sqrt             # the committed 1-sqrt branches (session 21)
 
 Reads each sweep's runs.csv (`python -m scaling.sweep collect` writes it; collected here when missing), matches points
 by shape (d_model, n_layers) and D, and writes gap.md (the table) and gap.png (loss against D per shape) beside this
@@ -87,7 +90,7 @@ def main(dirs: list[str], suffix: str = "") -> pd.DataFrame:
     ax.set_xscale("log")
     ax.set_xlabel("D (tokens)")
     ax.set_ylabel("final validation loss (nats/token)" + (f", mean of {len(seeds)} seeds" if len(seeds) > 1 else ""))
-    ax.set_title("Cooldown branches (20%) vs cosine runs to the same D")
+    ax.set_title("Cooldown branches (20%) vs cosine runs to the same D" + (f"\n[{suffix}]" if suffix else ""), fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(OUT / f"{stem}.png", dpi=120)
