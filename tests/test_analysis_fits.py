@@ -142,3 +142,21 @@ def test_power_law_errors():
         fit_power_law([1, 2, 3], [1, 2, 3], [1.0])
     with pytest.raises(ValueError, match="need at least 2"):
         fit_power_law([1], [1])
+
+
+def test_a_runaway_approach3_fit_evaluates_without_warnings():
+    # A bootstrap resample can drive log A past float64's exp range and alpha far up (the README quickstart's report
+    # printed four RuntimeWarnings from such refits); the values follow IEEE (term 0, or nan for inf / inf) and the
+    # caller judges them.
+    import warnings
+
+    from analysis.laws.approach3 import Approach3Fit
+
+    runaway = Approach3Fit(E=1.7, A=float("inf"), B=400.0, alpha=900.0, beta=0.3, n_points=9, objective=0.0,
+                           method="huber-lbfgs")
+    huge = Approach3Fit(E=1.7, A=1e300, B=400.0, alpha=-900.0, beta=0.3, n_points=9, objective=0.0, method="huber-lbfgs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(runaway(1e6, 1e9))
+        assert huge(1e6, 1e9) == np.inf
+        assert runaway(np.array([1e6]), np.array([1e9])).shape == (1,)

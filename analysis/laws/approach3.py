@@ -35,7 +35,9 @@ class Approach3Fit:
 
     def __call__(self, N, D):
         N, D = np.asarray(N, float), np.asarray(D, float)
-        with np.errstate(over="ignore"):  # a bootstrap fit's huge exponent: N^alpha = inf, its term 0, as it should
+        # A bootstrap refit can run off to a huge exponent or an overflowed A (fit_approach3): N^alpha = inf gives its
+        # term 0, as it should, and inf / inf gives nan; the caller judges the value, the terminal needs no warning.
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             return self.E + self.A / N ** self.alpha + self.B / D ** self.beta
 
     # Hoffmann et al. 2022 eq. 4: minimising L under C = k N D gives N_opt = G (C/k)^a, D_opt = G^-1 (C/k)^b,
@@ -230,9 +232,10 @@ def fit_approach3(N, D, loss, *, delta: float = 1e-3, n_starts: int | None = 32,
         raise ValueError("approach 3: no start reached finite parameters (log A, log B or log E ran off to infinity: "
                          "do the losses vary with both N and D?); analysis.laws.law fits the law within bounds instead")
     a, b, e, alpha, beta = best.x
-    return Approach3Fit(E=float(np.exp(e)), A=float(np.exp(a)), B=float(np.exp(b)), alpha=float(alpha),
-                        beta=float(beta), n_points=len(N), objective=float(best.fun), method="huber-lbfgs",
-                        flops_per_token=flops_per_token)
+    with np.errstate(over="ignore"):  # log A past ~709 (a resample where L barely varies with N): A = inf, kept as is
+        E, A, B = np.exp(e), np.exp(a), np.exp(b)
+    return Approach3Fit(E=float(E), A=float(A), B=float(B), alpha=float(alpha), beta=float(beta), n_points=len(N),
+                        objective=float(best.fun), method="huber-lbfgs", flops_per_token=flops_per_token)
 
 
 def _vp_inner(alpha, beta, N, D, loss, sqrt_w=None):
