@@ -253,11 +253,9 @@ def test_schedule_launches_branches_after_everything_else_and_never_groups_ladde
 
 def test_a_cooldown_shape_on_the_command_line_is_refused_and_the_plans_reaches_every_branch(tmp_path):
     import subprocess
-    import sys
 
     def dry_run(*overrides):
-        cmd = [sys.executable, "-m", "scaling.train", "-m", "+experiment=ladder_tiny", "hydra.sweeper.dry_run=true",
-               f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]
+        cmd = [*_sweep_cmd(tmp_path / "sweep"), "hydra.sweeper.dry_run=true", *overrides]
         return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
     # optim.decay_shape reached the parents (constant lr, no cooldown) and the plan's linear replaced it on every branch

@@ -81,13 +81,16 @@ def expand_jobs(plan: Plan, sweep: str, combos: list[list[str]], run_overrides: 
     return jobs
 
 
-# Where to set each key a plan sets per run, for the error that refuses a command-line value the plan would replace.
+# Where to set each key a plan sets per run, for the error that refuses a command-line value the plan would replace
+# (a key ending in "." covers every key under it).
+_BUDGET_HINT = "set hydra.sweeper.plan.budgets, plan.tokens or plan.grid_tokens_per_param instead"
+_BRANCH_HINT = "the ladder plan places its branches (plan.tokens or plan.budgets, plan.cooldown_fraction)"
 _PLAN_OWNERS = {
     "model.": "set hydra.sweeper.plan.family (widths, depth, heads) or plan.sizes instead",
     "train.batch_size": "set hydra.sweeper.plan.hyper.base_batch / min_batch / max_batch instead",
-    "train.tokens": "set hydra.sweeper.plan.budgets, plan.tokens or plan.grid_tokens_per_param instead",
-    "train.flops": "set hydra.sweeper.plan.budgets, plan.tokens or plan.grid_tokens_per_param instead",
-    "train.steps": "set hydra.sweeper.plan.budgets, plan.tokens or plan.grid_tokens_per_param instead",
+    "train.tokens": _BUDGET_HINT,
+    "train.flops": _BUDGET_HINT,
+    "train.steps": _BUDGET_HINT,
     "optim.lr": "set hydra.sweeper.plan.hyper.base_lr (the lr rule), plan.lrs or plan.lr_multipliers (an lr sweep), "
                 "or hydra.sweeper.run_overrides (some runs) instead",
     "optim.schedule": "set hydra.sweeper.plan.hyper.schedule instead",
@@ -96,8 +99,8 @@ _PLAN_OWNERS = {
     "optim.decay_fraction": "set hydra.sweeper.plan.cooldown_fraction instead",
     "optim.decay_shape": "set hydra.sweeper.plan.cooldown_shape instead",
     "train.seed": "set hydra.sweeper.plan.seeds instead",
-    "train.parent": "the ladder plan places its branches (plan.tokens or plan.budgets, plan.cooldown_fraction)",
-    "train.branch_step": "the ladder plan places its branches (plan.tokens or plan.budgets, plan.cooldown_fraction)",
+    "train.parent": _BRANCH_HINT,
+    "train.branch_step": _BRANCH_HINT,
     "train.checkpoint.keep_steps": "a ladder's parents keep their branch points",
     "name": "the sweep names each run (sweep=... names the sweep)",
     "logging.group": "each run's group is the sweep's name: set sweep=... instead",
@@ -107,7 +110,8 @@ _PLAN_OWNERS = {
 
 def _same_value(a: str, b: str) -> bool:
     """Two override values that mean the same (1e-3 and 0.001; null and None; lists with or without spaces)."""
-    if a.replace(" ", "").replace("'", "").replace('"', "") == b.replace(" ", "").replace("'", "").replace('"', ""):
+    unquoted = str.maketrans("", "", " '\"")
+    if a.translate(unquoted) == b.translate(unquoted):
         return True
     try:
         return float(a) == float(b)
