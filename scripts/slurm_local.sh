@@ -36,8 +36,22 @@ install() {
 idle() { [ "$(sinfo -h -o %T 2>/dev/null | head -1)" = "idle" ] || [ "$(sinfo -h -o %T 2>/dev/null | head -1)" = "mixed" ]; }
 busy() { case "$(sinfo -h -o %T 2>/dev/null | head -1)" in allocated|completing) return 0 ;; *) return 1 ;; esac; }
 
-running() {  # running PIDFILE: its process is alive (an exited daemon not yet reaped does not count)
-  [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null && ! ps -o stat= -p "$(cat "$1")" | grep -q '^Z'
+running() {  # running PIDFILE NAME: its process is alive and is NAME (an exited daemon not yet reaped does not count)
+  # The name matters: daemons killed without a clean exit leave their pid files behind, and after a reboot (or in a
+  # restored machine image) that pid can belong to any process; trusting it left slurmdbd unstarted and sacct down.
+  local pid; pid=$(cat "$1" 2>/dev/null) || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] && ! ps -o stat= -p "$pid" | grep -q '^Z'
+}
+
+daemon_logs() {  # the state of each daemon and its log's last lines: what a timeout needs to be understood
+  local d
+  for d in slurmdbd slurmctld slurmd; do
+    running "$W/$d.pid" "$d" && log "$d: running" || log "$d: not running"
+    [ -f "$W/log/$d.log" ] && tail -n 5 "$W/log/$d.log" | sed "s/^/[slurm_local]   $d.log: /" >&2
+  done
+  db_up && log "mariadbd: answering" || log "mariadbd: not answering"
+  [ -f /var/run/mysqld/error.log ] && tail -n 5 /var/run/mysqld/error.log | sed 's/^/[slurm_local]   mariadb: /' >&2
+  return 0
 }
 
 wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
@@ -80,7 +94,7 @@ db_up() { mysqladmin --socket=/var/run/mysqld/mysqld.sock ping >/dev/null 2>&1; 
 start() {
   # "Up" includes the accounting database: with slurmctld idle but MariaDB gone, sacct fails and submitit cannot see
   # jobs that die, so that case goes on to the (idempotent) start below, which restarts only what is down.
-  if { idle || busy; } && running "$W/slurmctld.pid" && running "$W/slurmdbd.pid" && db_up; then
+  if { idle || busy; } && running "$W/slurmctld.pid" slurmctld && running "$W/slurmdbd.pid" slurmdbd && db_up; then
     log "already up"; sinfo; return 0
   fi
   check_writable "$ETC/slurm.conf"
@@ -92,7 +106,7 @@ start() {
   touch "$W/started"
 
   [ -f /etc/munge/munge.key ] || /usr/sbin/mungekey --create
-  if ! running /var/run/munge/munged.pid; then
+  if ! running /var/run/munge/munged.pid munged; then
     runuser -u munge -- /usr/sbin/munged && echo munged >> "$W/started"
   fi
   wait_for 10 munge sh -c 'munge -n | unmunge'
@@ -133,11 +147,11 @@ StorageUser=slurm
 StoragePass=$pw
 StorageLoc=slurm_acct_db
 EOF
-  if running "$W/slurmdbd.pid" && [ "$new_pw" -eq 1 ]; then  # it holds the old password: restart it on the new one
+  if running "$W/slurmdbd.pid" slurmdbd && [ "$new_pw" -eq 1 ]; then  # it holds the old password: restart it on the new one
     local old; old=$(cat "$W/slurmdbd.pid")
     kill "$old"; wait_for 10 "slurmdbd to exit" sh -c "! kill -0 $old" || true
   fi
-  running "$W/slurmdbd.pid" || /usr/sbin/slurmdbd
+  running "$W/slurmdbd.pid" slurmdbd || /usr/sbin/slurmdbd
   sleep 1
 
   # The node line from `slurmd -C`, so CPUs and RealMemory fit this machine (too much memory drains the node).
@@ -169,10 +183,10 @@ MpiDefault=none
 $node State=UNKNOWN
 PartitionName=$PARTITION Nodes=$H Default=YES MaxTime=INFINITE State=UP
 EOF
-  running "$W/slurmctld.pid" || /usr/sbin/slurmctld
-  running "$W/slurmd.pid" || /usr/sbin/slurmd
-  wait_for 60 "an idle node" idle
-  wait_for 30 "sacct (slurmdbd and its database)" sh -c "sacct -n >/dev/null 2>&1"
+  running "$W/slurmctld.pid" slurmctld || /usr/sbin/slurmctld
+  running "$W/slurmd.pid" slurmd || /usr/sbin/slurmd
+  wait_for 60 "an idle node" idle || { daemon_logs; exit 1; }
+  wait_for 60 "sacct (slurmdbd and its database)" sh -c "sacct -n >/dev/null 2>&1" || { daemon_logs; exit 1; }
   sinfo
 }
 
@@ -184,11 +198,12 @@ stop() {
   # Only the jobs of its own cluster's partition (the sweeps' jobs), not every job of the user.
   scancel --partition="$PARTITION" 2>/dev/null || true
   wait_for 30 "an empty $PARTITION queue" sh -c "[ -z \"\$(squeue -h -p $PARTITION 2>/dev/null)\" ]" || true
-  local pids=("$W/slurmd.pid" "$W/slurmctld.pid" "$W/slurmdbd.pid")
-  started_by_us mariadbd && pids+=(/var/run/mysqld/mysqld.pid)
-  started_by_us munged && pids+=(/var/run/munge/munged.pid)
-  for f in "${pids[@]}"; do
-    if running "$f"; then kill "$(cat "$f")"; fi
+  local daemons=("$W/slurmd.pid slurmd" "$W/slurmctld.pid slurmctld" "$W/slurmdbd.pid slurmdbd") f name
+  started_by_us mariadbd && daemons+=("/var/run/mysqld/mysqld.pid mariadbd")
+  started_by_us munged && daemons+=("/var/run/munge/munged.pid munged")
+  for d in "${daemons[@]}"; do
+    read -r f name <<< "$d"
+    if running "$f" "$name"; then kill "$(cat "$f")"; fi
   done
   rm -f "$W/started"
   log "stopped"

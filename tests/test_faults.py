@@ -237,3 +237,24 @@ def test_slurm_local_backs_up_what_it_replaces_and_marks_what_it_writes(tmp_path
     lines = conf.read_text().splitlines()
     assert lines[0].startswith("# written by scaling scripts/slurm_local.sh") and lines[1:] == ["StoragePass=ours"]
     assert conf.stat().st_mode & 0o777 == 0o600
+
+
+def test_slurm_local_does_not_take_a_stale_pid_file_for_its_daemon(tmp_path):
+    # Daemons killed without a clean exit leave pid files; after a reboot the pid may be any process. Trusting it
+    # left slurmdbd unstarted (sacct down: "timed out waiting for sacct"), and `stop` would have killed that process.
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile = tmp_path / "slurmdbd.pid"
+        for content in (str(other.pid), "", "12ab"):
+            pidfile.write_text(content + "\n")
+            for name in ("sleep", "slurmdbd"):
+                out = subprocess.run(["bash", "-c", f"source {SLURM_LOCAL}; running {pidfile} {name}"],
+                                     capture_output=True, text=True, timeout=60)
+                alive = content == str(other.pid) and name == "sleep"
+                assert out.returncode == (0 if alive else 1), (content, name, out.stderr)
+        out = subprocess.run(["bash", "-c", f"source {SLURM_LOCAL}; running {tmp_path / 'none.pid'} sleep"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        assert other.poll() is None
+    finally:
+        other.kill()
