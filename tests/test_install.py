@@ -142,3 +142,13 @@ def test_user_config_dir_adds_experiments_and_groups(venv, elsewhere):
         cfg = out.stdout
         assert "name: my-study-d48" in cfg and "source: synthetic" in cfg and "\n  steps: 7\n" in cfg, cfg[-2000:]
         assert "optim:" in cfg and "lr:" in cfg  # the shipped groups the study left alone
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    # CI must run exactly the README's second command (the test command); a flag added on one side only (a quieter
+    # pip, another pytest option) would make CI test something other than what the README tells users to run.
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert len(block) == 2 and "pytest" in block[1], block
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert block[1] in ci, f"the README's test command {block[1]!r} is not a line of .ci/run: {ci}"
