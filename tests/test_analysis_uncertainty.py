@@ -1,5 +1,7 @@
 """Bootstrap over runs (intervals that cover the truth) and the backtest."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -59,6 +61,26 @@ def test_approach2_and_kaplan_stats_bootstrap():
     assert "N_opt" in b.ci
     k = bootstrap(runs, KaplanStat("N"), n_resamples=10, n_jobs=1)
     assert k.estimate["alpha_N"] > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _DrawsOfR0:  # how often a resample drew run r0; `runaway`: +inf when more than once, nan when never (a refit
+    runaway: bool = False  # whose A overflowed, one whose N_opt is inf / inf), else finite
+
+    def __call__(self, df: pd.DataFrame) -> dict:
+        n = int((df["name"].str.split("#").str[0] == "r0").sum())
+        if not self.runaway:
+            return {"draws": float(n)}
+        return {"x": float(df["x"].mean()), "y": {0: np.nan, 1: 1.0}.get(n, np.inf)}
+
+
+def test_bootstrap_counts_a_non_finite_refit_as_failed_not_as_a_sample():
+    runs = pd.DataFrame({"name": [f"r{i}" for i in range(10)], "x": np.arange(10.0)})
+    draws = bootstrap(runs, _DrawsOfR0(), n_resamples=60, n_jobs=1, seed=3).samples["draws"]
+    b = bootstrap(runs, _DrawsOfR0(runaway=True), n_resamples=60, n_jobs=1, seed=3)
+    assert 0 < b.n_failed == int((draws != 1).sum()) < 60  # both kinds of runaway, counted
+    assert len(b.samples) == 60 - b.n_failed and np.isfinite(b.samples.to_numpy()).all()
+    assert b.as_dict()["ci95"]["y"] == [1.0, 1.0]  # the interval of the resamples that fitted, not inf
 
 
 def test_bootstrap_errors():

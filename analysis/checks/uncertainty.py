@@ -115,7 +115,7 @@ class KaplanStat:
 class BootstrapResult:
     estimate: dict  # the statistic on the full data
     samples: pd.DataFrame  # one row per successful resample
-    n_failed: int  # resamples whose fit raised (e.g. an unbracketed budget); reported, not hidden
+    n_failed: int  # resamples whose fit raised (e.g. an unbracketed budget) or gave a non-finite value; reported
     level: float = 0.95
 
     @property
@@ -149,8 +149,13 @@ def _run_chunk(args) -> tuple[list[dict], int]:
     out, failed = [], 0
     for seed in seeds:
         try:
-            out.append(stat(_resample(df, group, strata, np.random.default_rng(seed))))
+            values = stat(_resample(df, group, strata, np.random.default_rng(seed)))
         except (ValueError, FloatingPointError, np.linalg.LinAlgError):
+            failed += 1
+            continue
+        if all(np.isfinite(v) for v in values.values()):
+            out.append(values)
+        else:  # a refit that ran off (A overflowed to inf, N_opt nan): a failed fit, not a sample the quantiles skip
             failed += 1
     return out, failed
 
