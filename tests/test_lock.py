@@ -36,6 +36,25 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
     lock.release()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="process start times come from Linux's /proc")
+def test_lock_whose_pid_now_names_a_younger_process_is_taken_over(tmp_path):
+    # After a reboot (or a restored machine image) the dead owner's pid can name any process; the owner started
+    # before it took the lock, so a process that started after it is not the owner. The real owner keeps its lock.
+    path = tmp_path / LOCK_FILE
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        time.sleep(0.1)
+        for since, taken in ((time.time() - 3600, True), (time.time() + 60, False)):
+            path.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid, "token": "x",
+                                        "since": since}))
+            lock = DirLock(tmp_path)
+            assert lock.acquire() is taken, (since, taken)
+            lock.release()
+        assert other.poll() is None  # judged, not signalled
+    finally:
+        other.kill()
+
+
 def test_other_hosts_lock_is_stale_only_once_its_heartbeat_stops(tmp_path):
     path = tmp_path / LOCK_FILE
     path.write_text(json.dumps({"host": "node-17", "pid": 1234, "token": "remote", "since": time.time()}))

@@ -3,9 +3,10 @@
 Why not fcntl/flock (filelock): advisory locks do not cross NFS clients reliably, and a SLURM requeue can start the
 same run on another node while the first is still dying. So the lock is a file created with O_CREAT | O_EXCL (atomic
 on local filesystems and on NFSv3+), holding its owner's host and pid, and touched every `heartbeat_s` by a daemon
-thread. A lock is stale when its owner is on this host and its pid is gone (kill -9), or when it is on another host
-and has not been touched for `stale_after_s`; a stale lock is taken over by renaming it away first, so of two
-processes taking it over at once only one succeeds.
+thread. A lock is stale when its owner is on this host and its pid is gone (kill -9) or now names a process that
+started after the lock was taken (the pid reused after a reboot or a restored machine image: without this a relaunch
+left the run to that stranger forever), or when it is on another host and has not been touched for `stale_after_s`;
+a stale lock is taken over by renaming it away first, so of two processes taking it over at once only one succeeds.
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ from typing import Optional
 log = logging.getLogger("scaling.train.lock")
 
 LOCK_FILE = ".lock"
+PID_SLACK_S = 2.0
+
+
+def _started_at(pid: int) -> Optional[float]:
+    """When process `pid` started, in epoch seconds (Linux's /proc: boot time + its start in clock ticks since boot,
+    proc(5) /proc/pid/stat field 22); None where that is unknown (another OS, the process gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after the command name: field 3 on
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 class DirLock:
@@ -54,8 +68,11 @@ class DirLock:
             except ProcessLookupError:
                 return True  # its process died (kill -9, OOM): no heartbeat needed to know
             except PermissionError:
-                return False  # alive, another user's
-            return False
+                pass  # alive, another user's: judged by its start time below
+            started, since = _started_at(owner["pid"]), owner.get("since")
+            # The owner started before it took the lock; a process that started after is another one under the same
+            # pid (PID_SLACK_S: /proc/stat's boot time is whole seconds).
+            return started is not None and isinstance(since, (int, float)) and started > since + PID_SLACK_S
         try:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
