@@ -88,13 +88,17 @@ write_conf() {  # write_conf FILE MODE < content: back up what it replaces, then
   mv -f "$tmp" "$f"
 }
 
-started_by_us() { grep -qx "$1" "$W/started" 2>/dev/null; }
+started_by_us() {  # started_by_us NAME PIDFILE: the process in PIDFILE is the NAME this script started (its pid
+  # recorded at start), not one started since by the system (after a reboot, a distribution's own mariadb or munge)
+  grep -qx "$1 $(cat "$2" 2>/dev/null)" "$W/started" 2>/dev/null
+}
 db_up() { mysqladmin --socket=/var/run/mysqld/mysqld.sock ping >/dev/null 2>&1; }
 
 start() {
   # "Up" includes the accounting database: with slurmctld idle but MariaDB gone, sacct fails and submitit cannot see
   # jobs that die, so that case goes on to the (idempotent) start below, which restarts only what is down.
-  if { idle || busy; } && running "$W/slurmctld.pid" slurmctld && running "$W/slurmdbd.pid" slurmdbd && db_up; then
+  # (sinfo last: with slurmctld down it retries its connection for ~30 s)
+  if running "$W/slurmctld.pid" slurmctld && running "$W/slurmdbd.pid" slurmdbd && db_up && { idle || busy; }; then
     log "already up"; sinfo; return 0
   fi
   check_writable "$ETC/slurm.conf"
@@ -106,10 +110,10 @@ start() {
   touch "$W/started"
 
   [ -f /etc/munge/munge.key ] || /usr/sbin/mungekey --create
-  if ! running /var/run/munge/munged.pid munged; then
-    runuser -u munge -- /usr/sbin/munged && echo munged >> "$W/started"
-  fi
+  local new_munged=0
+  running /var/run/munge/munged.pid munged || { runuser -u munge -- /usr/sbin/munged; new_munged=1; }
   wait_for 10 munge sh -c 'munge -n | unmunge'
+  [ "$new_munged" -eq 0 ] || echo "munged $(cat /var/run/munge/munged.pid)" >> "$W/started"
 
   # Accounting database: `sacct` needs it, and submitit polls sacct to notice jobs that died without a result.
   if ! db_up; then
@@ -119,8 +123,8 @@ start() {
     # slurmdbd and munged (which detach themselves) stay up and sacct fails.
     setsid -f /usr/sbin/mariadbd --user=mysql --skip-networking --socket=/var/run/mysqld/mysqld.sock \
       --pid-file=/var/run/mysqld/mysqld.pid --log-error=/var/run/mysqld/error.log >/dev/null 2>&1
-    echo mariadbd >> "$W/started"
     wait_for 30 mariadb db_up
+    echo "mariadbd $(cat /var/run/mysqld/mysqld.pid)" >> "$W/started"
   fi
   # The database password: the one in its own slurmdbd.conf, else a new random one (never a fixed string).
   local pw="" new_pw=0
@@ -199,8 +203,8 @@ stop() {
   scancel --partition="$PARTITION" 2>/dev/null || true
   wait_for 30 "an empty $PARTITION queue" sh -c "[ -z \"\$(squeue -h -p $PARTITION 2>/dev/null)\" ]" || true
   local daemons=("$W/slurmd.pid slurmd" "$W/slurmctld.pid slurmctld" "$W/slurmdbd.pid slurmdbd") f name
-  started_by_us mariadbd && daemons+=("/var/run/mysqld/mysqld.pid mariadbd")
-  started_by_us munged && daemons+=("/var/run/munge/munged.pid munged")
+  started_by_us mariadbd /var/run/mysqld/mysqld.pid && daemons+=("/var/run/mysqld/mysqld.pid mariadbd")
+  started_by_us munged /var/run/munge/munged.pid && daemons+=("/var/run/munge/munged.pid munged")
   for d in "${daemons[@]}"; do
     read -r f name <<< "$d"
     if running "$f" "$name"; then kill "$(cat "$f")"; fi

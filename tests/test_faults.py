@@ -258,3 +258,17 @@ def test_slurm_local_does_not_take_a_stale_pid_file_for_its_daemon(tmp_path):
         assert other.poll() is None
     finally:
         other.kill()
+
+
+def test_slurm_local_stops_only_the_database_and_munge_it_started(tmp_path):
+    # `stop` kills mariadbd / munged only when the running one is the process `start` recorded: after a reboot the
+    # machine's own database may hold that pid file, and it is not ours to stop.
+    state, pidfile = tmp_path / "state", tmp_path / "mysqld.pid"
+    state.mkdir()
+    for recorded, running_pid, ours in (("mariadbd 4242", "4242", True), ("mariadbd 4242", "5151", False),
+                                        ("mariadbd", "4242", False), ("munged 4242", "4242", False)):
+        (state / "started").write_text(recorded + "\n")
+        pidfile.write_text(running_pid + "\n")
+        script = f"W={state}; source {SLURM_LOCAL}; W={state}; started_by_us mariadbd {pidfile}"
+        out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+        assert out.returncode == (0 if ours else 1), (recorded, running_pid, out.stderr)
