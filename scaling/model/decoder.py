@@ -395,6 +395,13 @@ class Transformer(nn.Module):
             block = Block
             if cfg.remat != "none":
                 block = nn.remat(Block, policy=_REMAT_POLICY[cfg.remat], static_argnums=(3, 4))
+            if not self.is_initializing() and not decode and (deterministic or cfg.dropout == 0):
+                # Each block a nested jit of one function: JAX traces, differentiates and lowers it once for all
+                # n_layers (the others hit its trace cache) and XLA inlines the calls, so the compiled step is the
+                # same (bit-identical losses); d384's tracing + lowering 0.84 -> 0.46 s, its cold compile ~3.3 ->
+                # ~2.8 s (BENCHMARKS.md, session 22). Not at init or with dropout (nn.jit draws random bits
+                # differently), nor when decoding (the KV cache is a mutable collection).
+                block = nn.jit(block, static_argnums=(3, 4))
             for i in range(cfg.n_layers):
                 x_BxLxD = block(cfg, name=f"block_{i}")(x_BxLxD, positions_L, decode, deterministic)
         x_BxLxD = _layer_norm(cfg, "ln_f")(x_BxLxD)
