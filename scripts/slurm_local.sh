@@ -42,11 +42,12 @@ running() {  # running PIDFILE NAME: its process is alive and is NAME (an exited
   local pid; pid=$(cat "$1" 2>/dev/null) || return 1
   [[ "$pid" =~ ^[0-9]+$ ]] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ] && ! ps -o stat= -p "$pid" | grep -q '^Z'
 }
+slurm_up() { running "$W/$1.pid" "$1"; }  # slurm_up slurmctld|slurmd|slurmdbd: the pid files live in $W
 
 daemon_logs() {  # the state of each daemon and its log's last lines: what a timeout needs to be understood
   local d
   for d in slurmdbd slurmctld slurmd; do
-    running "$W/$d.pid" "$d" && log "$d: running" || log "$d: not running"
+    slurm_up "$d" && log "$d: running" || log "$d: not running"
     [ -f "$W/log/$d.log" ] && tail -n 5 "$W/log/$d.log" | sed "s/^/[slurm_local]   $d.log: /" >&2
   done
   db_up && log "mariadbd: answering" || log "mariadbd: not answering"
@@ -98,7 +99,7 @@ start() {
   # "Up" includes the accounting database: with slurmctld idle but MariaDB gone, sacct fails and submitit cannot see
   # jobs that die, so that case goes on to the (idempotent) start below, which restarts only what is down.
   # (sinfo last: with slurmctld down it retries its connection for ~30 s)
-  if running "$W/slurmctld.pid" slurmctld && running "$W/slurmdbd.pid" slurmdbd && db_up && { idle || busy; }; then
+  if slurm_up slurmctld && slurm_up slurmdbd && db_up && { idle || busy; }; then
     log "already up"; sinfo; return 0
   fi
   check_writable "$ETC/slurm.conf"
@@ -151,11 +152,11 @@ StorageUser=slurm
 StoragePass=$pw
 StorageLoc=slurm_acct_db
 EOF
-  if running "$W/slurmdbd.pid" slurmdbd && [ "$new_pw" -eq 1 ]; then  # it holds the old password: restart it on the new one
+  if slurm_up slurmdbd && [ "$new_pw" -eq 1 ]; then  # it holds the old password: restart it on the new one
     local old; old=$(cat "$W/slurmdbd.pid")
     kill "$old"; wait_for 10 "slurmdbd to exit" sh -c "! kill -0 $old" || true
   fi
-  running "$W/slurmdbd.pid" slurmdbd || /usr/sbin/slurmdbd
+  slurm_up slurmdbd || /usr/sbin/slurmdbd
   sleep 1
 
   # The node line from `slurmd -C`, so CPUs and RealMemory fit this machine (too much memory drains the node).
@@ -187,8 +188,8 @@ MpiDefault=none
 $node State=UNKNOWN
 PartitionName=$PARTITION Nodes=$H Default=YES MaxTime=INFINITE State=UP
 EOF
-  running "$W/slurmctld.pid" slurmctld || /usr/sbin/slurmctld
-  running "$W/slurmd.pid" slurmd || /usr/sbin/slurmd
+  slurm_up slurmctld || /usr/sbin/slurmctld
+  slurm_up slurmd || /usr/sbin/slurmd
   wait_for 60 "an idle node" idle || { daemon_logs; exit 1; }
   wait_for 60 "sacct (slurmdbd and its database)" sh -c "sacct -n >/dev/null 2>&1" || { daemon_logs; exit 1; }
   sinfo
@@ -202,12 +203,14 @@ stop() {
   # Only the jobs of its own cluster's partition (the sweeps' jobs), not every job of the user.
   scancel --partition="$PARTITION" 2>/dev/null || true
   wait_for 30 "an empty $PARTITION queue" sh -c "[ -z \"\$(squeue -h -p $PARTITION 2>/dev/null)\" ]" || true
-  local daemons=("$W/slurmd.pid slurmd" "$W/slurmctld.pid slurmctld" "$W/slurmdbd.pid slurmdbd") f name
-  started_by_us mariadbd /var/run/mysqld/mysqld.pid && daemons+=("/var/run/mysqld/mysqld.pid mariadbd")
-  started_by_us munged /var/run/munge/munged.pid && daemons+=("/var/run/munge/munged.pid munged")
-  for d in "${daemons[@]}"; do
-    read -r f name <<< "$d"
-    if running "$f" "$name"; then kill "$(cat "$f")"; fi
+  local d pidfile
+  for d in slurmd slurmctld slurmdbd; do
+    if slurm_up "$d"; then kill "$(cat "$W/$d.pid")"; fi
+  done
+  for d in mariadbd:/var/run/mysqld/mysqld.pid munged:/var/run/munge/munged.pid; do
+    pidfile=${d#*:}
+    d=${d%%:*}
+    if started_by_us "$d" "$pidfile" && running "$pidfile" "$d"; then kill "$(cat "$pidfile")"; fi
   done
   rm -f "$W/started"
   log "stopped"
