@@ -33,7 +33,7 @@ install() {
   fi
 }
 
-idle() { [ "$(sinfo -h -o %T 2>/dev/null | head -1)" = "idle" ] || [ "$(sinfo -h -o %T 2>/dev/null | head -1)" = "mixed" ]; }
+idle() { case "$(sinfo -h -o %T 2>/dev/null | head -1)" in idle|mixed) return 0 ;; *) return 1 ;; esac; }
 busy() { case "$(sinfo -h -o %T 2>/dev/null | head -1)" in allocated|completing) return 0 ;; *) return 1 ;; esac; }
 
 running() {  # running PIDFILE NAME: its process is alive and is NAME (an exited daemon not yet reaped does not count)
