@@ -310,6 +310,35 @@ def test_cli_writes_eval_into_the_record_and_collect_keeps_it(tmp_path, corpus, 
     assert "unknown task 'nope'" in capsys.readouterr().err
 
 
+def test_a_completed_run_is_not_scored_from_an_older_checkpoint_than_its_last(tmp_path, corpus, capsys):
+    """Its final checkpoint corrupt, the newest intact one is older: scores of that model would have sat in the record
+    beside the final model's losses (they were written, with a log warning only)."""
+    from scaling.eval.sample import main as sample_main
+    from scaling.train.checkpoint import CheckpointConfig
+
+    cfg = text_run(tmp_path, corpus)
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint=CheckpointConfig(every=2, keep=2)))
+    run = tmp_path / "run"
+    final_loss = train(cfg, run)["loss"]
+    biggest = max((p for p in (run / "checkpoints" / "4").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    before = (run / "record.json").read_bytes()
+    assert main([str(run), "--tasks", "cloze", "--limit", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "completed at step 4 but its newest intact checkpoint is step 2" in err, err
+    assert "Delete its record.json and relaunch the run: it resumes from step 2" in err
+    assert (run / "record.json").read_bytes() == before
+    assert (run / "checkpoints" / "4.corrupt").is_dir()  # set aside, not deleted
+    sample_main([str(run), "--prompt", "a", "--max-new-tokens", "2", "--temperature", "0"])
+    assert "note: sampling from checkpoint step 2, not the completed run's final step 4" in capsys.readouterr().err
+    # What the message says to do: the relaunch retrains steps 3-4 bit for bit, then the run scores.
+    (run / "record.json").unlink()
+    assert train(cfg, run)["loss"] == final_loss
+    assert main([str(run), "--tasks", "cloze", "--limit", "4"]) == 0
+
+
 def test_python_m_scaling_evaluate_is_the_eval_cli():
     import scaling.evaluate
 

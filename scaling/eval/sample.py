@@ -24,6 +24,13 @@ from scaling.record import CONFIG_FILE, read_record
 
 def load_run(run_dir: Path) -> tuple[Config, dict]:
     """The run's config and its newest intact parameters."""
+    cfg, params, _ = load_run_checkpoint(run_dir)
+    return cfg, params
+
+
+def load_run_checkpoint(run_dir: Path) -> tuple[Config, dict, int]:
+    """The run's config, its newest intact parameters and the step they are from (a corrupt newer checkpoint is
+    set aside by the Checkpointer, so this can be older than the run's last step)."""
     run_dir = Path(run_dir)
     config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
@@ -40,7 +47,7 @@ def load_run(run_dir: Path) -> tuple[Config, dict]:
     restored = Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint).restore_latest(jax.eval_shape(template))
     if restored is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the run saved none yet.")
-    return cfg, restored[1]["params"]
+    return cfg, restored[1]["params"], int(restored[0])
 
 
 def check_run_tokenizer(record: dict, tokenizer: Any) -> None:
@@ -133,11 +140,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         from scaling.data.tokens import load_tokens
 
-        cfg, params = load_run(args.run_dir)
+        cfg, params, step = load_run_checkpoint(args.run_dir)
         try:
             record = read_record(args.run_dir)
         except FileNotFoundError:
             record = {}  # an unfinished run writes its record at the end; the tokenizer check then has nothing to read
+        if record.get("status") == "completed" and step != record.get("steps"):
+            print(f"note: sampling from checkpoint step {step}, not the completed run's final step {record['steps']} "
+                  "(a newer checkpoint is unreadable and was set aside as <step>.corrupt)", file=sys.stderr)
         tokenizer = load_tokens(cfg.data).tokenizer
         check_run_tokenizer(record, tokenizer)
         text = (args.prompt_file.read_text(encoding="utf-8") if args.prompt_file else "") + args.prompt

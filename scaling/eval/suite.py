@@ -39,17 +39,24 @@ def evaluate_run(run_dir: Path, cfg: EvalConfig) -> dict:
     """Scores the run's newest checkpoint on `cfg.tasks`, merges the scores into record.json's `eval` (atomically,
     keeping every other field and earlier tasks) and into the run's wandb summary; returns the record."""
     from scaling.data.tokens import load_tokens
-    from scaling.eval.sample import check_run_tokenizer, load_run
+    from scaling.eval.sample import check_run_tokenizer, load_run_checkpoint
 
     run_dir = Path(run_dir)
     if not cfg.tasks:
         raise ValueError("no task to evaluate: give --tasks (e.g. --tasks offline)")
-    run_cfg, params = load_run(run_dir)
+    run_cfg, params, step = load_run_checkpoint(run_dir)
     try:
         record = read_record(run_dir)
     except FileNotFoundError:
         raise FileNotFoundError(f"{run_dir}/record.json not found: the run has not finished (its record is written "
                                 "at the end); let it finish, or relaunch it to write its record") from None
+    if record["status"] == "completed" and step != record["steps"]:
+        # The scores would sit in the record beside the final model's losses (and in the run table's downstream
+        # columns) while they are an earlier model's.
+        raise ValueError(f"{run_dir} completed at step {record['steps']} but its newest intact checkpoint is step "
+                         f"{step} (a newer one is unreadable and was set aside as <step>.corrupt): its scores would "
+                         "not be the final model's. Delete its record.json and relaunch the run: it resumes from "
+                         f"step {step} and writes a final checkpoint and record again; then evaluate it.")
     data = load_tokens(run_cfg.data)
     check_run_tokenizer(record, data.tokenizer)
     suite = EvalSuite(cfg, run_cfg.model, data, run_cfg.data.resolved_cache_dir())
