@@ -138,6 +138,11 @@ def test_approach3_input_errors(bad, match):
 def test_power_law_errors():
     with pytest.raises(ValueError, match="all x are equal"):
         fit_power_law([1e18, 1e18], [1.0, 2.0])
+    # Two runs of one IsoFLOP budget (the quickstart's C = 1e11 line): C differs by rounding only; this fitted a
+    # Kaplan alpha_C of 2870 into the report.
+    with pytest.raises(ValueError, match=r"span a factor of only 1.000033 .*one compute budget.*at least 1% apart"):
+        fit_kaplan([1.000028e11, 1.000061e11], [2.601518, 2.365269], variable="C")
+    assert fit_power_law([1e18, 1.0101e18], [1.0, 0.99]).n_points == 2  # 1% apart is a range
     with pytest.raises(ValueError, match="weights: length 1"):
         fit_power_law([1, 2, 3], [1, 2, 3], [1.0])
     with pytest.raises(ValueError, match="need at least 2"):

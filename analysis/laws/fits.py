@@ -21,6 +21,8 @@ from scaling.accounting import FLOPS_PER_PARAM_TOKEN
 
 # The k of C = k N D when a fit is given no other: 6 (Kaplan et al. 2020 eq. 2.1 / Hoffmann et al. 2022 sec. 3).
 FLOPS_PER_TOKEN = FLOPS_PER_PARAM_TOKEN
+# A power law's x must span more than this factor: closer points are one x within rounding (fit_power_law).
+MIN_X_SPAN = 1.01
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -48,6 +50,12 @@ def fit_power_law(x, y, weights=None, *, name: str = "y") -> PowerLaw:
     check_min_points(len(x), 2, f"power law {name} ~ x^a")
     if len(np.unique(x)) < 2:
         raise ValueError(f"power law {name} ~ x^a: all x are equal ({x[0]:g}); need at least 2 distinct x values")
+    # Runs of one compute budget differ in C by rounding only (a few 1e-5): over such a range the slope is their loss
+    # differences over ~0, e.g. alpha_C = 2870 from a sweep's two runs at 1e11.
+    if x.max() / x.min() < MIN_X_SPAN:
+        raise ValueError(f"power law {name} ~ x^a: the x values span a factor of only {x.max() / x.min():.6f} "
+                         f"({x.min():g} .. {x.max():g}), one value within rounding (e.g. runs of one compute budget); "
+                         f"need x values at least {MIN_X_SPAN - 1:.0%} apart")
     w = np.ones_like(x) if weights is None else check_positive_finite(weights, "weights")
     if len(w) != len(x):
         raise ValueError(f"weights: length {len(w)} != {len(x)} points; give one weight per point")
