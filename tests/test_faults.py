@@ -159,7 +159,7 @@ def test_scaling_cache_pointing_at_a_file_is_one_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-m", "scaling.data", "--source", "synthetic", "--synthetic-vocab", "8",
                           "--synthetic-tokens", "20000"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
-    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr  # was 1, unlike every other command
     assert out.stderr.strip().splitlines() == [
         f"error: SCALING_CACHE='{tmp_path / 'afile' / 'sub'}': '{tmp_path / 'afile'}' is a file, not a folder; "
         "point SCALING_CACHE at a folder (created if missing), e.g. ~/.cache/scaling"]

@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         data = load_tokens(cfg)
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None  # a bad input, as every other command of the package exits (argparse's code)
     m = data.meta
     fresh = m["builder_pid"] == os.getpid()
     print(f"source      {m['source_description']} ({m['bytes']:,} bytes)")
