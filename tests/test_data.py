@@ -282,5 +282,8 @@ def test_cli_prints_counts_and_cache_path(tmp_path, capsys):
           "--val-fraction", "0.1"])
     out = capsys.readouterr().out
     assert "18 train + 2 val" in out and "tokens/s" in out and "unigram H" in out and str(tmp_path / "c") in out
-    with pytest.raises(SystemExit, match="no such file"):
+    with pytest.raises(SystemExit) as exit_:
         main(["--source", "local", "--path", str(tmp_path / "nope.txt"), "--cache-dir", str(tmp_path / "c")])
+    assert exit_.value.code == 2  # a bad input, as every command of the package
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: data.path=") and "no such file" in err[0], err
