@@ -372,6 +372,12 @@ def test_eval_scores_each_run_of_a_vmapped_group(tmp_path, corpus):
     alone = train(dataclasses.replace(cfgs[1], name="alone"), tmp_path / "alone")
     assert records[0]["eval"]["kv_recall"]["logprob"] != records[1]["eval"]["kv_recall"]["logprob"]
     assert records[1]["eval"]["kv_recall"]["logprob"] == pytest.approx(alone["eval"]["kv_recall"]["logprob"], abs=1e-3)
+    # Scored afterwards from the group's checkpoint (a member's run dir holds none: "the run saved none yet" before).
+    assert not (tmp_path / "b" / "checkpoints").exists()
+    for k, member in enumerate(("a", "b")):
+        assert main([str(tmp_path / member), "--tasks", "kv_recall", "--limit", "16"]) == 0
+        scored, at_end = read_record(tmp_path / member)["eval"]["kv_recall"], records[k]["eval"]["kv_recall"]
+        assert (scored["logprob"], scored["accuracy"]) == pytest.approx((at_end["logprob"], at_end["accuracy"]), rel=1e-6)
 
 
 def test_suite_encodes_once_and_scores_any_params(data, params):

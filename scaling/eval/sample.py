@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from omegaconf import OmegaConf
 
+from scaling.train import stack
 from scaling.train.checkpoint import Checkpointer
 from scaling.config import Config, resolve_budget
 from scaling.model.decoder import ModelConfig, init_params
@@ -30,24 +31,53 @@ def load_run(run_dir: Path) -> tuple[Config, dict]:
 
 def load_run_checkpoint(run_dir: Path) -> tuple[Config, dict, int]:
     """The run's config, its newest intact parameters and the step they are from (a corrupt newer checkpoint is
-    set aside by the Checkpointer, so this can be older than the run's last step)."""
+    set aside by the Checkpointer, so this can be older than the run's last step). A member of a vmapped group
+    (K > 1) is read from its group's checkpoint: the group saves in one directory of its own."""
     run_dir = Path(run_dir)
+    cfg = _read_config(run_dir)
+    if (run_dir / "checkpoints").exists() or (group := _group_of(run_dir)) is None:
+        optimizer = cfg.optim.build(resolve_budget(cfg.model, cfg.train).steps, cfg.model)  # the saved opt_state's tree
+
+        def template() -> dict:
+            params = init_params(cfg.model, jax.random.key(0))
+            return {"params": params, "opt_state": optimizer.init(params)}
+
+        checkpoints, index = run_dir / "checkpoints", None
+    else:
+        group_dir, members = group
+        cfgs = [_read_config(group_dir.parent / m) for m in members]
+        index = members.index(run_dir.name)
+        unit_lr = stack.unit_lr_optimizer(cfg.optim, resolve_budget(cfg.model, cfg.train).steps, cfg.model)
+
+        def template() -> dict:  # the trainer's group state (scaling.train.loop._build_stack)
+            return stack.init_stacked(cfg.model, unit_lr, [c.train.seed for c in cfgs], [c.optim.lr for c in cfgs])
+
+        checkpoints = group_dir / "checkpoints"
+    # Shapes only (eval_shape): running the init would allocate and compute a second model (GPT-2 XL: 18 GB) for nothing.
+    restored = Checkpointer(checkpoints, cfg.train.checkpoint).restore_latest(jax.eval_shape(template))
+    if restored is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the run saved none yet.")
+    params = restored[1]["params"]
+    if index is not None:
+        params = jax.tree_util.tree_map(lambda x_K: x_K[index], params)
+    return cfg, params, int(restored[0])
+
+
+def _read_config(run_dir: Path) -> Config:
     config_path = run_dir / CONFIG_FILE
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} not found: {run_dir} is not a run directory (run scaling.train.loop first).")
     saved = json.loads(config_path.read_text())
-    cfg: Config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
-    optimizer = cfg.optim.build(resolve_budget(cfg.model, cfg.train).steps, cfg.model)  # the saved opt_state's tree
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))
 
-    def template() -> dict:
-        params = init_params(cfg.model, jax.random.key(0))
-        return {"params": params, "opt_state": optimizer.init(params)}
 
-    # Shapes only (eval_shape): running the init would allocate and compute a second model (GPT-2 XL: 18 GB) for nothing.
-    restored = Checkpointer(run_dir / "checkpoints", cfg.train.checkpoint).restore_latest(jax.eval_shape(template))
-    if restored is None:
-        raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the run saved none yet.")
-    return cfg, restored[1]["params"], int(restored[0])
+def _group_of(run_dir: Path) -> Optional[tuple[Path, list[str]]]:
+    """(group dir, its members) of the newest vmapped group this run trained in (scaling.train.stack: the group
+    directory `.group-<hash>` beside its members, with members.json), or None. A relaunch with another member set
+    trains in another group directory, so the newest one holds the run's last steps."""
+    groups = [(f.parent, json.loads(f.read_text())["members"]) for f in run_dir.parent.glob(".group-*/members.json")]
+    groups = [(d, m) for d, m in groups if run_dir.name in m and (d / "checkpoints").exists()]
+    return max(groups, key=lambda g: (g[0] / "checkpoints").stat().st_mtime, default=None)
 
 
 def check_run_tokenizer(record: dict, tokenizer: Any) -> None:
