@@ -48,11 +48,11 @@ def tiny_config(tmp_path: Path, **train_kw) -> Config:
 def test_init_params_is_the_state_a_run_starts_from_bit_for_bit(tmp_path):
     """init_params (tests, the bench, the coordinate check) and the trainer's jitted init give the same parameters:
     run op by op, the normal sampler's kernels came out 1 ulp off."""
-    from scaling.train.loop import _build_stack
+    from scaling.train.loop import initial_state_fn
     from scaling.train.sharding import init_sharded
 
     cfg = tiny_config(tmp_path, seed=3)
-    state, _ = init_sharded(_build_stack([cfg], 12).init, lambda abstract: None)
+    state, _ = init_sharded(initial_state_fn([cfg]), lambda abstract: None)
     params = init_params(cfg.model, jax.random.key(3))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(state["params"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))

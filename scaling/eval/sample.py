@@ -16,10 +16,9 @@ import jax
 import jax.numpy as jnp
 from omegaconf import OmegaConf
 
-from scaling.train import stack
 from scaling.train.checkpoint import Checkpointer
-from scaling.config import Config, resolve_budget
-from scaling.model.decoder import ModelConfig, init_params
+from scaling.config import Config
+from scaling.model.decoder import ModelConfig
 from scaling.record import CONFIG_FILE, read_record
 
 
@@ -33,28 +32,19 @@ def load_run_checkpoint(run_dir: Path) -> tuple[Config, dict, int]:
     """The run's config, its newest intact parameters and the step they are from (a corrupt newer checkpoint is
     set aside by the Checkpointer, so this can be older than the run's last step). A member of a vmapped group
     (K > 1) is read from its group's checkpoint: the group saves in one directory of its own."""
+    from scaling.train.loop import initial_state_fn  # the trainer's own template, whatever K
+
     run_dir = Path(run_dir)
     cfg = _read_config(run_dir)
-    if (run_dir / "checkpoints").exists() or (group := _group_of(run_dir)) is None:
-        optimizer = cfg.optim.build(resolve_budget(cfg.model, cfg.train).steps, cfg.model)  # the saved opt_state's tree
-
-        def template() -> dict:
-            params = init_params(cfg.model, jax.random.key(0))
-            return {"params": params, "opt_state": optimizer.init(params)}
-
-        checkpoints, index = run_dir / "checkpoints", None
+    group = None if (run_dir / "checkpoints").exists() else _group_of(run_dir)
+    if group is None:
+        cfgs, checkpoints, index = [cfg], run_dir / "checkpoints", None
     else:
         group_dir, members = group
         cfgs = [_read_config(group_dir.parent / m) for m in members]
-        index = members.index(run_dir.name)
-        unit_lr = stack.unit_lr_optimizer(cfg.optim, resolve_budget(cfg.model, cfg.train).steps, cfg.model)
-
-        def template() -> dict:  # the trainer's group state (scaling.train.loop._build_stack)
-            return stack.init_stacked(cfg.model, unit_lr, [c.train.seed for c in cfgs], [c.optim.lr for c in cfgs])
-
-        checkpoints = group_dir / "checkpoints"
+        checkpoints, index = group_dir / "checkpoints", members.index(run_dir.name)
     # Shapes only (eval_shape): running the init would allocate and compute a second model (GPT-2 XL: 18 GB) for nothing.
-    restored = Checkpointer(checkpoints, cfg.train.checkpoint).restore_latest(jax.eval_shape(template))
+    restored = Checkpointer(checkpoints, cfg.train.checkpoint).restore_latest(jax.eval_shape(initial_state_fn(cfgs)))
     if restored is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints holds no checkpoint: the run saved none yet.")
     params = restored[1]["params"]

@@ -276,6 +276,12 @@ def _build_stack(cfgs: Sequence[Config], num_steps: int) -> _Stack:
                   jax.jit(jax.vmap(eval_one, in_axes=(0, None))), leading_axes=1, batch_axis=1 if shared else 2)
 
 
+def initial_state_fn(cfgs: Sequence[Config]) -> Callable[[], TrainState]:
+    """The trainer's initial state of these runs (one run, or a vmapped group's stack) as a function: the template
+    their checkpoints restore into (scaling.eval.sample reads a finished run's parameters through it)."""
+    return _build_stack(cfgs, resolve_budget(cfgs[0].model, cfgs[0].train).steps).init
+
+
 def _train_loop(cfgs: list[Config], run_dirs: list[Path]) -> list[dict]:
     cfg0, K = cfgs[0], len(cfgs)
     budget = resolve_budget(cfg0.model, cfg0.train)
